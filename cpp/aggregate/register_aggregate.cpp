@@ -1,0 +1,91 @@
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+#include <vector>
+
+#include "aggregate.hpp"
+
+namespace py = pybind11;
+
+namespace fastfed {
+namespace {
+
+void weighted_sum_layer(const py::list& sources, const py::array_t<double, py::array::c_style | py::array::forcecast>& weights,
+                        double divisor, py::array& out) {
+    const std::size_t n_sources = py::len(sources);
+    if (n_sources == 0) throw std::invalid_argument("sources: expected at least one array");
+    if (weights.ndim() != 1 || static_cast<std::size_t>(weights.shape(0)) != n_sources)
+        throw std::invalid_argument("weights: expected shape (" + std::to_string(n_sources) + ",)");
+    require_flat_contiguous(out, "out");
+    if (!out.writeable()) throw std::invalid_argument("out: array is read-only");
+    const auto n = static_cast<std::size_t>(out.shape(0));
+
+    std::vector<py::array> arrays;
+    arrays.reserve(n_sources);
+    for (std::size_t k = 0; k < n_sources; ++k) {
+        auto array = py::reinterpret_borrow<py::object>(sources[k]);
+        if (!py::isinstance<py::array>(array)) throw std::invalid_argument("sources[" + std::to_string(k) + "]: expected a numpy array");
+        arrays.push_back(py::reinterpret_borrow<py::array>(array));
+        const std::string name = "sources[" + std::to_string(k) + "]";
+        require_flat_contiguous(arrays.back(), name.c_str());
+        if (static_cast<std::size_t>(arrays.back().shape(0)) != n)
+            throw std::invalid_argument(name + ": expected " + std::to_string(n) + " elements, got " + std::to_string(arrays.back().shape(0)));
+        if (!arrays.back().dtype().is(arrays.front().dtype()))
+            throw std::invalid_argument(name + ": dtype differs from sources[0]");
+    }
+    const scalar_type source_type = scalar_type_of(arrays.front().dtype(), "sources");
+    const scalar_type out_type = scalar_type_of(out.dtype(), "out");
+    if (out_type != scalar_type::f64 && out_type != source_type)
+        throw std::invalid_argument("out: dtype must be float64 or the sources' dtype");
+    if (out_type != scalar_type::f64 && out_type != scalar_type::f32)
+        throw std::invalid_argument("out: dtype must be float32 or float64");
+
+    std::vector<const void*> pointers(n_sources);
+    for (std::size_t k = 0; k < n_sources; ++k) pointers[k] = arrays[k].data();
+    const double* weight_data = weights.data();
+    void* out_data = out.mutable_data();
+
+    // Safe: every Python object was converted above; `arrays` keeps the buffers alive until return.
+    const py::gil_scoped_release release;
+    dispatch_scalar(source_type, [&](auto source_tag) {
+        using Source = decltype(source_tag);
+        std::vector<const Source*> typed(n_sources);
+        for (std::size_t k = 0; k < n_sources; ++k) typed[k] = static_cast<const Source*>(pointers[k]);
+        if (out_type == scalar_type::f32) {
+            if constexpr (std::is_same_v<Source, float>) aggregate::weighted_sum(typed, weight_data, divisor, static_cast<float*>(out_data), n);
+        } else {
+            aggregate::weighted_sum(typed, weight_data, divisor, static_cast<double*>(out_data), n);
+        }
+    });
+}
+
+void accumulate(py::array_t<double, py::array::c_style>& acc, const py::array& source, double weight) {
+    require_flat_contiguous(acc, "acc");
+    require_flat_contiguous(source, "source");
+    if (!acc.writeable()) throw std::invalid_argument("acc: array is read-only");
+    if (acc.shape(0) != source.shape(0))
+        throw std::invalid_argument("source: expected " + std::to_string(acc.shape(0)) + " elements, got " + std::to_string(source.shape(0)));
+    const scalar_type source_type = scalar_type_of(source.dtype(), "source");
+    const auto n = static_cast<std::size_t>(acc.shape(0));
+    double* acc_data = acc.mutable_data();
+    const void* source_data = source.data();
+    // Safe: only raw pointers are used below; the caller's references keep both buffers alive.
+    const py::gil_scoped_release release;
+    dispatch_scalar(source_type, [&](auto source_tag) {
+        using Source = decltype(source_tag);
+        aggregate::accumulate(acc_data, static_cast<const Source*>(source_data), weight, n);
+    });
+}
+
+}  // namespace
+
+void register_aggregate(py::module_& m) {
+    m.doc() = "Weighted sums of client buffers (tiled, multi-threaded, GIL released).";
+    m.def("weighted_sum_layer", &weighted_sum_layer, py::arg("sources"), py::arg("weights"), py::arg("divisor"), py::arg("out"),
+          "out[:] = sum_k weights[k] * sources[k] / divisor, accumulated in float64.");
+    m.def("accumulate", &accumulate, py::arg("acc"), py::arg("source"), py::arg("weight"),
+          "acc += weight * source, in float64.");
+}
+
+}  // namespace fastfed

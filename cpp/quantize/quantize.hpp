@@ -1,0 +1,211 @@
+// Uniform quantization with tensor_encoding's semantics, bit-packing and randomized Hadamard rotation.
+//
+// Quantization maps x to q = round((x - min) * scale) with scale = (2^b - 1) / (max - min), where
+// round is floor(v + 0.5) (nearest) or floor(v + u), u ~ U[0, 1) (unbiased stochastic rounding,
+// Suresh et al. 2017, "Distributed Mean Estimation with Limited Communication"). Decoding gives
+// min + q * step with step = (max - min) / (2^b - 1). The uniforms and rotation signs come from a
+// counter-based hash of (key, index), so results do not depend on threading, and every formula
+// matches fastfed.kernels.quantize_numpy operation for operation: all backends agree bit for bit.
+//
+// Packing is little-endian and LSB-first: value i occupies bits [i*b, (i+1)*b) of the stream, bit g
+// of the stream is bit (g % 8) of byte g / 8. Every 8 values fill exactly b bytes, so groups of 8
+// are packed and unpacked independently in parallel.
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "../common/parallel.hpp"
+
+namespace fastfed::quantize {
+
+// splitmix64's output function (Steele et al. 2014): a bijective 64-bit mixer.
+inline std::uint64_t mix64(std::uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+inline std::uint64_t random_bits(std::uint64_t key, std::uint64_t index) {
+    return mix64(key + (index + 1) * 0x9E3779B97F4A7C15ULL);
+}
+
+// A uniform double in [0, 1) from the top 53 bits.
+inline double random_uniform(std::uint64_t key, std::uint64_t index) {
+    return static_cast<double>(random_bits(key, index) >> 11) * 0x1.0p-53;
+}
+
+inline std::size_t packed_bytes(std::size_t n, unsigned bits) { return (n * bits + 7) / 8; }
+
+struct min_max_result {
+    double minimum;
+    double maximum;
+    bool finite;
+};
+
+template <class Source>
+min_max_result min_max(const Source* x, std::size_t n) {
+    struct partial {
+        Source lo, hi, poison;
+    };
+    constexpr std::size_t kGrain = 1 << 16;
+    const std::size_t n_blocks = (n + kGrain - 1) / kGrain;
+    std::vector<partial> partials(n_blocks, partial{x[0], x[0], Source(0)});
+    parallel_for(n_blocks, 1, kGrain, [&](std::size_t first, std::size_t last) {
+        for (std::size_t block = first; block < last; ++block) {
+            const std::size_t begin = block * kGrain;
+            const std::size_t end = std::min(n, begin + kGrain);
+            Source lo = x[begin], hi = x[begin], poison = 0;
+            for (std::size_t i = begin; i < end; ++i) {
+                const Source v = x[i];
+                lo = v < lo ? v : lo;
+                hi = v > hi ? v : hi;
+                poison += v * Source(0);  // NaN as soon as one value is NaN or infinite
+            }
+            partials[block] = partial{lo, hi, poison};
+        }
+    });
+    min_max_result result{static_cast<double>(partials[0].lo), static_cast<double>(partials[0].hi), true};
+    for (const auto& p : partials) {
+        result.minimum = std::min(result.minimum, static_cast<double>(p.lo));
+        result.maximum = std::max(result.maximum, static_cast<double>(p.hi));
+        if (p.poison != p.poison) result.finite = false;
+    }
+    return result;
+}
+
+template <class Source>
+inline std::uint32_t quantize_value(Source x, std::size_t index, double offset, double scale, double levels, bool stochastic,
+                                    std::uint64_t key) {
+    const double v = (static_cast<double>(x) - offset) * scale;
+    const double dither = stochastic ? random_uniform(key, index) : 0.5;
+    const double q = std::floor(v + dither);
+    return q >= levels ? static_cast<std::uint32_t>(levels) : static_cast<std::uint32_t>(q);
+}
+
+template <class Source>
+void quantize_pack(const Source* x, std::size_t n, unsigned bits, bool stochastic, std::uint64_t key, double offset, double scale,
+                   std::uint8_t* out) {
+    const double levels = static_cast<double>((1u << bits) - 1);
+    const std::size_t n_groups = (n + 7) / 8;
+    parallel_for(n_groups, 4096, 8, [&](std::size_t first_group, std::size_t end_group) {
+        const std::size_t begin = first_group * 8, end = std::min(n, end_group * 8);
+        if (bits == 8) {
+            for (std::size_t i = begin; i < end; ++i)
+                out[i] = static_cast<std::uint8_t>(quantize_value(x[i], i, offset, scale, levels, stochastic, key));
+            return;
+        }
+        std::uint8_t* byte = out + first_group * bits;
+        std::uint64_t buffer = 0;
+        unsigned filled = 0;
+        for (std::size_t i = begin; i < end; ++i) {
+            buffer |= static_cast<std::uint64_t>(quantize_value(x[i], i, offset, scale, levels, stochastic, key)) << filled;
+            filled += bits;
+            while (filled >= 8) {
+                *byte++ = static_cast<std::uint8_t>(buffer);
+                buffer >>= 8;
+                filled -= 8;
+            }
+        }
+        if (filled > 0) *byte = static_cast<std::uint8_t>(buffer);  // only the last group of the stream is partial
+    });
+}
+
+// Calls emit(i, q) for every value i in [begin, end) of the packed stream; begin is a multiple of 8.
+template <class Emit>
+void unpack_range(const std::uint8_t* packed, std::size_t begin, std::size_t end, unsigned bits, Emit&& emit) {
+    if (bits == 8) {
+        for (std::size_t i = begin; i < end; ++i) emit(i, static_cast<std::uint32_t>(packed[i]));
+        return;
+    }
+    const std::uint64_t mask = (std::uint64_t{1} << bits) - 1;
+    const std::uint8_t* byte = packed + (begin / 8) * bits;
+    std::uint64_t buffer = 0;
+    unsigned filled = 0;
+    for (std::size_t i = begin; i < end; ++i) {
+        while (filled < bits) {
+            buffer |= static_cast<std::uint64_t>(*byte++) << filled;
+            filled += 8;
+        }
+        emit(i, static_cast<std::uint32_t>(buffer & mask));
+        buffer >>= bits;
+        filled -= bits;
+    }
+}
+
+template <class Output>
+void unpack_dequantize(const std::uint8_t* packed, std::size_t n, unsigned bits, double offset, double step, Output* out) {
+    const std::size_t n_groups = (n + 7) / 8;
+    parallel_for(n_groups, 4096, 8, [&](std::size_t first_group, std::size_t end_group) {
+        unpack_range(packed, first_group * 8, std::min(n, end_group * 8), bits, [&](std::size_t i, std::uint32_t q) {
+            out[i] = static_cast<Output>(offset + static_cast<double>(q) * step);
+        });
+    });
+}
+
+// acc[i] += weight * decoded[i], with decoded rounded to float32 exactly as unpack_dequantize
+// into a float32 array would, so the fused path equals decode-then-accumulate bit for bit.
+inline void unpack_dequantize_accumulate(const std::uint8_t* packed, std::size_t n, unsigned bits, double offset, double step,
+                                         double weight, double* acc) {
+    const std::size_t n_groups = (n + 7) / 8;
+    parallel_for(n_groups, 4096, 8, [&](std::size_t first_group, std::size_t end_group) {
+        unpack_range(packed, first_group * 8, std::min(n, end_group * 8), bits, [&](std::size_t i, std::uint32_t q) {
+            const float decoded = static_cast<float>(offset + static_cast<double>(q) * step);
+            acc[i] += weight * static_cast<double>(decoded);
+        });
+    });
+}
+
+// In-place fast Walsh-Hadamard transform of a power-of-two block, scaled by 1/sqrt(length) so that
+// it is orthonormal and its own inverse.
+inline void hadamard_block(double* x, std::size_t length) {
+    for (std::size_t half = 1; half < length; half *= 2) {
+        for (std::size_t start = 0; start < length; start += 2 * half) {
+            for (std::size_t j = start; j < start + half; ++j) {
+                const double a = x[j], b = x[j + half];
+                x[j] = a + b;
+                x[j + half] = a - b;
+            }
+        }
+    }
+    const double scale = 1.0 / std::sqrt(static_cast<double>(length));
+    for (std::size_t i = 0; i < length; ++i) x[i] *= scale;
+}
+
+inline double random_sign(std::uint64_t key, std::size_t index) { return (random_bits(key, index) >> 63) ? 1.0 : -1.0; }
+
+// out (padded length, a multiple of chunk) = H D pad(x), blockwise: D are seeded random signs.
+template <class Source>
+void rotate(const Source* x, std::size_t n, std::size_t chunk, std::uint64_t key, double* out, std::size_t padded) {
+    parallel_for(padded / chunk, 1, chunk * 8, [&](std::size_t first, std::size_t last) {
+        for (std::size_t block = first; block < last; ++block) {
+            double* y = out + block * chunk;
+            for (std::size_t j = 0; j < chunk; ++j) {
+                const std::size_t i = block * chunk + j;
+                y[j] = i < n ? static_cast<double>(x[i]) * random_sign(key, i) : 0.0;
+            }
+            hadamard_block(y, chunk);
+        }
+    });
+}
+
+// out[:n] = D H y, the inverse of rotate; y is used as scratch and overwritten.
+template <class Output>
+void unrotate(double* y, std::size_t padded, std::size_t chunk, std::uint64_t key, Output* out, std::size_t n) {
+    parallel_for(padded / chunk, 1, chunk * 8, [&](std::size_t first, std::size_t last) {
+        for (std::size_t block = first; block < last; ++block) {
+            double* z = y + block * chunk;
+            hadamard_block(z, chunk);
+            for (std::size_t j = 0; j < chunk; ++j) {
+                const std::size_t i = block * chunk + j;
+                if (i < n) out[i] = static_cast<Output>(z[j] * random_sign(key, i));
+            }
+        }
+    });
+}
+
+}  // namespace fastfed::quantize

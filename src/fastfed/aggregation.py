@@ -1,0 +1,282 @@
+"""Weighted means of client model updates: the aggregation step of FedAvg (McMahan et al. 2017).
+
+An update is what Keras ``get_weights()``, Flower ``NDArrays`` or a NumPy-converted PyTorch
+``state_dict`` give: a list of arrays, one per layer. All arithmetic is in float64 and independent
+of the backend, so results are bit-identical on native, Numba and NumPy kernels. Float layers keep
+their dtype; integer layers (step counters, batch-norm counts) are rounded to the nearest integer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ._backend import kernels
+
+__all__ = ["Accumulator", "LayerSpec", "weighted_mean", "weighted_sum"]
+
+ArrayLike = Any
+Update = Sequence[ArrayLike]
+
+
+class LayerSpec:
+    """The shape and dtype every client must send for one layer."""
+
+    __slots__ = ("dtype", "shape", "size")
+
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> None:
+        self.shape = shape
+        self.dtype = dtype
+        self.size = math.prod(shape)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LayerSpec) and (self.shape, self.dtype) == (other.shape, other.dtype)
+
+    def __hash__(self) -> int:
+        return hash((self.shape, self.dtype))
+
+    def __repr__(self) -> str:
+        return f"LayerSpec(shape={self.shape}, dtype={self.dtype})"
+
+
+def _check_weight(weight: Any, client: int) -> float:
+    try:
+        value = float(weight)
+    except (TypeError, ValueError):
+        raise TypeError(f"weight of client {client} is {weight!r}; expected a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"weight of client {client} is {value}; weights must be finite and non-negative")
+    return value
+
+
+def _as_layer(array: ArrayLike, client: int, layer: int) -> np.ndarray:
+    """A 1-D, C-contiguous, native-byte-order view (or copy) of one layer of one client."""
+    try:
+        array = np.asarray(array)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"client {client}, layer {layer}: not convertible to an array ({error})") from None
+    if array.dtype.kind not in "fiu":
+        raise TypeError(
+            f"client {client}, layer {layer}: dtype {array.dtype} cannot be averaged; "
+            "expected a float or integer array"
+        )
+    if array.dtype.byteorder == ">" or (array.dtype.byteorder == "<" and not _LITTLE_ENDIAN):
+        array = array.astype(array.dtype.newbyteorder("="))
+    return np.ascontiguousarray(array).reshape(-1)
+
+
+_LITTLE_ENDIAN = np.little_endian
+
+
+def _layers_of(update: Update, client: int) -> list[ArrayLike]:
+    if isinstance(update, np.ndarray) or not isinstance(update, Sequence) or isinstance(update, (str, bytes)):
+        raise TypeError(
+            f"client {client}: expected a list of arrays (one per layer), got {type(update).__name__}"
+        )
+    return list(update)
+
+
+def _check_update(update: Update, client: int, specs: list[LayerSpec] | None) -> tuple[list[np.ndarray], list[LayerSpec]]:
+    """Normalises one client's layers and checks them against ``specs`` (the first client's)."""
+    layers = _layers_of(update, client)
+    if specs is not None and len(layers) != len(specs):
+        raise ValueError(f"client {client} has {len(layers)} layers; expected {len(specs)} like the first client")
+    flat: list[np.ndarray] = []
+    own_specs: list[LayerSpec] = []
+    for j, layer in enumerate(layers):
+        original = np.asarray(layer) if not isinstance(layer, np.ndarray) else layer
+        values = _as_layer(original, client, j)
+        spec = LayerSpec(tuple(original.shape), values.dtype.newbyteorder("="))
+        if specs is not None:
+            expected = specs[j]
+            if spec.shape != expected.shape:
+                raise ValueError(
+                    f"client {client}, layer {j}: shape {spec.shape} does not match the expected {expected.shape}"
+                )
+            if spec.dtype != expected.dtype:
+                raise TypeError(
+                    f"client {client}, layer {j}: dtype {spec.dtype} does not match the expected {expected.dtype}"
+                )
+        flat.append(values)
+        own_specs.append(spec)
+    return flat, own_specs
+
+
+def _finish(values: np.ndarray, spec: LayerSpec) -> np.ndarray:
+    """Casts a float64 mean to the layer's dtype; integers round to nearest (half to even)."""
+    if spec.dtype.kind in "iu":
+        info = np.iinfo(spec.dtype)
+        values = np.clip(np.rint(values), info.min, info.max)
+    return values.astype(spec.dtype, copy=False).reshape(spec.shape)
+
+
+def _kernel_output(spec: LayerSpec, as_sum: bool) -> np.ndarray:
+    # float32 means are written by the kernel directly; everything else goes through float64.
+    dtype = np.float32 if spec.dtype == np.float32 and not as_sum else np.float64
+    return np.empty(spec.size, dtype=dtype)
+
+
+def _combine(updates: Sequence[Update], weights: Sequence[float] | np.ndarray | None, as_sum: bool) -> list[np.ndarray]:
+    if isinstance(updates, np.ndarray) or not isinstance(updates, Sequence):
+        raise TypeError(f"updates: expected a sequence of client updates, got {type(updates).__name__}")
+    if len(updates) == 0:
+        raise ValueError("updates: expected at least one client update, got none")
+    if weights is None:
+        weight_values = [1.0] * len(updates)
+    else:
+        weight_list = list(np.asarray(weights).reshape(-1)) if isinstance(weights, np.ndarray) else list(weights)
+        if len(weight_list) != len(updates):
+            raise ValueError(f"got {len(updates)} client updates but {len(weight_list)} weights")
+        weight_values = [_check_weight(w, k) for k, w in enumerate(weight_list)]
+    specs: list[LayerSpec] | None = None
+    clients: list[list[np.ndarray]] = []
+    for k, update in enumerate(updates):
+        flat, own = _check_update(update, k, specs)
+        specs = specs or own
+        clients.append(flat)
+    assert specs is not None
+    total = math.fsum(weight_values)
+    if total == 0.0 and not as_sum:
+        raise ValueError("the weights sum to zero; at least one client needs a positive weight")
+    # Zero-weight clients contribute nothing (and 0 * inf must not poison the mean).
+    active = [k for k, w in enumerate(weight_values) if w > 0.0]
+    active_weights = np.array([weight_values[k] for k in active], dtype=np.float64)
+    kernel = kernels().aggregate
+    divisor = 1.0 if as_sum else total
+    result = []
+    for j, spec in enumerate(specs):
+        out = _kernel_output(spec, as_sum)
+        if active:
+            kernel.weighted_sum_layer([clients[k][j] for k in active], active_weights, divisor, out)
+        else:
+            out[:] = 0.0
+        result.append(out.reshape(spec.shape) if as_sum else _finish(out, spec))
+    return result
+
+
+def weighted_sum(updates: Sequence[Update], weights: Sequence[float] | np.ndarray | None = None) -> list[np.ndarray]:
+    """``sum_k weights[k] * updates[k]`` layer by layer, as float64 arrays.
+
+    The result stays float64 whatever the input dtypes, so partial sums from several workers can be
+    added together and divided by their total weight without losing precision.
+    """
+    return _combine(updates, weights, as_sum=True)
+
+
+def weighted_mean(updates: Sequence[Update], weights: Sequence[float] | np.ndarray | None = None) -> list[np.ndarray]:
+    """The weighted mean of K client updates, layer by layer.
+
+    Args:
+      updates: K client updates, each a list of arrays with the same shapes and dtypes.
+      weights: K finite, non-negative numbers (e.g. example counts) with a positive sum;
+        ``None`` (the default) weighs clients equally.
+
+    Returns:
+      One array per layer with the clients' shape and dtype. Integer layers are rounded to nearest.
+    """
+    return _combine(updates, weights, as_sum=False)
+
+
+class Accumulator:
+    """A streaming weighted mean: add clients one at a time, holding one model-sized float64 sum.
+
+    This is how FedAvg servers avoid keeping every client's update in memory: each update is folded
+    into the running sum as it arrives and can be freed at once. Not thread-safe; use one per thread
+    and combine them with :meth:`merge`.
+    """
+
+    def __init__(self) -> None:
+        self._specs: list[LayerSpec] | None = None
+        self._sums: list[np.ndarray] = []
+        self._weights: list[float] = []
+        self.count = 0
+
+    @property
+    def total_weight(self) -> float:
+        """The exact (``math.fsum``) total of the weights added, as :func:`weighted_mean` computes it."""
+        return math.fsum(self._weights)
+
+    @property
+    def specs(self) -> list[LayerSpec] | None:
+        """The layer shapes and dtypes fixed by the first update, or ``None`` before it."""
+        return self._specs
+
+    def _start(self, specs: list[LayerSpec]) -> None:
+        self._specs = specs
+        self._sums = [np.zeros(spec.size, dtype=np.float64) for spec in specs]
+
+    def add(self, update: Update, weight: float = 1.0) -> None:
+        """Folds one client's update in with ``weight``; the update is checked before anything changes."""
+        client = self.count
+        weight = _check_weight(weight, client)
+        flat, specs = _check_update(update, client, self._specs)
+        if self._specs is None:
+            self._start(specs)
+        if weight > 0.0:
+            kernel = kernels().aggregate
+            for acc, values in zip(self._sums, flat):
+                kernel.accumulate(acc, values, weight)
+        self.count += 1
+        self._weights.append(weight)
+
+    def add_weighted_sum(self, sums: Sequence[ArrayLike], total_weight: float, count: int = 1) -> None:
+        """Folds in a partial sum (from :func:`weighted_sum` on another worker) of ``count`` clients."""
+        total_weight = _check_weight(total_weight, self.count)
+        if self._specs is None:
+            raise ValueError("add_weighted_sum needs the layer specs: add one update first, or use from_specs()")
+        layers = _layers_of(sums, self.count)
+        if len(layers) != len(self._specs):
+            raise ValueError(f"partial sum has {len(layers)} layers; expected {len(self._specs)}")
+        arrays = []
+        for j, (layer, spec) in enumerate(zip(layers, self._specs)):
+            array = np.asarray(layer, dtype=np.float64)
+            if array.shape != spec.shape:
+                raise ValueError(f"partial sum, layer {j}: shape {array.shape} does not match {spec.shape}")
+            arrays.append(np.ascontiguousarray(array).reshape(-1))
+        kernel = kernels().aggregate
+        for acc, values in zip(self._sums, arrays):
+            kernel.accumulate(acc, values, 1.0)
+        self.count += count
+        self._weights.append(total_weight)
+
+    @classmethod
+    def from_specs(cls, specs: Sequence[LayerSpec]) -> Accumulator:
+        """An empty accumulator for updates with these layer shapes and dtypes."""
+        accumulator = cls()
+        accumulator._start(list(specs))
+        return accumulator
+
+    def merge(self, other: Accumulator) -> None:
+        """Adds another accumulator's clients into this one."""
+        if other._specs is None:
+            return
+        if self._specs is None:
+            self._start(other._specs)
+        elif other._specs != self._specs:
+            raise ValueError("cannot merge accumulators of different layer shapes or dtypes")
+        self.add_weighted_sum([s.reshape(spec.shape) for s, spec in zip(other._sums, other._specs)], other.total_weight, other.count)
+
+    def weighted_sums(self) -> list[np.ndarray]:
+        """The running float64 sums, shaped like the layers (copies)."""
+        if self._specs is None:
+            raise ValueError("no update has been added")
+        return [s.reshape(spec.shape).copy() for s, spec in zip(self._sums, self._specs)]
+
+    def result(self) -> list[np.ndarray]:
+        """The weighted mean of everything added so far, in the layers' dtypes."""
+        if self._specs is None or self.count == 0:
+            raise ValueError("no update has been added")
+        total = self.total_weight
+        if total == 0.0:
+            raise ValueError("the weights sum to zero; at least one client needs a positive weight")
+        return [_finish(acc / total, spec) for acc, spec in zip(self._sums, self._specs)]
+
+    def reset(self) -> None:
+        """Forgets every update but keeps the layer specs and buffers for the next round."""
+        for acc in self._sums:
+            acc.fill(0.0)
+        self._weights.clear()
+        self.count = 0
