@@ -29,7 +29,30 @@ void weighted_sum(const std::vector<const Source*>& sources, const double* weigh
             const std::size_t begin = tile * kTile;
             const std::size_t length = std::min(kTile, n - begin);
             for (std::size_t i = 0; i < length; ++i) acc[i] = 0.0;
-            for (std::size_t k = 0; k < n_sources; ++k) {
+            std::size_t k = 0;
+            // Eight clients per sweep: the accumulator is loaded and stored once per eight inputs
+            // instead of once per input, while each element still adds clients in order 0, 1, 2...
+            for (; k + 8 <= n_sources; k += 8) {
+                const Source* s[8];
+                double w[8];
+                for (std::size_t j = 0; j < 8; ++j) {
+                    s[j] = sources[k + j] + begin;
+                    w[j] = weights[k + j];
+                }
+                for (std::size_t i = 0; i < length; ++i) {
+                    double sum = acc[i];
+                    sum += w[0] * to_double(s[0][i]);
+                    sum += w[1] * to_double(s[1][i]);
+                    sum += w[2] * to_double(s[2][i]);
+                    sum += w[3] * to_double(s[3][i]);
+                    sum += w[4] * to_double(s[4][i]);
+                    sum += w[5] * to_double(s[5][i]);
+                    sum += w[6] * to_double(s[6][i]);
+                    sum += w[7] * to_double(s[7][i]);
+                    acc[i] = sum;
+                }
+            }
+            for (; k < n_sources; ++k) {
                 const double weight = weights[k];
                 const Source* source = sources[k] + begin;
                 for (std::size_t i = 0; i < length; ++i) acc[i] += weight * to_double(source[i]);

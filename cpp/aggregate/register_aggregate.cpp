@@ -31,7 +31,7 @@ void weighted_sum_layer(const py::list& sources, const py::array_t<double, py::a
         require_flat_contiguous(arrays.back(), name.c_str());
         if (static_cast<std::size_t>(arrays.back().shape(0)) != n)
             throw std::invalid_argument(name + ": expected " + std::to_string(n) + " elements, got " + std::to_string(arrays.back().shape(0)));
-        if (!arrays.back().dtype().is(arrays.front().dtype()))
+        if (!arrays.back().dtype().equal(arrays.front().dtype()))
             throw std::invalid_argument(name + ": dtype differs from sources[0]");
     }
     const scalar_type source_type = scalar_type_of(arrays.front().dtype(), "sources");

@@ -15,14 +15,25 @@ class _Aggregate(ModuleType):
 class _Quantize(ModuleType):
     def min_max(self, x: np.ndarray) -> tuple[float, float]: ...
     def quantize_pack(
-        self, x: np.ndarray, bits: int, stochastic: bool, key: int, offset: float, scale: float,
+        self,
+        x: np.ndarray,
+        bits: int,
+        stochastic: bool,
+        key: int,
+        offset: float,
+        scale: float,
         out: npt.NDArray[np.uint8],
     ) -> None: ...
     def unpack_dequantize(
         self, packed: npt.NDArray[np.uint8], bits: int, offset: float, step: float, out: np.ndarray
     ) -> None: ...
     def unpack_dequantize_accumulate(
-        self, packed: npt.NDArray[np.uint8], bits: int, offset: float, step: float, weight: float,
+        self,
+        packed: npt.NDArray[np.uint8],
+        bits: int,
+        offset: float,
+        step: float,
+        weight: float,
         acc: npt.NDArray[np.float64],
     ) -> None: ...
     def rotate(self, x: np.ndarray, chunk: int, key: int, out: npt.NDArray[np.float64]) -> None: ...

@@ -60,8 +60,7 @@ def _as_layer(array: ArrayLike, client: int, layer: int) -> np.ndarray:
         raise TypeError(f"client {client}, layer {layer}: not convertible to an array ({error})") from None
     if array.dtype.kind not in "fiu":
         raise TypeError(
-            f"client {client}, layer {layer}: dtype {array.dtype} cannot be averaged; "
-            "expected a float or integer array"
+            f"client {client}, layer {layer}: dtype {array.dtype} cannot be averaged; expected a float or integer array"
         )
     if array.dtype.byteorder == ">" or (array.dtype.byteorder == "<" and not _LITTLE_ENDIAN):
         array = array.astype(array.dtype.newbyteorder("="))
@@ -73,13 +72,13 @@ _LITTLE_ENDIAN = np.little_endian
 
 def _layers_of(update: Update, client: int) -> list[ArrayLike]:
     if isinstance(update, np.ndarray) or not isinstance(update, Sequence) or isinstance(update, (str, bytes)):
-        raise TypeError(
-            f"client {client}: expected a list of arrays (one per layer), got {type(update).__name__}"
-        )
+        raise TypeError(f"client {client}: expected a list of arrays (one per layer), got {type(update).__name__}")
     return list(update)
 
 
-def _check_update(update: Update, client: int, specs: list[LayerSpec] | None) -> tuple[list[np.ndarray], list[LayerSpec]]:
+def _check_update(
+    update: Update, client: int, specs: list[LayerSpec] | None
+) -> tuple[list[np.ndarray], list[LayerSpec]]:
     """Normalises one client's layers and checks them against ``specs`` (the first client's)."""
     layers = _layers_of(update, client)
     if specs is not None and len(layers) != len(specs):
@@ -257,7 +256,11 @@ class Accumulator:
             self._start(other._specs)
         elif other._specs != self._specs:
             raise ValueError("cannot merge accumulators of different layer shapes or dtypes")
-        self.add_weighted_sum([s.reshape(spec.shape) for s, spec in zip(other._sums, other._specs)], other.total_weight, other.count)
+        self.add_weighted_sum(
+            [s.reshape(spec.shape) for s, spec in zip(other._sums, other._specs)],
+            other.total_weight,
+            other.count,
+        )
 
     def weighted_sums(self) -> list[np.ndarray]:
         """The running float64 sums, shaped like the layers (copies)."""

@@ -22,11 +22,41 @@ def _weighted_sum_tiled(sources, weights, divisor, out):  # type: ignore[no-unty
         begin = tile * TILE
         end = min(n, begin + TILE)
         acc = np.zeros(end - begin, dtype=np.float64)
-        for k in range(len(sources)):
+        k = 0
+        # Eight clients per sweep, in client order, as in cpp/aggregate (bit-identical sums).
+        while k + 8 <= len(sources):
+            s0, s1, s2, s3 = (
+                sources[k][begin:end],
+                sources[k + 1][begin:end],
+                sources[k + 2][begin:end],
+                sources[k + 3][begin:end],
+            )
+            s4, s5, s6, s7 = (
+                sources[k + 4][begin:end],
+                sources[k + 5][begin:end],
+                sources[k + 6][begin:end],
+                sources[k + 7][begin:end],
+            )
+            w0, w1, w2, w3 = weights[k], weights[k + 1], weights[k + 2], weights[k + 3]
+            w4, w5, w6, w7 = weights[k + 4], weights[k + 5], weights[k + 6], weights[k + 7]
+            for i in range(end - begin):
+                total = acc[i]
+                total += w0 * np.float64(s0[i])
+                total += w1 * np.float64(s1[i])
+                total += w2 * np.float64(s2[i])
+                total += w3 * np.float64(s3[i])
+                total += w4 * np.float64(s4[i])
+                total += w5 * np.float64(s5[i])
+                total += w6 * np.float64(s6[i])
+                total += w7 * np.float64(s7[i])
+                acc[i] = total
+            k += 8
+        while k < len(sources):
             weight = weights[k]
             source = sources[k]
             for i in range(begin, end):
                 acc[i - begin] += weight * np.float64(source[i])
+            k += 1
         for i in range(begin, end):
             out[i] = acc[i - begin] / divisor
 

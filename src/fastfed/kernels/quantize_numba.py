@@ -27,10 +27,7 @@ def _random_bits(key, index):  # type: ignore[no-untyped-def]
 @numba.njit(inline="always")
 def _quantize_value(x, index, offset, scale, levels, stochastic, key):  # type: ignore[no-untyped-def]
     v = (np.float64(x) - offset) * scale
-    if stochastic:
-        dither = np.float64(_random_bits(key, index) >> np.uint64(11)) * 2.0**-53
-    else:
-        dither = 0.5
+    dither = np.float64(_random_bits(key, index) >> np.uint64(11)) * 2.0**-53 if stochastic else 0.5
     q = np.floor(v + dither)
     return np.uint64(levels) if q >= levels else np.uint64(q)
 

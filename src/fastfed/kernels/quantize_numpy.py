@@ -14,7 +14,6 @@ from __future__ import annotations
 import numpy as np
 
 from ._checks import (
-    packed_bytes,
     require_bits,
     require_flat,
     require_float,

@@ -1,0 +1,50 @@
+"""Benchmark helpers: a ratio table at the end of the run, and peak-memory measurement.
+
+Each benchmark sets ``benchmark.extra_info["label"]``; benchmarks in one group are compared with the
+group's baselines (labels listed in ``BASELINES``) and the table is printed after pytest-benchmark's.
+"""
+
+from __future__ import annotations
+
+import tracemalloc
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+BASELINES = ("memory floor", "flower aggregate", "numpy reference", "compute floor", "float32 aggregation")
+
+
+def peak_memory_bytes(function: Callable[[], Any]) -> int:
+    """Peak bytes allocated through Python and NumPy while ``function`` runs (NumPy reports to tracemalloc)."""
+    tracemalloc.start()
+    try:
+        function()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    session = getattr(config, "_benchmarksession", None)
+    if session is None or session.disabled:
+        return
+    groups: dict[str, dict[str, Any]] = defaultdict(dict)
+    for bench in session.benchmarks:
+        if bench.stats is None:
+            continue
+        label = bench.extra_info.get("label", bench.name)
+        groups[bench.group or ""][label] = bench
+    for group, benches in sorted(groups.items()):
+        baselines = [label for label in BASELINES if label in benches]
+        header = f"{'':34s}{'median ms':>11s}" + "".join(f"{'x ' + b:>22s}" for b in baselines) + f"{'peak MiB':>10s}"
+        terminalreporter.write_line("")
+        terminalreporter.write_line(f"fastfed ratios: {group}")
+        terminalreporter.write_line(header)
+        for label, bench in sorted(benches.items(), key=lambda item: item[1].stats.median):
+            median = bench.stats.median
+            ratios = "".join(f"{median / benches[b].stats.median:>22.2f}" for b in baselines)
+            peak = bench.extra_info.get("peak_mib")
+            peak_text = f"{peak:>10.1f}" if peak is not None else f"{'':>10s}"
+            terminalreporter.write_line(f"{label:34s}{median * 1e3:>11.2f}{ratios}{peak_text}")

@@ -1,0 +1,73 @@
+"""Backend selection: default order, FASTFED_BACKEND, set_backend, use_backend."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+import fastfed
+
+
+def _run(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env}, check=False
+    )
+
+
+def test_set_backend_rejects_unknown_names() -> None:
+    with pytest.raises(ValueError, match="Unsupported backend 'cuda'"):
+        fastfed.set_backend("cuda")
+
+
+def test_use_backend_is_scoped_and_thread_local(backend: str) -> None:
+    seen: list[str] = []
+    with fastfed.use_backend("numpy"):
+        assert fastfed.backend() == "numpy"
+        worker = threading.Thread(target=lambda: seen.append(fastfed.backend()))
+        worker.start()
+        worker.join()
+    assert fastfed.backend() == backend
+    assert seen == [backend]
+
+
+def test_every_backend_gives_identical_means() -> None:
+    rng = np.random.default_rng(0)
+    updates = [[rng.standard_normal(50_000).astype(np.float32), rng.integers(0, 9, 10)] for _ in range(7)]
+    results = {}
+    for name in fastfed.available_backends():
+        with fastfed.use_backend(name):
+            results[name] = fastfed.weighted_mean(updates, np.arange(1, 8))
+    first = next(iter(results.values()))
+    for result in results.values():
+        for layer, expected in zip(result, first):
+            np.testing.assert_array_equal(layer, expected)
+
+
+@pytest.mark.parametrize("name", fastfed.available_backends())
+def test_environment_variable_forces_a_backend(name: str) -> None:
+    completed = _run("import fastfed; print(fastfed.backend())", FASTFED_BACKEND=name)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == name
+
+
+def test_forcing_a_missing_backend_says_how_to_install_it() -> None:
+    # Block numba's import to simulate an environment without it.
+    code = "import sys; sys.modules['numba'] = None\nimport fastfed\nfastfed.weighted_mean([[[1.0]]])"
+    completed = _run(code, FASTFED_BACKEND="numba")
+    assert completed.returncode != 0
+    assert "pip install fastfed[numba]" in completed.stderr
+
+
+def test_default_falls_back_to_numpy_without_native_or_numba() -> None:
+    code = (
+        "import sys; sys.modules['numba'] = None; sys.modules['fastfed._core'] = None\n"
+        "import fastfed; print(fastfed.backend(), fastfed.available_backends())"
+    )
+    completed = _run(code)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == "numpy ['numpy']"
