@@ -6,8 +6,9 @@ NumPy twins selected by :func:`set_backend` or ``FASTFED_BACKEND``.
 
 from __future__ import annotations
 
+from . import compression
 from ._backend import available_backends, backend, set_backend, use_backend
-from .aggregation import Accumulator, weighted_mean, weighted_sum
+from .aggregation import Accumulator, weighted_mean, weighted_mean_encoded, weighted_sum
 from .errors import DecodeError
 
 __version__ = "0.1.0"
@@ -18,8 +19,10 @@ __all__ = [
     "__version__",
     "available_backends",
     "backend",
+    "compression",
     "set_backend",
     "use_backend",
     "weighted_mean",
+    "weighted_mean_encoded",
     "weighted_sum",
 ]

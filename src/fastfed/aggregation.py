@@ -15,8 +15,11 @@ from typing import Any
 import numpy as np
 
 from ._backend import kernels
+from .compression.quantizer import dequantization_step
+from .compression.wire import CODEC_RAW, parse
+from .errors import DecodeError
 
-__all__ = ["Accumulator", "LayerSpec", "weighted_mean", "weighted_sum"]
+__all__ = ["Accumulator", "LayerSpec", "weighted_mean", "weighted_mean_encoded", "weighted_sum"]
 
 ArrayLike = Any
 Update = Sequence[ArrayLike]
@@ -76,32 +79,35 @@ def _layers_of(update: Update, client: int) -> list[ArrayLike]:
     return list(update)
 
 
+def _match_specs(specs: list[LayerSpec], expected: list[LayerSpec] | None, client: int) -> None:
+    """Raises unless a client's layers have the shapes and dtypes of ``expected`` (the first client's)."""
+    if expected is None:
+        return
+    if len(specs) != len(expected):
+        raise ValueError(f"client {client} has {len(specs)} layers; expected {len(expected)} like the first client")
+    for j, (spec, want) in enumerate(zip(specs, expected)):
+        if spec.shape != want.shape:
+            raise ValueError(f"client {client}, layer {j}: shape {spec.shape} does not match the expected {want.shape}")
+        if spec.dtype != want.dtype:
+            raise TypeError(f"client {client}, layer {j}: dtype {spec.dtype} does not match the expected {want.dtype}")
+
+
 def _check_update(
-    update: Update, client: int, specs: list[LayerSpec] | None
+    update: Update, client: int, expected: list[LayerSpec] | None
 ) -> tuple[list[np.ndarray], list[LayerSpec]]:
-    """Normalises one client's layers and checks them against ``specs`` (the first client's)."""
+    """Normalises one client's layers and checks them against ``expected`` (the first client's)."""
     layers = _layers_of(update, client)
-    if specs is not None and len(layers) != len(specs):
-        raise ValueError(f"client {client} has {len(layers)} layers; expected {len(specs)} like the first client")
+    if expected is not None and len(layers) != len(expected):
+        raise ValueError(f"client {client} has {len(layers)} layers; expected {len(expected)} like the first client")
     flat: list[np.ndarray] = []
-    own_specs: list[LayerSpec] = []
+    specs: list[LayerSpec] = []
     for j, layer in enumerate(layers):
-        original = np.asarray(layer) if not isinstance(layer, np.ndarray) else layer
+        original = layer if isinstance(layer, np.ndarray) else np.asarray(layer)
         values = _as_layer(original, client, j)
-        spec = LayerSpec(tuple(original.shape), values.dtype.newbyteorder("="))
-        if specs is not None:
-            expected = specs[j]
-            if spec.shape != expected.shape:
-                raise ValueError(
-                    f"client {client}, layer {j}: shape {spec.shape} does not match the expected {expected.shape}"
-                )
-            if spec.dtype != expected.dtype:
-                raise TypeError(
-                    f"client {client}, layer {j}: dtype {spec.dtype} does not match the expected {expected.dtype}"
-                )
         flat.append(values)
-        own_specs.append(spec)
-    return flat, own_specs
+        specs.append(LayerSpec(tuple(original.shape), values.dtype.newbyteorder("=")))
+    _match_specs(specs, expected, client)
+    return flat, specs
 
 
 def _finish(values: np.ndarray, spec: LayerSpec) -> np.ndarray:
@@ -221,6 +227,36 @@ class Accumulator:
         self.count += 1
         self._weights.append(weight)
 
+    def add_encoded(self, payload: bytes | bytearray | memoryview, weight: float = 1.0) -> None:
+        """Folds in a :func:`fastfed.compression.encode` payload without materialising the float update.
+
+        Quantized tensors are unpacked, dequantized and accumulated in one fused pass; the result
+        equals decoding to float32 and calling :meth:`add`, bit for bit. The payload is validated
+        completely (raising :class:`fastfed.DecodeError`) before anything changes.
+        """
+        client = self.count
+        weight = _check_weight(weight, client)
+        try:
+            entries = parse(payload)
+        except DecodeError as error:
+            raise DecodeError(f"client {client}: {error}") from None
+        specs = [LayerSpec(entry.shape, entry.dtype) for entry in entries]
+        _match_specs(specs, self._specs, client)
+        if self._specs is None:
+            self._start(specs)
+        if weight > 0.0:
+            aggregate, quantize = kernels().aggregate, kernels().quantize
+            for acc, entry in zip(self._sums, entries):
+                if entry.codec == CODEC_RAW:
+                    aggregate.accumulate(acc, entry.raw_values(), weight)
+                elif entry.block == 0:
+                    step = dequantization_step(entry.bits, entry.minimum, entry.maximum)
+                    quantize.unpack_dequantize_accumulate(entry.data, entry.bits, entry.minimum, step, weight, acc)
+                else:  # a rotation mixes whole blocks, so rotated tensors are decoded first
+                    aggregate.accumulate(acc, entry.decode().astype(np.float32, copy=False).reshape(-1), weight)
+        self.count += 1
+        self._weights.append(weight)
+
     def add_weighted_sum(self, sums: Sequence[ArrayLike], total_weight: float, count: int = 1) -> None:
         """Folds in a partial sum (from :func:`weighted_sum` on another worker) of ``count`` clients."""
         total_weight = _check_weight(total_weight, self.count)
@@ -283,3 +319,20 @@ class Accumulator:
             acc.fill(0.0)
         self._weights.clear()
         self.count = 0
+
+
+def weighted_mean_encoded(
+    payloads: Sequence[bytes | bytearray | memoryview], weights: Sequence[float] | np.ndarray | None = None
+) -> list[np.ndarray]:
+    """The weighted mean of K encoded updates, dequantized and accumulated in one fused pass each."""
+    if isinstance(payloads, (bytes, bytearray, memoryview)) or not isinstance(payloads, Sequence):
+        raise TypeError("payloads: expected a sequence of encoded updates")
+    if len(payloads) == 0:
+        raise ValueError("payloads: expected at least one encoded update, got none")
+    weight_list = [1.0] * len(payloads) if weights is None else list(np.asarray(weights, dtype=object).reshape(-1))
+    if len(weight_list) != len(payloads):
+        raise ValueError(f"got {len(payloads)} encoded updates but {len(weight_list)} weights")
+    accumulator = Accumulator()
+    for payload, weight in zip(payloads, weight_list):
+        accumulator.add_encoded(payload, weight)
+    return accumulator.result()

@@ -1,0 +1,14 @@
+"""Update compression: uniform quantization, bit-packing, random rotation and a safe wire format.
+
+``encode(update, UniformQuantizer(bits=8))`` gives ``bytes`` that :func:`decode` turns back into the
+list of arrays, and that :meth:`fastfed.Accumulator.add_encoded` averages without materialising
+the float32 update.
+"""
+
+from __future__ import annotations
+
+from ..errors import DecodeError
+from .quantizer import UniformQuantizer
+from .wire import decode, encode, parse, size_bits
+
+__all__ = ["DecodeError", "UniformQuantizer", "decode", "encode", "parse", "size_bits"]

@@ -1,0 +1,273 @@
+"""fastfed's wire format for model updates: versioned, little-endian, checksummed, never pickle.
+
+See ``docs/wire-format.md`` for the byte layout. :func:`parse` validates every field, every length
+and the checksum before any payload byte is interpreted, and raises :class:`fastfed.DecodeError`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import DecodeError
+from .quantizer import (
+    UniformQuantizer,
+    as_float_source,
+    dequantize_tensor,
+    quantize_tensor,
+    rotation_shape,
+    tensor_seed,
+)
+
+__all__ = ["Entry", "decode", "encode", "parse", "size_bits"]
+
+MAGIC = b"FFUP"
+VERSION = 1
+CODEC_RAW = 0
+CODEC_UNIFORM = 1
+FLAG_STOCHASTIC = 1
+FLAG_ROTATED = 2
+MAX_RANK = 32
+MAX_ELEMENTS = 1 << 40  # far above any model tensor, far below integer overflow anywhere
+
+HEADER = struct.Struct("<4sHHIQ")  # magic, version, flags, tensor count, total length
+ENTRY = struct.Struct("<BBBBB3x")  # codec, bits, flags, dtype code, rank
+ENTRY_TAIL = struct.Struct("<QIIddQQ")  # count, block, reserved, min, max, seed, payload length
+CHECKSUM = struct.Struct("<I")  # CRC-32 of every byte before it
+
+DTYPE_CODES = {
+    np.dtype(name): code
+    for code, name in enumerate(
+        ["float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"],
+        start=1,
+    )
+}
+DTYPES_BY_CODE = {code: dtype for dtype, code in DTYPE_CODES.items()}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One validated tensor of a payload; ``data`` is a zero-copy view of its bytes."""
+
+    codec: int
+    bits: int
+    stochastic: bool
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...]
+    count: int
+    block: int
+    padded: int
+    minimum: float
+    maximum: float
+    seed: int
+    data: np.ndarray  # uint8 view of the payload bytes
+
+    def raw_values(self) -> np.ndarray:
+        """A read-only flat view of a raw tensor's values in native byte order."""
+        stored = self.dtype if np.little_endian else self.dtype.newbyteorder("<")
+        return self.data.view(stored).astype(self.dtype, copy=False)
+
+    def decode(self) -> np.ndarray:
+        if self.codec == CODEC_RAW:
+            return self.raw_values().reshape(self.shape).copy()
+        flat = dequantize_tensor(
+            self.data, self.count, self.bits, self.minimum, self.maximum, self.block, self.padded, self.seed
+        )
+        return flat.astype(self.dtype, copy=False).reshape(self.shape)
+
+
+def _random_seed() -> int:
+    return int.from_bytes(os.urandom(8), "little")
+
+
+def encode(update: Sequence[Any], codec: UniformQuantizer | None = None, *, seed: int | None = None) -> bytes:
+    """Encodes a model update (a list of arrays) into one self-describing payload.
+
+    Args:
+      update: the tensors, e.g. Keras ``get_weights()`` or a model delta.
+      codec: the quantizer; ``None`` sends every tensor raw (lossless).
+      seed: drives stochastic rounding and rotation; the same input and seed give the same bytes on
+        every backend. ``None`` draws a fresh seed from the OS.
+    """
+    if isinstance(update, np.ndarray) or not isinstance(update, Sequence):
+        raise TypeError(f"update: expected a list of arrays, got {type(update).__name__}")
+    if seed is None:
+        seed = _random_seed()
+    if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    table: list[bytes] = []
+    payloads: list[bytes | np.ndarray] = []
+    for index, layer in enumerate(update):
+        array = np.asarray(layer)
+        dtype = array.dtype.newbyteorder("=")
+        if dtype not in DTYPE_CODES:
+            raise TypeError(f"layer {index}: dtype {array.dtype} cannot be encoded; expected a float or integer array")
+        if array.ndim > MAX_RANK:
+            raise ValueError(f"layer {index}: rank {array.ndim} exceeds {MAX_RANK}")
+        own_seed = tensor_seed(int(seed), index)
+        if codec is not None and codec.applies_to(array):
+            try:
+                quantized = quantize_tensor(as_float_source(array), codec, own_seed)
+            except ValueError as error:
+                raise ValueError(f"layer {index}: cannot quantize ({error})") from None
+            flags = (FLAG_STOCHASTIC if codec.stochastic else 0) | (FLAG_ROTATED if codec.rotate else 0)
+            head = (CODEC_UNIFORM, codec.bits, flags)
+            tail = (quantized.block, quantized.minimum, quantized.maximum, quantized.packed.nbytes)
+            data: bytes | np.ndarray = quantized.packed
+        else:
+            raw = np.ascontiguousarray(array, dtype=dtype.newbyteorder("<")).tobytes()
+            head, tail, data = (CODEC_RAW, 0, 0), (0, 0.0, 0.0, len(raw)), raw
+        block, minimum, maximum, length = tail
+        table.append(
+            ENTRY.pack(*head, DTYPE_CODES[dtype], array.ndim)
+            + struct.pack(f"<{array.ndim}Q", *array.shape)
+            + ENTRY_TAIL.pack(array.size, block, 0, minimum, maximum, own_seed, length)
+        )
+        payloads.append(data)
+    body_length = (
+        HEADER.size + sum(map(len, table)) + sum(len(p) if isinstance(p, bytes) else p.nbytes for p in payloads)
+    )
+    header = HEADER.pack(MAGIC, VERSION, 0, len(table), body_length + CHECKSUM.size)
+    body = b"".join([header, *table, *(p if isinstance(p, bytes) else p.data for p in payloads)])
+    return body + CHECKSUM.pack(zlib.crc32(body))
+
+
+def _fail(message: str) -> DecodeError:
+    return DecodeError(f"invalid fastfed payload: {message}")
+
+
+def parse(payload: bytes | bytearray | memoryview) -> list[Entry]:
+    """Validates a payload completely and returns its entries (zero-copy views)."""
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise TypeError(f"payload: expected bytes, got {type(payload).__name__}")
+    buffer = memoryview(payload).cast("B")
+    size = buffer.nbytes
+    if size < HEADER.size + CHECKSUM.size:
+        raise _fail(f"{size} bytes is shorter than the {HEADER.size + CHECKSUM.size}-byte minimum")
+    magic, version, flags, n_tensors, total = HEADER.unpack_from(buffer, 0)
+    if magic != MAGIC:
+        raise _fail(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}")
+    if version != VERSION:
+        raise _fail(f"format version {version} is not supported (this fastfed reads version {VERSION})")
+    if flags != 0:
+        raise _fail(f"unknown container flags {flags:#x}")
+    if total != size:
+        raise _fail(f"header says {total} bytes but {size} were given (truncated or extended)")
+    (stored_crc,) = CHECKSUM.unpack_from(buffer, size - CHECKSUM.size)
+    if zlib.crc32(buffer[: size - CHECKSUM.size]) != stored_crc:
+        raise _fail("checksum mismatch (corrupted in transit?)")
+    body_end = size - CHECKSUM.size
+    # Table first, so every length is known and checked before any payload is interpreted.
+    heads = []
+    offset = HEADER.size
+    for index in range(n_tensors):
+        if offset + ENTRY.size > body_end:
+            raise _fail(f"tensor {index}: table runs past the end of the payload")
+        codec, bits, entry_flags, dtype_code, rank = ENTRY.unpack_from(buffer, offset)
+        offset += ENTRY.size
+        if rank > MAX_RANK:
+            raise _fail(f"tensor {index}: rank {rank} exceeds {MAX_RANK}")
+        if offset + 8 * rank + ENTRY_TAIL.size > body_end:
+            raise _fail(f"tensor {index}: table runs past the end of the payload")
+        shape = struct.unpack_from(f"<{rank}Q", buffer, offset)
+        offset += 8 * rank
+        count, block, reserved, minimum, maximum, seed, length = ENTRY_TAIL.unpack_from(buffer, offset)
+        offset += ENTRY_TAIL.size
+        heads.append(
+            (index, codec, bits, entry_flags, dtype_code, shape, count, block, reserved, minimum, maximum, seed, length)
+        )
+    entries = []
+    for (
+        index,
+        codec,
+        bits,
+        entry_flags,
+        dtype_code,
+        shape,
+        count,
+        block,
+        reserved,
+        minimum,
+        maximum,
+        seed,
+        length,
+    ) in heads:
+        where = f"tensor {index}"
+        if dtype_code not in DTYPES_BY_CODE:
+            raise _fail(f"{where}: unknown dtype code {dtype_code}")
+        dtype = DTYPES_BY_CODE[dtype_code]
+        if any(dim > MAX_ELEMENTS for dim in shape) or math.prod(shape) != count or count > MAX_ELEMENTS:
+            raise _fail(f"{where}: shape {shape} does not hold {count} elements")
+        if reserved != 0:
+            raise _fail(f"{where}: reserved field is {reserved}, expected 0")
+        padded = 0
+        if codec == CODEC_RAW:
+            if bits or entry_flags or block or minimum or maximum:
+                raise _fail(f"{where}: raw tensor with quantization fields set")
+            expected = count * dtype.itemsize
+        elif codec == CODEC_UNIFORM:
+            if not 1 <= bits <= 16:
+                raise _fail(f"{where}: {bits} bits is outside 1..16")
+            if dtype.kind != "f":
+                raise _fail(f"{where}: quantized tensor of non-float dtype {dtype}")
+            if entry_flags & ~(FLAG_STOCHASTIC | FLAG_ROTATED):
+                raise _fail(f"{where}: unknown flags {entry_flags:#x}")
+            if not (math.isfinite(minimum) and math.isfinite(maximum) and minimum <= maximum):
+                raise _fail(f"{where}: bad range [{minimum}, {maximum}]")
+            if count == 0:
+                raise _fail(f"{where}: quantized tensor with no elements")
+            values = count
+            if entry_flags & FLAG_ROTATED:
+                if block == 0 or block & (block - 1) or block > MAX_ELEMENTS:
+                    raise _fail(f"{where}: rotation block {block} is not a power of two")
+                if rotation_shape(count, block)[0] != block:
+                    raise _fail(f"{where}: rotation block {block} is inconsistent with {count} elements")
+                block, padded = rotation_shape(count, block)
+                values = padded
+            elif block != 0:
+                raise _fail(f"{where}: rotation block set on an unrotated tensor")
+            expected = (values * bits + 7) // 8
+        else:
+            raise _fail(f"{where}: unknown codec {codec}")
+        if length != expected:
+            raise _fail(f"{where}: payload is {length} bytes, expected {expected}")
+        if offset + length > body_end:
+            raise _fail(f"{where}: payload runs past the end of the buffer")
+        data = np.frombuffer(buffer, dtype=np.uint8, count=length, offset=offset)
+        offset += length
+        entries.append(
+            Entry(
+                codec,
+                bits,
+                bool(entry_flags & FLAG_STOCHASTIC),
+                dtype,
+                tuple(shape),
+                count,
+                block,
+                padded,
+                minimum,
+                maximum,
+                seed,
+                data,
+            )
+        )
+    if offset != body_end:
+        raise _fail(f"{body_end - offset} unexpected bytes after the last tensor")
+    return entries
+
+
+def decode(payload: bytes | bytearray | memoryview) -> list[np.ndarray]:
+    """Decodes a payload from :func:`encode` into the list of arrays (shapes and dtypes restored)."""
+    return [entry.decode() for entry in parse(payload)]
+
+
+def size_bits(payload: bytes | bytearray | memoryview) -> int:
+    """The exact number of bits the payload takes on the wire, header and checksum included."""
+    return memoryview(payload).nbytes * 8
