@@ -1,0 +1,237 @@
+"""fastfed.compression: accuracy, determinism, sizes, wire-format validation and fuzzing."""
+
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastfed
+from fastfed.compression import DecodeError, UniformQuantizer, decode, encode, parse, size_bits
+
+CNN_SHAPES = [(5, 5, 1, 32), (32,), (5, 5, 32, 64), (64,), (3136, 512), (512,), (512, 10), (10,)]
+CNN_PARAMS = 1_663_370
+
+
+def _cnn_update(seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [(rng.standard_normal(shape) * 0.05).astype(np.float32) for shape in CNN_SHAPES]
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8, 12, 16])
+def test_nearest_rounding_error_is_within_half_a_step(bits: int) -> None:
+    x = np.random.default_rng(bits).standard_normal(50_000).astype(np.float32) * 3
+    (decoded,) = decode(encode([x], UniformQuantizer(bits=bits, stochastic=False, min_size=0), seed=1))
+    half_step = (float(x.max()) - float(x.min())) / (2**bits - 1) / 2
+    eps = np.finfo(np.float32).eps * np.abs(x).max()
+    assert decoded.dtype == np.float32 and decoded.shape == x.shape
+    assert np.all(np.abs(decoded.astype(np.float64) - x) <= half_step + eps)
+
+
+def test_stochastic_rounding_is_unbiased() -> None:
+    # Each decode is x plus independent zero-mean noise of variance <= step^2/4 per element, so the
+    # mean of R decodes deviates from x by a standard error <= step/(2 sqrt R); 6 standard errors
+    # over 2,000 elements is exceeded with probability < 1e-5.
+    x = np.random.default_rng(0).uniform(-1, 1, 2000).astype(np.float32)
+    codec = UniformQuantizer(bits=2, stochastic=True, min_size=0)
+    rounds = 400
+    mean = np.mean([decode(encode([x], codec, seed=seed))[0] for seed in range(rounds)], axis=0)
+    step = (float(x.max()) - float(x.min())) / 3
+    assert np.max(np.abs(mean - x)) <= 6 * step / (2 * math.sqrt(rounds))
+    # Nearest rounding is biased on the same data: its error does not shrink with averaging.
+    nearest = decode(encode([x], UniformQuantizer(bits=2, stochastic=False, min_size=0), seed=0))[0]
+    assert np.mean(np.abs(nearest - x)) > 5 * np.mean(np.abs(mean - x))
+
+
+def test_constant_tensor_round_trips_exactly() -> None:
+    for value in (0.0, -3.25, 1e30):
+        x = np.full((200, 70), value, np.float32)
+        (decoded,) = decode(encode([x], UniformQuantizer(bits=3, min_size=0), seed=4))
+        np.testing.assert_array_equal(decoded, x)
+
+
+def test_rotation_makes_heavy_tails_50x_more_accurate_at_4_bits() -> None:
+    x = np.random.default_rng(0).standard_t(3, 2**20).astype(np.float32)
+
+    def normalised_mse(rotate: bool) -> float:
+        (decoded,) = decode(encode([x], UniformQuantizer(bits=4, rotate=rotate), seed=11))
+        return float(np.sum((decoded.astype(np.float64) - x) ** 2) / np.sum(x.astype(np.float64) ** 2))
+
+    assert normalised_mse(False) >= 50 * normalised_mse(True)
+
+
+def test_same_seed_gives_same_bytes_and_other_seed_differs() -> None:
+    update = _cnn_update()
+    codec = UniformQuantizer(bits=4, rotate=True, min_size=1000)
+    first = encode(update, codec, seed=123)
+    assert encode(update, codec, seed=123) == first
+    assert encode(update, codec, seed=124) != first
+
+
+def test_backends_produce_identical_bytes() -> None:
+    update = _cnn_update(3)
+    for codec in (UniformQuantizer(bits=8), UniformQuantizer(bits=3, stochastic=False, rotate=True, min_size=500)):
+        payloads = {}
+        for name in fastfed.available_backends():
+            with fastfed.use_backend(name):
+                payloads[name] = encode(update, codec, seed=9)
+        assert len(set(payloads.values())) == 1, sorted(payloads)
+
+
+def test_small_integer_and_float64_tensors_round_trip() -> None:
+    update = [
+        np.arange(12, dtype=np.int64).reshape(3, 4),
+        np.array(7, np.uint8),
+        np.linspace(0, 1, 20_000),
+        np.ones(10, np.float16),
+        np.zeros((0, 3), np.float32),
+    ]
+    decoded = decode(encode(update, UniformQuantizer(bits=8), seed=0))
+    for original, restored in zip(update, decoded):
+        assert restored.dtype == original.dtype and restored.shape == original.shape
+    np.testing.assert_array_equal(decoded[0], update[0])
+    assert decoded[1] == 7
+    np.testing.assert_allclose(decoded[2], update[2], atol=1 / 255)
+    np.testing.assert_array_equal(decoded[3], update[3])
+
+
+def test_lossless_without_a_codec() -> None:
+    update = _cnn_update(1) + [np.arange(3, dtype=">i4")]
+    for original, restored in zip(update, decode(encode(update))):
+        np.testing.assert_array_equal(restored, original)
+
+
+@pytest.mark.parametrize(
+    ("bits", "min_size", "limit"),
+    [(8, 10_000, 1 / 3.95), (4, 1_000, 1 / 7.8), (2, 1_000, 1 / 15), (1, 1_000, 1 / 29)],
+)
+def test_cnn_update_sizes(bits: int, min_size: int, limit: float) -> None:
+    payload = encode(_cnn_update(), UniformQuantizer(bits=bits, min_size=min_size), seed=0)
+    raw_bits = CNN_PARAMS * 32
+    assert size_bits(payload) == 8 * len(payload)
+    assert size_bits(payload) / raw_bits <= limit
+    quantized = [e for e in parse(payload) if e.codec == 1]
+    expected_quantized = 2 if min_size == 10_000 else 3
+    assert len(quantized) == expected_quantized
+    data_bytes = sum(e.data.nbytes for e in parse(payload))
+    assert len(payload) - data_bytes < 1024  # container overhead: headers, table, checksum
+
+
+def test_fused_add_encoded_equals_decode_then_add() -> None:
+    updates = [_cnn_update(seed) for seed in range(4)]
+    codec = UniformQuantizer(bits=6, min_size=1000)
+    payloads = [encode(update, codec, seed=seed) for seed, update in enumerate(updates)]
+    fused = fastfed.weighted_mean_encoded(payloads, [1, 2, 3, 4])
+    reference = fastfed.weighted_mean([decode(p) for p in payloads], [1, 2, 3, 4])
+    for a, b in zip(fused, reference):
+        np.testing.assert_array_equal(a, b)
+    rotated = [encode(u, UniformQuantizer(bits=4, rotate=True, min_size=1000), seed=1) for u in updates]
+    for a, b in zip(fastfed.weighted_mean_encoded(rotated), fastfed.weighted_mean([decode(p) for p in rotated])):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_add_encoded_names_the_client_and_keeps_state() -> None:
+    accumulator = fastfed.Accumulator()
+    accumulator.add_encoded(encode([np.ones(4, np.float32)]), 1.0)
+    with pytest.raises(DecodeError, match="client 1: invalid fastfed payload"):
+        accumulator.add_encoded(b"garbage-bytes-garbage-bytes", 1.0)
+    with pytest.raises(ValueError, match=r"client 1, layer 0: shape \(5,\)"):
+        accumulator.add_encoded(encode([np.ones(5, np.float32)]), 1.0)
+    assert accumulator.count == 1
+    np.testing.assert_array_equal(accumulator.result()[0], np.ones(4, np.float32))
+
+
+def test_encode_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="bits must be an integer in 1..16"):
+        UniformQuantizer(bits=17)
+    with pytest.raises(ValueError, match="rotation_chunk"):
+        UniformQuantizer(rotation_chunk=1000)
+    with pytest.raises(ValueError, match="layer 1: cannot quantize.*NaN"):
+        encode([np.ones(3), np.array([1.0, np.nan] * 10)], UniformQuantizer(min_size=0), seed=0)
+    with pytest.raises(TypeError, match="layer 0: dtype <U1"):
+        encode([np.array(["a"])])
+    with pytest.raises(TypeError, match="expected a list of arrays"):
+        encode(np.ones(3))
+
+
+def _rewrite_checksum(payload: bytearray) -> bytes:
+    struct.pack_into("<I", payload, len(payload) - 4, zlib.crc32(payload[:-4]))
+    return bytes(payload)
+
+
+def test_decode_errors_are_specific() -> None:
+    payload = encode([np.ones(20_000, np.float32), np.arange(3)], UniformQuantizer(bits=8), seed=0)
+    cases = {
+        "bad magic": bytearray(b"XXXX") + payload[4:],
+        "format version 9": bytearray(payload[:4]) + struct.pack("<H", 9) + payload[6:],
+        "truncated or extended": payload[:-1],
+        "checksum mismatch": payload[:-5] + bytes([payload[-5] ^ 1]) + payload[-4:],
+    }
+    for message, corrupted in cases.items():
+        with pytest.raises(DecodeError, match=message):
+            decode(bytes(corrupted))
+    # Bits outside 1..16, with a valid checksum so that field validation itself is exercised.
+    bad_bits = bytearray(payload)
+    bad_bits[20 + 1] = 17
+    with pytest.raises(DecodeError, match="17 bits is outside 1..16"):
+        decode(_rewrite_checksum(bad_bits))
+    # A shape that does not hold the element count.
+    bad_shape = bytearray(payload)
+    struct.pack_into("<Q", bad_shape, 20 + 8, 2**63)
+    with pytest.raises(DecodeError, match="does not hold"):
+        decode(_rewrite_checksum(bad_shape))
+    assert issubclass(DecodeError, ValueError)
+    with pytest.raises(DecodeError):
+        decode(b"")
+
+
+VALID = [
+    encode([np.ones(3, np.float32), np.arange(4)]),
+    encode([np.linspace(-1, 1, 3000, dtype=np.float32)], UniformQuantizer(bits=3, min_size=100), seed=2),
+    encode(
+        [np.linspace(-1, 1, 3000, dtype=np.float32)],
+        UniformQuantizer(bits=5, min_size=100, rotate=True, rotation_chunk=1024),
+        seed=3,
+    ),
+]
+
+
+def _mutations():  # type: ignore[no-untyped-def]
+    payload = st.sampled_from(VALID)
+    truncate = st.tuples(payload, st.integers(0, 10_000)).map(lambda t: t[0][: t[1] % (len(t[0]) + 1)])
+    extend = st.tuples(payload, st.binary(min_size=1, max_size=64)).map(lambda t: t[0] + t[1])
+    flip = st.tuples(payload, st.lists(st.integers(0, 10**6), min_size=1, max_size=8)).map(
+        lambda t: bytes(b ^ (0xFF if i in {p % len(t[0]) for p in t[1]} else 0) for i, b in enumerate(t[0]))
+    )
+
+    # Header-level mutations with the checksum recomputed, so that deeper validation is reached.
+    def resign(t):  # type: ignore[no-untyped-def]
+        data = bytearray(t[0])
+        position = t[1] % max(1, len(data) - 4)
+        data[position] = t[2]
+        return _rewrite_checksum(data)
+
+    header = st.tuples(payload, st.integers(0, 400), st.integers(0, 255)).map(resign)
+    random_header = st.binary(min_size=0, max_size=200).map(lambda b: b"FFUP\x01\x00" + b)
+    return st.one_of(truncate, extend, flip, header, random_header, st.binary(max_size=300))
+
+
+@settings(max_examples=300, deadline=None)
+@given(_mutations())
+def test_fuzzed_payloads_only_raise_decode_error(data: bytes) -> None:
+    try:
+        decoded = decode(data)
+    except DecodeError:
+        return
+    # A mutation that still decodes must be structurally sound.
+    assert all(isinstance(array, np.ndarray) for array in decoded)
+    accumulator = fastfed.Accumulator()
+    try:
+        accumulator.add_encoded(data, 1.0)
+    except DecodeError:
+        pytest.fail("add_encoded rejected a payload that decode accepted")
