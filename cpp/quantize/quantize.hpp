@@ -50,31 +50,35 @@ struct min_max_result {
 template <class Source>
 min_max_result min_max(const Source* x, std::size_t n) {
     struct partial {
-        Source lo, hi, poison;
+        Source lo, hi;
+        bool has_nan;
     };
     constexpr std::size_t kGrain = 1 << 16;
     const std::size_t n_blocks = (n + kGrain - 1) / kGrain;
-    std::vector<partial> partials(n_blocks, partial{x[0], x[0], Source(0)});
+    std::vector<partial> partials(n_blocks, partial{x[0], x[0], false});
     parallel_for(n_blocks, 1, kGrain, [&](std::size_t first, std::size_t last) {
         for (std::size_t block = first; block < last; ++block) {
             const std::size_t begin = block * kGrain;
             const std::size_t end = std::min(n, begin + kGrain);
-            Source lo = x[begin], hi = x[begin], poison = 0;
+            Source lo = x[begin], hi = x[begin];
+            int nan_seen = 0;  // an integer OR reduction vectorizes; a float "poison" sum would not
             for (std::size_t i = begin; i < end; ++i) {
                 const Source v = x[i];
                 lo = v < lo ? v : lo;
                 hi = v > hi ? v : hi;
-                poison += v * Source(0);  // NaN as soon as one value is NaN or infinite
+                nan_seen |= static_cast<int>(v != v);
             }
-            partials[block] = partial{lo, hi, poison};
+            partials[block] = partial{lo, hi, nan_seen != 0};
         }
     });
+    // Infinities surface as the minimum or maximum; NaNs, which compare false, are flagged.
     min_max_result result{static_cast<double>(partials[0].lo), static_cast<double>(partials[0].hi), true};
     for (const auto& p : partials) {
         result.minimum = std::min(result.minimum, static_cast<double>(p.lo));
         result.maximum = std::max(result.maximum, static_cast<double>(p.hi));
-        if (p.poison != p.poison) result.finite = false;
+        if (p.has_nan) result.finite = false;
     }
+    if (!std::isfinite(result.minimum) || !std::isfinite(result.maximum)) result.finite = false;
     return result;
 }
 
@@ -83,7 +87,8 @@ inline std::uint32_t quantize_value(Source x, std::size_t index, double offset, 
                                     std::uint64_t key) {
     const double v = (static_cast<double>(x) - offset) * scale;
     const double dither = stochastic ? random_uniform(key, index) : 0.5;
-    const double q = std::floor(v + dither);
+    // v >= 0 because x >= offset, so truncation equals the reference's floor, without a libm call.
+    const double q = v + dither;
     return q >= levels ? static_cast<std::uint32_t>(levels) : static_cast<std::uint32_t>(q);
 }
 
