@@ -1,0 +1,215 @@
+"""The ``fastfed`` command: ``fastfed train`` runs FedAvg; ``fastfed plot`` draws runs' metrics."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MODELS = ("mlp", "softmax", "cnn")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastfed", description="Fast federated averaging.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="run FedAvg", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train.add_argument("--dataset", choices=["digits", "mnist"], default="digits", help="digits is bundled (offline)")
+    train.add_argument("--data-dir", default=None, help="directory of MNIST IDX files (for --dataset mnist)")
+    train.add_argument("--partition", choices=["iid", "dirichlet", "label"], default="dirichlet")
+    train.add_argument("--alpha", type=float, default=1.0, help="Dirichlet concentration")
+    train.add_argument("--num-clients", type=int, default=20)
+    train.add_argument("--model", choices=MODELS, default="mlp")
+    train.add_argument("--hidden", type=int, default=128, help="hidden units of the MLP")
+    train.add_argument("--rounds", type=int, default=30)
+    train.add_argument("--clients-per-round", type=int, default=10)
+    train.add_argument("--local-epochs", type=int, default=2)
+    train.add_argument("--batch-size", type=int, default=20)
+    train.add_argument("--client-lr", type=float, default=0.1)
+    train.add_argument("--server-lr", type=float, default=1.0)
+    train.add_argument("--bits", type=int, default=None, help="quantize uploads and broadcast to this many bits")
+    train.add_argument("--min-size", type=int, default=1000, help="smallest tensor that is quantized")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--output-dir", default="runs/fastfed", help="CSV and TensorBoard logs go here")
+    train.add_argument("--no-progress", action="store_true", help="hide the per-round progress bar")
+    plot = commands.add_parser("plot", help="plot metrics of one or more runs")
+    plot.add_argument("runs", nargs="+", help="run directories written by fastfed train")
+    plot.add_argument("--output", default=None, help="PNG path (default: metrics.png in the first run)")
+    return parser
+
+
+def _load_dataset(args: argparse.Namespace) -> tuple[Any, tuple[np.ndarray, np.ndarray], tuple[int, ...]]:
+    from . import data
+
+    if args.dataset == "digits":
+        (x, y), test = data.load_digits(seed=args.seed)
+    else:
+        if not args.data_dir:
+            raise SystemExit("--dataset mnist needs --data-dir with the IDX files")
+        x, y = data.load_mnist_idx(
+            args.data_dir, "train" if Path(args.data_dir, "train-labels-idx1-ubyte.gz").exists() else "t10k"
+        )
+        x = x.reshape(len(x), -1)
+        split = int(0.8 * len(x))
+        (x, y), test = (x[:split], y[:split]), (x[split:], y[split:])
+    if args.partition == "iid":
+        clients = data.partition_iid(x, y, args.num_clients, seed=args.seed)
+    elif args.partition == "dirichlet":
+        clients = data.partition_dirichlet(x, y, args.num_clients, args.alpha, seed=args.seed)
+    else:
+        clients = data.partition_by_label(x, y)
+    return clients, test, x.shape[1:]
+
+
+def _model_fn(args: argparse.Namespace, input_shape: tuple[int, ...]) -> Any:
+    from . import models
+
+    if args.model == "mlp":
+        return lambda: models.mlp(input_shape, hidden=args.hidden)
+    if args.model == "softmax":
+        return lambda: models.softmax_regression(input_shape)
+    return lambda: models.cnn((28, 28)) if input_shape == (784,) else models.cnn(input_shape)
+
+
+def train(args: argparse.Namespace) -> dict[str, float]:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+    import tensorflow as tf
+    from tqdm import tqdm
+
+    from . import FedAvg, evaluate, mean, optimizers
+    from .compression import UniformQuantizer
+
+    clients, test, input_shape = _load_dataset(args)
+    codec = UniformQuantizer(bits=args.bits, min_size=args.min_size) if args.bits else None
+    process = FedAvg(
+        _model_fn(args, input_shape),
+        client_optimizer=lambda: keras.optimizers.SGD(learning_rate=args.client_lr),
+        server_optimizer=optimizers.SGD(learning_rate=args.server_lr),
+        aggregator=mean(compression=codec),
+        broadcast_compression=codec,
+        batch_size=args.batch_size,
+        local_epochs=args.local_epochs,
+        seed=args.seed,
+    )
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "config.json").write_text(json.dumps(vars(args), indent=2, sort_keys=True))
+    writer = tf.summary.create_file_writer(str(output / "tensorboard"))
+    rng = np.random.default_rng(args.seed)
+    state = process.initialize()
+    per_round = min(args.clients_per_round, len(clients))
+    print(
+        f"fastfed train: {args.dataset}, {len(clients)} clients, {per_round} per round, model {args.model}, "
+        f"{'uncompressed' if codec is None else f'{args.bits}-bit'}, backend {__import__('fastfed').backend()}"
+    )
+    with open(output / "metrics.csv", "w", newline="") as csv_file:
+        rows: csv.DictWriter[str] | None = None
+        for _ in range(args.rounds):
+            selected = clients.sample(per_round, rng)
+            progress = tqdm(
+                total=len(selected),
+                desc=f"round {state.round + 1}",
+                leave=False,
+                disable=args.no_progress,
+                unit="client",
+            )
+            state, metrics = process.next(state, _Progress(selected, progress))
+            progress.close()
+            metrics.update(
+                {
+                    f"eval_{k}": v
+                    for k, v in evaluate(process.model_fn, state.weights, [test]).items()
+                    if k != "num_examples"
+                }
+            )
+            if rows is None:
+                rows = csv.DictWriter(csv_file, fieldnames=list(metrics))
+                rows.writeheader()
+            rows.writerow(metrics)
+            csv_file.flush()
+            with writer.as_default(step=state.round):
+                for name, value in metrics.items():
+                    tf.summary.scalar(name, value)
+            print(
+                f"round {state.round:3d}  train_loss {metrics['train_loss']:.4f}  "
+                f"train_accuracy {metrics['train_accuracy']:.4f}  eval_accuracy {metrics['eval_accuracy']:.4f}  "
+                f"sent {(metrics['broadcast_bits'] + metrics['aggregate_bits']) / 2**20:.2f} Mibit  "
+                f"{metrics['round_seconds']:.2f}s",
+                flush=True,
+            )
+    writer.close()
+    final = evaluate(process.model_fn, state.weights, [test])
+    print(
+        f"held-out evaluation: accuracy {final['accuracy']:.4f}  loss {final['loss']:.4f}  "
+        f"({int(final['num_examples'])} examples)"
+    )
+    np.savez(output / "weights.npz", *state.weights)
+    return final
+
+
+class _Progress(list):  # type: ignore[type-arg]
+    """A client list whose iteration advances a progress bar."""
+
+    def __init__(self, clients: Sequence[Any], bar: Any) -> None:
+        super().__init__(clients)
+        self._bar = bar
+
+    def __iter__(self) -> Any:
+        for client in super().__iter__():
+            yield client
+            self._bar.update(1)
+
+
+def plot(args: argparse.Namespace) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (accuracy_axis, loss_axis, bits_axis) = plt.subplots(1, 3, figsize=(15, 4))
+    for run in args.runs:
+        with open(Path(run) / "metrics.csv") as handle:
+            rows = list(csv.DictReader(handle))
+        if not rows:
+            raise SystemExit(f"{run}: metrics.csv has no rounds")
+        label = Path(run).name
+        rounds = [float(r["round"]) for r in rows]
+        accuracy = [float(r["eval_accuracy"]) for r in rows]
+        accuracy_axis.plot(rounds, accuracy, label=label)
+        loss_axis.plot(rounds, [float(r["train_loss"]) for r in rows], label=label)
+        sent = [(float(r["broadcast_bits_total"]) + float(r["aggregate_bits_total"])) / 2**20 for r in rows]
+        bits_axis.plot(sent, accuracy, label=label)
+    accuracy_axis.set(xlabel="round", ylabel="held-out accuracy", title="Accuracy per round")
+    loss_axis.set(xlabel="round", ylabel="training loss", title="Loss per round")
+    bits_axis.set(xlabel="cumulative Mibit sent", ylabel="held-out accuracy", title="Accuracy vs bits sent")
+    for axis in (accuracy_axis, loss_axis, bits_axis):
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    output = Path(args.output) if args.output else Path(args.runs[0]) / "metrics.png"
+    figure.savefig(output, dpi=100)
+    print(f"wrote {output}")
+    return output
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    started = time.perf_counter()
+    if args.command == "train":
+        train(args)
+        print(f"done in {time.perf_counter() - started:.1f}s")
+    else:
+        plot(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
