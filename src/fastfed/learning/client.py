@@ -39,7 +39,7 @@ class ClientTrainer:
         self.optimizer = optimizer_fn()
         self.optimizer.build(self.model.trainable_variables)
         # Keras 3 keeps the learning rate among the variables, so a reset restores values, not zeros.
-        self._fresh_optimizer = [np.array(variable) for variable in self.optimizer.variables]
+        self._fresh_optimizer = [keras.ops.convert_to_numpy(v) for v in self.optimizer.variables]
         # Per-example losses, so that batch losses add up to an example-weighted total.
         self.loss = keras.losses.get(loss) if not callable(loss) else loss
         self.batch_size = batch_size

@@ -207,7 +207,7 @@ def evaluate(
     for x, y in clients:
         for start in range(0, len(x), batch_size):
             batch_x, batch_y = x[start : start + batch_size], y[start : start + batch_size]
-            predictions = np.asarray(model(batch_x, training=False))
+            predictions = keras.ops.convert_to_numpy(model(batch_x, training=False))
             loss_sum += float(loss_fn(batch_y, predictions))
             correct += int(np.sum(np.argmax(predictions, axis=-1) == np.reshape(batch_y, -1)))
             examples += len(batch_x)

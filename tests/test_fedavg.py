@@ -1,0 +1,187 @@
+"""FedAvg over Keras: TFF parity, determinism, no retracing, compression, faulty updates, the CLI."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+
+import fastfed
+from fastfed import data, models, optimizers
+from fastfed.compression import UniformQuantizer
+
+MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+TFF_TRAIN_ACCURACY = [0.911, 0.925, 0.944, 0.955, 0.962, 0.967]  # TFF 0.87, same data and settings
+
+
+def _digits_clients(count: int = 5) -> tuple[list[tuple[np.ndarray, np.ndarray]], tuple[np.ndarray, np.ndarray]]:
+    (x, y), test = data.load_digits(seed=0)
+    return data.partition_iid(x, y, count, seed=0).all(), test
+
+
+def _process(**options: object) -> fastfed.FedAvg:
+    settings: dict[str, object] = {
+        "client_optimizer": lambda: keras.optimizers.SGD(learning_rate=0.1),
+        "batch_size": 20,
+        "seed": 3,
+    }
+    settings.update(options)
+    return fastfed.FedAvg(lambda: models.mlp((64,), hidden=32), **settings)  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(not MNIST.exists(), reason="the real MNIST test set is not next to the repository")
+def test_mnist_by_digit_matches_tff_training_accuracy() -> None:
+    # Prepare: client d holds the first 1,000 test images of digit d, flattened, pixels / 255.
+    x, y = data.load_mnist_idx(MNIST)
+    clients = data.partition_by_label(x.reshape(len(x), 784), y, per_client=1000).all()
+    process = fastfed.FedAvg(
+        lambda: models.mlp((784,), hidden=512),
+        client_optimizer=lambda: keras.optimizers.SGD(learning_rate=0.1),
+        server_optimizer=optimizers.SGD(learning_rate=1.0),
+        batch_size=100,
+        local_epochs=1,
+        seed=0,
+    )
+    state = process.initialize()
+    # Execute
+    accuracies = []
+    for _ in range(6):
+        state, metrics = process.next(state, clients)
+        accuracies.append(metrics["train_accuracy"])
+        # The test set has fewer than 1,000 images of some digits (892 fives), as in TFF's run on it.
+        assert metrics["num_examples"] == sum(len(c[1]) for c in clients) == 9786
+        assert metrics["num_batches"] == sum(-(-len(c[1]) // 100) for c in clients)
+    # Assert: within 1.5 points of TFF each round.
+    assert np.max(np.abs(np.array(accuracies) - TFF_TRAIN_ACCURACY)) <= 0.015, accuracies
+
+
+def test_rounds_are_deterministic_and_never_retrace() -> None:
+    clients, _ = _digits_clients()
+    runs = []
+    for _ in range(2):
+        process = _process()
+        state = process.initialize()
+        for _ in range(3):
+            state, metrics = process.next(state, clients)
+        runs.append((state.weights, metrics))
+        assert process.trainer.traces == 1
+    for a, b in zip(runs[0][0], runs[1][0]):
+        np.testing.assert_array_equal(a, b)
+    assert runs[0][1]["train_loss"] == runs[1][1]["train_loss"]
+
+
+def test_training_learns_and_evaluation_is_example_weighted() -> None:
+    clients, test = _digits_clients()
+    process = _process()
+    state = process.initialize()
+    before = fastfed.evaluate(process.model_fn, state.weights, [test])
+    for _ in range(5):
+        state, metrics = process.next(state, clients)
+    after = fastfed.evaluate(process.model_fn, state.weights, [test])
+    assert after["accuracy"] > before["accuracy"] + 0.3 and after["accuracy"] > 0.8
+    assert after["num_examples"] == len(test[0])
+    split = fastfed.evaluate(
+        process.model_fn, state.weights, [(test[0][:100], test[1][:100]), (test[0][100:], test[1][100:])]
+    )
+    assert split["accuracy"] == pytest.approx(after["accuracy"]) and split["loss"] == pytest.approx(
+        after["loss"], rel=1e-5
+    )
+    assert state.round == 5 and metrics["round"] == 5
+
+
+def test_compression_cuts_bits_and_keeps_accuracy() -> None:
+    clients, test = _digits_clients()
+    results = {}
+    for bits in (None, 8):
+        codec = UniformQuantizer(bits=bits, min_size=100) if bits else None
+        process = _process(aggregator=fastfed.mean(compression=codec), broadcast_compression=codec)
+        state = process.initialize()
+        for _ in range(5):
+            state, metrics = process.next(state, clients)
+        results[bits] = (fastfed.evaluate(process.model_fn, state.weights, [test])["accuracy"], metrics)
+    raw, compressed = results[None][1], results[8][1]
+    assert compressed["aggregate_bits"] < raw["aggregate_bits"] / 3
+    assert compressed["broadcast_bits"] < raw["broadcast_bits"] / 3
+    assert raw["broadcast_bits"] == 5 * 8 * len(fastfed.compression.encode(_process().initialize().weights))
+    assert abs(results[8][0] - results[None][0]) <= 0.03
+
+
+def test_non_finite_update_is_rejected_and_counted() -> None:
+    clients, _ = _digits_clients(3)
+    poisoned = (np.full_like(clients[0][0], np.nan), clients[0][1])
+    process = _process()
+    state = process.initialize()
+    new_state, metrics = process.next(state, [poisoned, *clients[1:]])
+    assert metrics["update_non_finite"] == 1
+    assert all(np.isfinite(w).all() for w in new_state.weights)
+    assert state.round == 0  # the input state is untouched
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [optimizers.SGD(1.0, momentum=0.9), optimizers.Adam(0.01), optimizers.Yogi(0.01), optimizers.Adagrad(0.05)],
+)
+def test_server_optimizers_move_weights_along_the_delta(optimizer: optimizers.ServerOptimizer) -> None:
+    weights = [np.zeros(3, np.float32), np.array([5], np.int64)]
+    delta = [np.array([1.0, -1.0, 0.0], np.float32), np.array([2], np.int64)]
+    state = optimizer.init(weights)
+    new, state = optimizer.apply(weights, delta, state)
+    assert new[0].dtype == np.float32 and new[1].dtype == np.int64
+    assert new[0][0] > 0 > new[0][1] and new[0][2] == 0
+    again, _ = optimizer.apply(new, delta, state)
+    assert again[0][0] > new[0][0]
+
+
+def test_partitioners_and_mnist_loader() -> None:
+    x = np.arange(100, dtype=np.float32).reshape(100, 1)
+    y = np.repeat(np.arange(10), 10)
+    by_label = data.partition_by_label(x, y, per_client=4)
+    assert len(by_label) == 10 and all(
+        set(by_label[c][1]) == {int(c)} and len(by_label[c][1]) == 4 for c in by_label.client_ids
+    )
+    iid = data.partition_iid(x, y, 7, seed=1)
+    assert sum(len(c[0]) for c in iid.all()) == 100
+    skewed = data.partition_dirichlet(x, y, 5, alpha=0.1, seed=1)
+    assert sorted(np.concatenate([c[0][:, 0] for c in skewed.all()]).tolist()) == x[:, 0].tolist()
+    assert [len(c[0]) for c in iid.sample(3, np.random.default_rng(0))] == [
+        len(c[0]) for c in iid.sample(3, np.random.default_rng(0))
+    ]
+    if MNIST.exists():
+        images, labels = data.load_mnist_idx(MNIST)
+        assert images.shape == (10_000, 28, 28) and images.max() == 1.0 and labels[:3].tolist() == [7, 2, 1]
+
+
+def test_cli_train_writes_logs_and_plot(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "fastfed.cli",
+        "train",
+        "--rounds",
+        "3",
+        "--output-dir",
+        str(run),
+        "--no-progress",
+        "--bits",
+        "8",
+    ]
+    completed = subprocess.run(command, capture_output=True, text=True, check=False, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "held-out evaluation: accuracy" in completed.stdout
+    with open(run / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["round"] for row in rows] == ["1.0", "2.0", "3.0"]
+    assert {"train_accuracy", "aggregate_bits", "broadcast_bits", "eval_accuracy", "round_seconds"} <= set(rows[0])
+    assert any((run / "tensorboard").iterdir())
+    plotted = subprocess.run(
+        [sys.executable, "-m", "fastfed.cli", "plot", str(run)], capture_output=True, text=True, check=False
+    )
+    assert plotted.returncode == 0, plotted.stderr[-2000:]
+    assert (run / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
