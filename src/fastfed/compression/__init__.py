@@ -9,6 +9,6 @@ from __future__ import annotations
 
 from ..errors import DecodeError
 from .quantizer import UniformQuantizer
-from .wire import decode, encode, parse, size_bits
+from .wire import decode, encode, parse, raw_size_bits, size_bits
 
-__all__ = ["DecodeError", "UniformQuantizer", "decode", "encode", "parse", "size_bits"]
+__all__ = ["DecodeError", "UniformQuantizer", "decode", "encode", "parse", "raw_size_bits", "size_bits"]

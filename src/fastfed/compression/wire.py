@@ -26,7 +26,7 @@ from .quantizer import (
     tensor_seed,
 )
 
-__all__ = ["Entry", "decode", "encode", "parse", "size_bits"]
+__all__ = ["Entry", "decode", "encode", "parse", "raw_size_bits", "size_bits"]
 
 MAGIC = b"FFUP"
 VERSION = 1
@@ -266,6 +266,13 @@ def parse(payload: bytes | bytearray | memoryview) -> list[Entry]:
 def decode(payload: bytes | bytearray | memoryview) -> list[np.ndarray]:
     """Decodes a payload from :func:`encode` into the list of arrays (shapes and dtypes restored)."""
     return [entry.decode() for entry in parse(payload)]
+
+
+def raw_size_bits(update: Sequence[Any]) -> int:
+    """``size_bits(encode(update))`` for an uncompressed update, computed without encoding it."""
+    arrays = [np.asarray(layer) for layer in update]
+    table = sum(ENTRY.size + 8 * array.ndim + ENTRY_TAIL.size for array in arrays)
+    return 8 * (HEADER.size + table + sum(array.nbytes for array in arrays) + CHECKSUM.size)
 
 
 def size_bits(payload: bytes | bytearray | memoryview) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..aggregation import Accumulator
-from ..compression import UniformQuantizer, decode, encode, size_bits
+from ..compression import UniformQuantizer, decode, encode, raw_size_bits, size_bits
 from .client import ClientTrainer
 from .optimizers import SGD, ServerOptimizer
 
@@ -128,10 +128,10 @@ class FedAvg:
         if self.broadcast_compression is not None:
             broadcast = encode(state.weights, self.broadcast_compression, seed=round_seed)
             client_start = decode(broadcast)
+            broadcast_bits = size_bits(broadcast) * len(clients)
         else:
-            broadcast = encode(state.weights)  # only to count the exact bits of an uncompressed broadcast
             client_start = state.weights
-        broadcast_bits = size_bits(broadcast) * len(clients)
+            broadcast_bits = raw_size_bits(state.weights) * len(clients)
 
         accumulator = Accumulator()
         trainer = self.trainer
@@ -153,11 +153,13 @@ class FedAvg:
             if not all(np.isfinite(d).all() for d in delta):
                 non_finite += 1  # rejected, as TFF's update_non_finite counts
                 continue
-            payload = encode(delta, upload_codec, seed=int(rng.integers(2**63)))
-            aggregate_bits += size_bits(payload)
+            upload_seed = int(rng.integers(2**63))  # drawn either way, so compression leaves shuffling unchanged
             if upload_codec is not None:
+                payload = encode(delta, upload_codec, seed=upload_seed)
+                aggregate_bits += size_bits(payload)
                 accumulator.add_encoded(payload, weight)
             else:
+                aggregate_bits += raw_size_bits(delta)
                 accumulator.add(delta, weight)
 
         if accumulator.count:
