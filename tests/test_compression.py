@@ -122,17 +122,52 @@ def test_cnn_update_sizes(bits: int, min_size: int, limit: float) -> None:
     assert len(payload) - data_bytes < 1024  # container overhead: headers, table, checksum
 
 
-def test_fused_add_encoded_equals_decode_then_add() -> None:
+def test_streaming_add_encoded_equals_decode_then_add() -> None:
     updates = [_cnn_update(seed) for seed in range(4)]
-    codec = UniformQuantizer(bits=6, min_size=1000)
-    payloads = [encode(update, codec, seed=seed) for seed, update in enumerate(updates)]
-    fused = fastfed.weighted_mean_encoded(payloads, [1, 2, 3, 4])
-    reference = fastfed.weighted_mean([decode(p) for p in payloads], [1, 2, 3, 4])
-    for a, b in zip(fused, reference):
-        np.testing.assert_array_equal(a, b)
-    rotated = [encode(u, UniformQuantizer(bits=4, rotate=True, min_size=1000), seed=1) for u in updates]
-    for a, b in zip(fastfed.weighted_mean_encoded(rotated), fastfed.weighted_mean([decode(p) for p in rotated])):
-        np.testing.assert_array_equal(a, b)
+    for codec in (UniformQuantizer(bits=6, min_size=1000), UniformQuantizer(bits=4, rotate=True, min_size=1000)):
+        payloads = [encode(update, codec, seed=seed) for seed, update in enumerate(updates)]
+        accumulator = fastfed.Accumulator()
+        for payload, weight in zip(payloads, [1, 2, 3, 4]):
+            accumulator.add_encoded(payload, weight)
+        reference = fastfed.weighted_mean([decode(p) for p in payloads], [1, 2, 3, 4])
+        for streamed, expected in zip(accumulator.result(), reference):
+            np.testing.assert_array_equal(streamed, expected)
+
+
+@pytest.mark.parametrize("bits", [1, 3, 8, 16])
+def test_batched_mean_matches_decoded_mean_to_float32_rounding(bits: int) -> None:
+    updates = [_cnn_update(seed) for seed in range(11)]
+    weights = np.arange(1.0, 12.0)
+    payloads = [encode(u, UniformQuantizer(bits=bits, min_size=1000), seed=s) for s, u in enumerate(updates)]
+    batched = fastfed.weighted_mean_encoded(payloads, weights)
+    reference = fastfed.weighted_mean([decode(p) for p in payloads], weights)
+    for j, (fast, exact) in enumerate(zip(batched, reference)):
+        value_range = max(float(u[j].max() - u[j].min()) for u in updates)
+        assert fast.dtype == exact.dtype and fast.shape == exact.shape
+        np.testing.assert_allclose(fast, exact, rtol=0, atol=1e-6 * value_range + 1e-8)
+
+
+def test_batched_mean_is_identical_on_every_backend() -> None:
+    updates = [_cnn_update(seed) for seed in range(10)]
+    payloads = [encode(u, UniformQuantizer(bits=5, min_size=1000), seed=s) for s, u in enumerate(updates)]
+    payloads[3] = encode(updates[3], UniformQuantizer(bits=5, rotate=True, min_size=1000), seed=3)  # a mixed layer
+    results = []
+    for name in fastfed.available_backends():
+        with fastfed.use_backend(name):
+            results.append(fastfed.weighted_mean_encoded(payloads, np.arange(1, 11)))
+    for result in results[1:]:
+        for a, b in zip(result, results[0]):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_batched_mean_validates_every_payload_first() -> None:
+    good = encode([np.ones(4, np.float32)])
+    with pytest.raises(DecodeError, match="client 2: invalid fastfed payload: checksum"):
+        fastfed.weighted_mean_encoded([good, good, good[:-1] + bytes([good[-1] ^ 1])])
+    with pytest.raises(ValueError, match=r"client 1, layer 0: shape \(5,\)"):
+        fastfed.weighted_mean_encoded([good, encode([np.ones(5, np.float32)])])
+    with pytest.raises(ValueError, match="weights sum to zero"):
+        fastfed.weighted_mean_encoded([good], [0.0])
 
 
 def test_add_encoded_names_the_client_and_keeps_state() -> None:

@@ -85,3 +85,25 @@ def test_kernel_boundary_rejects_bad_arguments(backend: str) -> None:
         kernel.rotate(x, 3, 0, np.empty(12))
     with pytest.raises(ValueError, match="int32|float32 or float64|unsupported"):
         kernel.min_max(np.ones(4, np.int32))
+
+
+@pytest.mark.parametrize("bits", [1, 3, 8, 16])
+@pytest.mark.parametrize("clients", [1, 8, 19])
+@pytest.mark.parametrize("out_dtype", [np.float32, np.float64])
+def test_weighted_sum_quantized_matches_reference(backend: str, bits: int, clients: int, out_dtype: type) -> None:
+    rng = np.random.default_rng(bits * 100 + clients)
+    n = 20_001
+    packed = [rng.integers(0, 256, (n * bits + 7) // 8, dtype=np.uint8) for _ in range(clients)]
+    scales = rng.uniform(-1, 1, clients).astype(np.float32)
+    expected, actual = np.empty(n, out_dtype), np.empty(n, out_dtype)
+    _reference().weighted_sum_quantized(packed, bits, scales, 0.25, 3.0, expected)
+    _require(backend).quantize.weighted_sum_quantized(packed, bits, scales, 0.25, 3.0, actual)
+    np.testing.assert_array_equal(actual, expected)
+    # The reference is the float64 weighted sum of the unpacked levels, up to float32 block rounding.
+    exact = np.zeros(n)
+    for data, scale in zip(packed, scales):
+        unpacked = np.empty(n)
+        _reference().unpack_dequantize(data, bits, 0.0, 1.0, unpacked)
+        exact += float(scale) * unpacked
+    bound = 1e-6 * (2**bits) * clients
+    np.testing.assert_allclose(expected, ((exact + 0.25) / 3.0).astype(out_dtype), rtol=0, atol=bound)

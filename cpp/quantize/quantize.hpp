@@ -21,6 +21,13 @@
 
 #include "../common/parallel.hpp"
 
+// uint8_t may alias anything, so loops over packed bytes vectorize only with this promise.
+#if defined(__GNUC__) || defined(_MSC_VER)
+#define FASTFED_RESTRICT __restrict
+#else
+#define FASTFED_RESTRICT
+#endif
+
 namespace fastfed::quantize {
 
 // splitmix64's output function (Steele et al. 2014): a bijective 64-bit mixer.
@@ -100,8 +107,10 @@ void quantize_pack(const Source* x, std::size_t n, unsigned bits, bool stochasti
     parallel_for(n_groups, 4096, 8, [&](std::size_t first_group, std::size_t end_group) {
         const std::size_t begin = first_group * 8, end = std::min(n, end_group * 8);
         if (bits == 8) {
+            const Source* FASTFED_RESTRICT source = x;
+            std::uint8_t* FASTFED_RESTRICT levels_out = out;
             for (std::size_t i = begin; i < end; ++i)
-                out[i] = static_cast<std::uint8_t>(quantize_value(x[i], i, offset, scale, levels, stochastic, key));
+                levels_out[i] = static_cast<std::uint8_t>(quantize_value(source[i], i, offset, scale, levels, stochastic, key));
             return;
         }
         std::uint8_t* byte = out + first_group * bits;
@@ -143,9 +152,15 @@ void unpack_range(const std::uint8_t* packed, std::size_t begin, std::size_t end
 }
 
 template <class Output>
-void unpack_dequantize(const std::uint8_t* packed, std::size_t n, unsigned bits, double offset, double step, Output* out) {
+void unpack_dequantize(const std::uint8_t* FASTFED_RESTRICT packed, std::size_t n, unsigned bits, double offset, double step,
+                       Output* FASTFED_RESTRICT out) {
     const std::size_t n_groups = (n + 7) / 8;
     parallel_for(n_groups, 4096, 8, [&](std::size_t first_group, std::size_t end_group) {
+        if (bits == 8) {
+            for (std::size_t i = first_group * 8; i < std::min(n, end_group * 8); ++i)
+                out[i] = static_cast<Output>(offset + static_cast<double>(packed[i]) * step);
+            return;
+        }
         unpack_range(packed, first_group * 8, std::min(n, end_group * 8), bits, [&](std::size_t i, std::uint32_t q) {
             out[i] = static_cast<Output>(offset + static_cast<double>(q) * step);
         });
@@ -162,6 +177,75 @@ inline void unpack_dequantize_accumulate(const std::uint8_t* packed, std::size_t
             const float decoded = static_cast<float>(offset + static_cast<double>(q) * step);
             acc[i] += weight * static_cast<double>(decoded);
         });
+    });
+}
+
+// out[i] = (sum over clients of scales[k] * q_k[i] + offset) / divisor, for K packed tensors of one
+// bit width: the batched path of fastfed.weighted_mean_encoded.
+//
+// With x = min + step * q, a weighted mean is (sum_k w_k min_k + sum_k (w_k step_k) q_k) / W; the
+// caller passes offset = sum_k w_k min_k and scales = w_k step_k, and the level sums are computed
+// here reading each packed byte once. Parameters are tiled as in cpp/aggregate, with the float64
+// accumulator tile in cache. Within a tile, blocks of eight clients are summed in float32 (scale_k
+// * q_k added in client order, starting from zero) and each block sum is added to the tile. The
+// float32 part carries only values relative to each tensor's range, so its rounding stays orders
+// of magnitude below the quantization step.
+inline constexpr std::size_t kTile = 8192;  // a multiple of 8, so every tile starts on a byte
+inline constexpr std::size_t kClientBlock = 8;
+
+template <class Output>
+void weighted_sum_quantized(const std::vector<const std::uint8_t*>& packed, unsigned bits, const float* scales, double offset,
+                            double divisor, Output* out, std::size_t n) {
+    const std::size_t n_clients = packed.size();
+    const std::size_t n_tiles = (n + kTile - 1) / kTile;
+    parallel_for(n_tiles, 1, n_clients * kTile / 4, [&](std::size_t first_tile, std::size_t end_tile) {
+        std::vector<double> acc_storage(kTile);
+        std::vector<float> block_storage(kTile);
+        double* FASTFED_RESTRICT acc = acc_storage.data();
+        float* FASTFED_RESTRICT block_sum = block_storage.data();
+        for (std::size_t tile = first_tile; tile < end_tile; ++tile) {
+            const std::size_t begin = tile * kTile;
+            const std::size_t length = std::min(kTile, n - begin);
+            for (std::size_t i = 0; i < length; ++i) acc[i] = 0.0;
+            for (std::size_t first = 0; first < n_clients; first += kClientBlock) {
+                if (bits == 8 && first + kClientBlock <= n_clients) {
+                    // A full block of 8-bit clients: the block sum stays in a register.
+                    const std::uint8_t* FASTFED_RESTRICT q[kClientBlock];
+                    float scale[kClientBlock];
+                    for (std::size_t j = 0; j < kClientBlock; ++j) {
+                        q[j] = packed[first + j] + begin;
+                        scale[j] = scales[first + j];
+                    }
+                    for (std::size_t i = 0; i < length; ++i) {
+                        float sum = 0.0f;
+                        sum += scale[0] * static_cast<float>(q[0][i]);
+                        sum += scale[1] * static_cast<float>(q[1][i]);
+                        sum += scale[2] * static_cast<float>(q[2][i]);
+                        sum += scale[3] * static_cast<float>(q[3][i]);
+                        sum += scale[4] * static_cast<float>(q[4][i]);
+                        sum += scale[5] * static_cast<float>(q[5][i]);
+                        sum += scale[6] * static_cast<float>(q[6][i]);
+                        sum += scale[7] * static_cast<float>(q[7][i]);
+                        acc[i] += static_cast<double>(sum);
+                    }
+                    continue;
+                }
+                for (std::size_t i = 0; i < length; ++i) block_sum[i] = 0.0f;
+                for (std::size_t k = first; k < std::min(n_clients, first + kClientBlock); ++k) {
+                    const float scale = scales[k];
+                    if (bits == 8) {
+                        const std::uint8_t* FASTFED_RESTRICT q = packed[k] + begin;
+                        for (std::size_t i = 0; i < length; ++i) block_sum[i] += scale * static_cast<float>(q[i]);
+                    } else {
+                        unpack_range(packed[k], begin, begin + length, bits, [&](std::size_t i, std::uint32_t level) {
+                            block_sum[i - begin] += scale * static_cast<float>(level);
+                        });
+                    }
+                }
+                for (std::size_t i = 0; i < length; ++i) acc[i] += static_cast<double>(block_sum[i]);
+            }
+            for (std::size_t i = 0; i < length; ++i) out[begin + i] = static_cast<Output>((acc[i] + offset) / divisor);
+        }
     });
 }
 

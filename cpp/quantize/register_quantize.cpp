@@ -96,6 +96,37 @@ void unpack_dequantize_accumulate(const packed_array& packed, unsigned bits, dou
     quantize::unpack_dequantize_accumulate(packed_data, n, bits, offset, step, weight, acc_data);
 }
 
+void weighted_sum_quantized(const py::list& packed, unsigned bits, const py::array_t<float, py::array::c_style>& scales, double offset,
+                            double divisor, py::array& out) {
+    require_bits(bits);
+    require_flat_contiguous(out, "out");
+    if (!out.writeable()) throw std::invalid_argument("out: array is read-only");
+    const std::size_t n_clients = py::len(packed);
+    if (n_clients == 0) throw std::invalid_argument("packed: expected at least one array");
+    if (scales.ndim() != 1 || static_cast<std::size_t>(scales.shape(0)) != n_clients)
+        throw std::invalid_argument("scales: expected shape (" + std::to_string(n_clients) + ",)");
+    const auto n = static_cast<std::size_t>(out.shape(0));
+    std::vector<packed_array> arrays;
+    arrays.reserve(n_clients);
+    std::vector<const std::uint8_t*> pointers;
+    pointers.reserve(n_clients);
+    for (std::size_t k = 0; k < n_clients; ++k) {
+        auto object = py::reinterpret_borrow<py::object>(packed[k]);
+        if (!py::isinstance<packed_array>(object)) throw std::invalid_argument("packed[" + std::to_string(k) + "]: expected a uint8 array");
+        arrays.push_back(py::reinterpret_borrow<packed_array>(object));
+        require_packed_size(arrays.back(), n, bits);
+        pointers.push_back(arrays.back().data());
+    }
+    const float* scale_data = scales.data();
+    dispatch_float(out, "out", [&](auto tag) {
+        using Output = decltype(tag);
+        auto* out_data = static_cast<Output*>(out.mutable_data());
+        // Safe: raw pointers only; `arrays` and the caller keep every buffer alive until return.
+        const py::gil_scoped_release release;
+        quantize::weighted_sum_quantized(pointers, bits, scale_data, offset, divisor, out_data, n);
+    });
+}
+
 void require_rotation_shape(std::size_t n, std::size_t chunk, std::size_t padded) {
     if (chunk == 0 || (chunk & (chunk - 1)) != 0) throw std::invalid_argument("chunk: expected a power of two, got " + std::to_string(chunk));
     if (padded % chunk != 0 || padded < n || padded - n >= chunk)
@@ -147,6 +178,9 @@ void register_quantize(py::module_& m) {
           "out = offset + unpack(packed) * step.");
     m.def("unpack_dequantize_accumulate", &unpack_dequantize_accumulate, py::arg("packed"), py::arg("bits"), py::arg("offset"),
           py::arg("step"), py::arg("weight"), py::arg("acc"), "acc += weight * float32(offset + unpack(packed) * step).");
+    m.def("weighted_sum_quantized", &weighted_sum_quantized, py::arg("packed"), py::arg("bits"), py::arg("scales"), py::arg("offset"),
+          py::arg("divisor"), py::arg("out"),
+          "out = (sum_k scales[k] * unpack(packed[k]) + offset) / divisor: float32 blocks of eight clients, float64 tiles.");
     m.def("rotate", &rotate, py::arg("x"), py::arg("chunk"), py::arg("key"), py::arg("out"),
           "out = blockwise H D pad(x): randomized Walsh-Hadamard rotation.");
     m.def("unrotate", &unrotate, py::arg("y"), py::arg("chunk"), py::arg("key"), py::arg("out"),

@@ -36,6 +36,13 @@ class _Quantize(ModuleType):
         weight: float,
         acc: npt.NDArray[np.float64],
     ) -> None: ...
+    def accumulate_quantized(
+        self,
+        packed: list[npt.NDArray[np.uint8]],
+        bits: int,
+        scales: npt.NDArray[np.float32],
+        acc: npt.NDArray[np.float64],
+    ) -> None: ...
     def rotate(self, x: np.ndarray, chunk: int, key: int, out: npt.NDArray[np.float64]) -> None: ...
     def unrotate(self, y: npt.NDArray[np.float64], chunk: int, key: int, out: np.ndarray) -> None: ...
 

@@ -9,14 +9,16 @@ their dtype; integer layers (step counters, batch-norm counts) are rounded to th
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
 from ._backend import kernels
 from .compression.quantizer import dequantization_step
-from .compression.wire import CODEC_RAW, parse
+from .compression.wire import CODEC_RAW, CODEC_UNIFORM, Entry, parse
 from .errors import DecodeError
 
 __all__ = ["Accumulator", "LayerSpec", "weighted_mean", "weighted_mean_encoded", "weighted_sum"]
@@ -108,6 +110,17 @@ def _check_update(
         specs.append(LayerSpec(tuple(original.shape), values.dtype.newbyteorder("=")))
     _match_specs(specs, expected, client)
     return flat, specs
+
+
+def _accumulate_entry(acc: np.ndarray, entry: Entry, weight: float) -> None:
+    """``acc += weight * decode(entry)`` with the values decode() gives (float32 for quantized tensors)."""
+    if entry.codec == CODEC_RAW:
+        kernels().aggregate.accumulate(acc, entry.raw_values(), weight)
+    elif entry.block == 0:
+        step = dequantization_step(entry.bits, entry.minimum, entry.maximum)
+        kernels().quantize.unpack_dequantize_accumulate(entry.data, entry.bits, entry.minimum, step, weight, acc)
+    else:  # a rotation mixes whole blocks, so rotated tensors are decoded first
+        kernels().aggregate.accumulate(acc, entry.decode().astype(np.float32, copy=False).reshape(-1), weight)
 
 
 def _finish(values: np.ndarray, spec: LayerSpec) -> np.ndarray:
@@ -245,15 +258,8 @@ class Accumulator:
         if self._specs is None:
             self._start(specs)
         if weight > 0.0:
-            aggregate, quantize = kernels().aggregate, kernels().quantize
             for acc, entry in zip(self._sums, entries):
-                if entry.codec == CODEC_RAW:
-                    aggregate.accumulate(acc, entry.raw_values(), weight)
-                elif entry.block == 0:
-                    step = dequantization_step(entry.bits, entry.minimum, entry.maximum)
-                    quantize.unpack_dequantize_accumulate(entry.data, entry.bits, entry.minimum, step, weight, acc)
-                else:  # a rotation mixes whole blocks, so rotated tensors are decoded first
-                    aggregate.accumulate(acc, entry.decode().astype(np.float32, copy=False).reshape(-1), weight)
+                _accumulate_entry(acc, entry, weight)
         self.count += 1
         self._weights.append(weight)
 
@@ -321,10 +327,46 @@ class Accumulator:
         self.count = 0
 
 
+def _parse_client(payload: bytes | bytearray | memoryview, client: int) -> list[Entry]:
+    try:
+        return parse(payload)
+    except DecodeError as error:
+        raise DecodeError(f"client {client}: {error}") from None
+
+
+def _mean_of_column(column: list[Entry], weights: np.ndarray, total: float, spec: LayerSpec) -> np.ndarray:
+    """The weighted mean of one layer over clients' entries, by the fastest exact route."""
+    first = column[0]
+    if all(entry.codec == CODEC_RAW for entry in column):
+        out = _kernel_output(spec, as_sum=False)
+        kernels().aggregate.weighted_sum_layer([entry.raw_values() for entry in column], weights, total, out)
+        return _finish(out, spec)
+    if all(e.codec == CODEC_UNIFORM and e.block == 0 and e.bits == first.bits for e in column):
+        # x = min + step * q: the offsets add up once, the levels stream through the tiled kernel.
+        scales = np.array(
+            [w * dequantization_step(e.bits, e.minimum, e.maximum) for w, e in zip(weights, column)], dtype=np.float32
+        )
+        offset = math.fsum(w * e.minimum for w, e in zip(weights, column))
+        out = _kernel_output(spec, as_sum=False)
+        kernels().quantize.weighted_sum_quantized([e.data for e in column], first.bits, scales, offset, total, out)
+        return _finish(out, spec)
+    acc = np.zeros(spec.size, dtype=np.float64)  # mixed codecs or rotated tensors: one client at a time
+    for entry, weight in zip(column, weights):
+        _accumulate_entry(acc, entry, float(weight))
+    return _finish(acc / total, spec)
+
+
 def weighted_mean_encoded(
     payloads: Sequence[bytes | bytearray | memoryview], weights: Sequence[float] | np.ndarray | None = None
 ) -> list[np.ndarray]:
-    """The weighted mean of K encoded updates, dequantized and accumulated in one fused pass each."""
+    """The weighted mean of K encoded updates, reading each payload once.
+
+    Every payload is validated (structure and checksum) before any is aggregated. Quantized layers of
+    one bit width are summed by a tiled kernel as ``sum_k w_k min_k + sum_k (w_k step_k) q_k``, with
+    the level sums in float32 blocks of eight clients: the result equals decoding and averaging to
+    within ~1e-6 of each tensor's range (far below the quantization step), and is bit-identical on
+    every backend. :meth:`Accumulator.add_encoded` is the streaming alternative.
+    """
     if isinstance(payloads, (bytes, bytearray, memoryview)) or not isinstance(payloads, Sequence):
         raise TypeError("payloads: expected a sequence of encoded updates")
     if len(payloads) == 0:
@@ -332,7 +374,18 @@ def weighted_mean_encoded(
     weight_list = [1.0] * len(payloads) if weights is None else list(np.asarray(weights, dtype=object).reshape(-1))
     if len(weight_list) != len(payloads):
         raise ValueError(f"got {len(payloads)} encoded updates but {len(weight_list)} weights")
-    accumulator = Accumulator()
-    for payload, weight in zip(payloads, weight_list):
-        accumulator.add_encoded(payload, weight)
-    return accumulator.result()
+    weight_values = [_check_weight(w, k) for k, w in enumerate(weight_list)]
+    total = math.fsum(weight_values)
+    if total == 0.0:
+        raise ValueError("the weights sum to zero; at least one client needs a positive weight")
+    # Checksums release the GIL, so payloads are verified on all cores.
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        parsed = list(pool.map(_parse_client, payloads, range(len(payloads))))
+    specs = [LayerSpec(entry.shape, entry.dtype) for entry in parsed[0]]
+    for client, entries in enumerate(parsed):
+        _match_specs([LayerSpec(entry.shape, entry.dtype) for entry in entries], specs, client)
+    active = [k for k, w in enumerate(weight_values) if w > 0.0]
+    active_weights = np.array([weight_values[k] for k in active], dtype=np.float64)
+    return [
+        _mean_of_column([parsed[k][j] for k in active], active_weights, total, spec) for j, spec in enumerate(specs)
+    ]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import os
 import struct
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +35,11 @@ FLAG_STOCHASTIC = 1
 FLAG_ROTATED = 2
 MAX_RANK = 32
 MAX_ELEMENTS = 1 << 40  # far above any model tensor, far below integer overflow anywhere
+
+try:  # zlib-ng computes the same CRC-32 over an order of magnitude faster (fastfed[fast])
+    from zlib_ng.zlib_ng import crc32
+except ImportError:  # pragma: no cover - exercised where zlib-ng is not installed
+    from zlib import crc32
 
 HEADER = struct.Struct("<4sHHIQ")  # magic, version, flags, tensor count, total length
 ENTRY = struct.Struct("<BBBBB3x")  # codec, bits, flags, dtype code, rank
@@ -136,7 +140,7 @@ def encode(update: Sequence[Any], codec: UniformQuantizer | None = None, *, seed
     )
     header = HEADER.pack(MAGIC, VERSION, 0, len(table), body_length + CHECKSUM.size)
     body = b"".join([header, *table, *(p if isinstance(p, bytes) else p.data for p in payloads)])
-    return body + CHECKSUM.pack(zlib.crc32(body))
+    return body + CHECKSUM.pack(crc32(body))
 
 
 def _fail(message: str) -> DecodeError:
@@ -161,7 +165,7 @@ def parse(payload: bytes | bytearray | memoryview) -> list[Entry]:
     if total != size:
         raise _fail(f"header says {total} bytes but {size} were given (truncated or extended)")
     (stored_crc,) = CHECKSUM.unpack_from(buffer, size - CHECKSUM.size)
-    if zlib.crc32(buffer[: size - CHECKSUM.size]) != stored_crc:
+    if crc32(buffer[: size - CHECKSUM.size]) != stored_crc:
         raise _fail("checksum mismatch (corrupted in transit?)")
     body_end = size - CHECKSUM.size
     # Table first, so every length is known and checked before any payload is interpreted.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 from numba import prange
+from numba.typed import List
 
 from . import quantize_numpy as reference
 from ._checks import require_bits, require_flat, require_float, require_packed, require_rotation_shape
@@ -94,6 +95,75 @@ def _unpack_dequantize_accumulate(packed, bits, offset, step, weight, acc):  # t
         _unpack_block(packed, block, n, bits, offset, step, acc, weight, acc, True)
 
 
+_TILE = 8192  # parameters per tile, a multiple of 8 so that every tile starts on a byte
+_CLIENT_BLOCK = 8
+
+
+@numba.njit(parallel=True, cache=True)
+def _weighted_sum_quantized(packed, bits, scales, offset, divisor, out):  # type: ignore[no-untyped-def]
+    n = out.shape[0]
+    n_clients = len(packed)
+    mask = (np.uint64(1) << np.uint64(bits)) - _ONE
+    for tile in prange((n + _TILE - 1) // _TILE):
+        begin = tile * _TILE
+        end = min(n, begin + _TILE)
+        block_sum = np.zeros(end - begin, dtype=np.float32)
+        acc = np.zeros(end - begin, dtype=np.float64)
+        for first in range(0, n_clients, _CLIENT_BLOCK):
+            if bits == 8 and first + _CLIENT_BLOCK <= n_clients:
+                # A full block of 8-bit clients: the block sum stays in a register (as in cpp/quantize).
+                q0, q1, q2, q3 = (
+                    packed[first][begin:end],
+                    packed[first + 1][begin:end],
+                    packed[first + 2][begin:end],
+                    packed[first + 3][begin:end],
+                )
+                q4, q5, q6, q7 = (
+                    packed[first + 4][begin:end],
+                    packed[first + 5][begin:end],
+                    packed[first + 6][begin:end],
+                    packed[first + 7][begin:end],
+                )
+                s0, s1, s2, s3 = scales[first], scales[first + 1], scales[first + 2], scales[first + 3]
+                s4, s5, s6, s7 = scales[first + 4], scales[first + 5], scales[first + 6], scales[first + 7]
+                for i in range(end - begin):
+                    total = np.float32(0.0)
+                    total += s0 * np.float32(q0[i])
+                    total += s1 * np.float32(q1[i])
+                    total += s2 * np.float32(q2[i])
+                    total += s3 * np.float32(q3[i])
+                    total += s4 * np.float32(q4[i])
+                    total += s5 * np.float32(q5[i])
+                    total += s6 * np.float32(q6[i])
+                    total += s7 * np.float32(q7[i])
+                    acc[i] += np.float64(total)
+                continue
+            block_sum[:] = 0.0
+            for k in range(first, min(n_clients, first + _CLIENT_BLOCK)):
+                scale = scales[k]
+                data = packed[k]
+                if bits == 8:
+                    levels = data[begin:end]
+                    for i in range(end - begin):
+                        block_sum[i] += scale * np.float32(levels[i])
+                else:
+                    byte = (begin // 8) * bits
+                    buffer = np.uint64(0)
+                    filled = 0
+                    for i in range(end - begin):
+                        while filled < bits:
+                            buffer |= np.uint64(data[byte]) << np.uint64(filled)
+                            byte += 1
+                            filled += 8
+                        block_sum[i] += scale * np.float32(buffer & mask)
+                        buffer >>= np.uint64(bits)
+                        filled -= bits
+            for i in range(end - begin):
+                acc[i] += np.float64(block_sum[i])
+        for i in range(end - begin):
+            out[begin + i] = (acc[i] + offset) / divisor
+
+
 @numba.njit(inline="always")
 def _hadamard_block(y):  # type: ignore[no-untyped-def]
     length = y.shape[0]
@@ -170,6 +240,22 @@ def unpack_dequantize_accumulate(
     require_flat(acc, "acc")
     require_packed(packed, acc.shape[0], bits, "packed")
     _unpack_dequantize_accumulate(packed, bits, float(offset), float(step), float(weight), acc)
+
+
+def weighted_sum_quantized(
+    packed: list[np.ndarray], bits: int, scales: np.ndarray, offset: float, divisor: float, out: np.ndarray
+) -> None:
+    """``out = (sum_k scales[k] * unpack(packed[k]) + offset) / divisor``; see the NumPy reference."""
+    require_bits(bits)
+    require_float(out, "out")
+    if len(packed) == 0:
+        raise ValueError("packed: expected at least one array")
+    scales = np.ascontiguousarray(scales, dtype=np.float32)
+    if scales.shape != (len(packed),):
+        raise ValueError(f"scales: expected shape ({len(packed)},)")
+    for k, data in enumerate(packed):
+        require_packed(data, out.shape[0], bits, f"packed[{k}]")
+    _weighted_sum_quantized(List(packed), bits, scales, float(offset), float(divisor), out)
 
 
 def rotate(x: np.ndarray, chunk: int, key: int, out: np.ndarray) -> None:

@@ -29,6 +29,7 @@ __all__ = [
     "unpack_dequantize",
     "unpack_dequantize_accumulate",
     "unrotate",
+    "weighted_sum_quantized",
 ]
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -112,6 +113,36 @@ def unpack_dequantize_accumulate(
     require_packed(packed, acc.shape[0], bits, "packed")
     decoded = (offset + unpack(packed, acc.shape[0], bits).astype(np.float64) * step).astype(np.float32)
     acc += weight * decoded.astype(np.float64)
+
+
+CLIENT_BLOCK = 8
+
+
+def weighted_sum_quantized(
+    packed: list[np.ndarray], bits: int, scales: np.ndarray, offset: float, divisor: float, out: np.ndarray
+) -> None:
+    """``out = (sum_k scales[k] * unpack(packed[k]) + offset) / divisor``.
+
+    The level sums run in float32 over blocks of eight clients, in client order, each block sum
+    added to a float64 accumulator that starts at zero; ``offset`` is added last.
+    """
+    require_bits(bits)
+    require_float(out, "out")
+    if len(packed) == 0:
+        raise ValueError("packed: expected at least one array")
+    scales = np.ascontiguousarray(scales, dtype=np.float32)
+    if scales.shape != (len(packed),):
+        raise ValueError(f"scales: expected shape ({len(packed)},)")
+    n = out.shape[0]
+    for k, data in enumerate(packed):
+        require_packed(data, n, bits, f"packed[{k}]")
+    acc = np.zeros(n, dtype=np.float64)
+    for first in range(0, len(packed), CLIENT_BLOCK):
+        block_sum = np.zeros(n, dtype=np.float32)
+        for k in range(first, min(len(packed), first + CLIENT_BLOCK)):
+            block_sum += scales[k] * unpack(packed[k], n, bits).astype(np.float32)
+        acc += block_sum.astype(np.float64)
+    out[:] = (acc + offset) / divisor
 
 
 def hadamard(blocks: np.ndarray) -> np.ndarray:
