@@ -17,7 +17,12 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "../common/parallel.hpp"
 
@@ -54,6 +59,57 @@ struct min_max_result {
     bool finite;
 };
 
+// Lowest, highest and whether a NaN was seen in x[begin, end), a non-empty range.
+template <class Source>
+void min_max_range(const Source* x, std::size_t begin, std::size_t end, Source& lo, Source& hi, bool& has_nan) {
+    lo = hi = x[begin];
+    int nan_seen = 0;
+    std::size_t i = begin;
+#if defined(__SSE2__)
+    // minps/maxps ignore NaN operands in the second position, so NaNs are tracked separately.
+    if constexpr (std::is_same_v<Source, float>) {
+        __m128 vlo = _mm_set1_ps(lo), vhi = vlo, vnan = _mm_setzero_ps();
+        for (; i + 4 <= end; i += 4) {
+            const __m128 v = _mm_loadu_ps(x + i);
+            vlo = _mm_min_ps(vlo, v);
+            vhi = _mm_max_ps(vhi, v);
+            vnan = _mm_or_ps(vnan, _mm_cmpunord_ps(v, v));
+        }
+        alignas(16) float lanes_lo[4], lanes_hi[4];
+        _mm_store_ps(lanes_lo, vlo);
+        _mm_store_ps(lanes_hi, vhi);
+        for (int j = 0; j < 4; ++j) {
+            lo = lanes_lo[j] < lo ? lanes_lo[j] : lo;
+            hi = lanes_hi[j] > hi ? lanes_hi[j] : hi;
+        }
+        nan_seen = _mm_movemask_ps(vnan);
+    } else if constexpr (std::is_same_v<Source, double>) {
+        __m128d vlo = _mm_set1_pd(lo), vhi = vlo, vnan = _mm_setzero_pd();
+        for (; i + 2 <= end; i += 2) {
+            const __m128d v = _mm_loadu_pd(x + i);
+            vlo = _mm_min_pd(vlo, v);
+            vhi = _mm_max_pd(vhi, v);
+            vnan = _mm_or_pd(vnan, _mm_cmpunord_pd(v, v));
+        }
+        alignas(16) double lanes_lo[2], lanes_hi[2];
+        _mm_store_pd(lanes_lo, vlo);
+        _mm_store_pd(lanes_hi, vhi);
+        for (int j = 0; j < 2; ++j) {
+            lo = lanes_lo[j] < lo ? lanes_lo[j] : lo;
+            hi = lanes_hi[j] > hi ? lanes_hi[j] : hi;
+        }
+        nan_seen = _mm_movemask_pd(vnan);
+    }
+#endif
+    for (; i < end; ++i) {
+        const Source v = x[i];
+        lo = v < lo ? v : lo;
+        hi = v > hi ? v : hi;
+        nan_seen |= static_cast<int>(v != v);
+    }
+    has_nan = nan_seen != 0;
+}
+
 template <class Source>
 min_max_result min_max(const Source* x, std::size_t n) {
     struct partial {
@@ -62,20 +118,11 @@ min_max_result min_max(const Source* x, std::size_t n) {
     };
     constexpr std::size_t kGrain = 1 << 16;
     const std::size_t n_blocks = (n + kGrain - 1) / kGrain;
-    std::vector<partial> partials(n_blocks, partial{x[0], x[0], false});
+    std::vector<partial> partials(n_blocks);
     parallel_for(n_blocks, 1, kGrain, [&](std::size_t first, std::size_t last) {
         for (std::size_t block = first; block < last; ++block) {
-            const std::size_t begin = block * kGrain;
-            const std::size_t end = std::min(n, begin + kGrain);
-            Source lo = x[begin], hi = x[begin];
-            int nan_seen = 0;  // an integer OR reduction vectorizes; a float "poison" sum would not
-            for (std::size_t i = begin; i < end; ++i) {
-                const Source v = x[i];
-                lo = v < lo ? v : lo;
-                hi = v > hi ? v : hi;
-                nan_seen |= static_cast<int>(v != v);
-            }
-            partials[block] = partial{lo, hi, nan_seen != 0};
+            partial& p = partials[block];
+            min_max_range(x, block * kGrain, std::min(n, (block + 1) * kGrain), p.lo, p.hi, p.has_nan);
         }
     });
     // Infinities surface as the minimum or maximum; NaNs, which compare false, are flagged.
@@ -89,43 +136,51 @@ min_max_result min_max(const Source* x, std::size_t n) {
     return result;
 }
 
-template <class Source>
-inline std::uint32_t quantize_value(Source x, std::size_t index, double offset, double scale, double levels, bool stochastic,
-                                    std::uint64_t key) {
+template <bool Stochastic, class Source>
+inline std::uint32_t quantize_value(Source x, std::size_t index, double offset, double scale, double levels, std::uint64_t key) {
     const double v = (static_cast<double>(x) - offset) * scale;
-    const double dither = stochastic ? random_uniform(key, index) : 0.5;
-    // v >= 0 because x >= offset, so truncation equals the reference's floor, without a libm call.
+    double dither = 0.5;
+    if constexpr (Stochastic) dither = random_uniform(key, index);
+    // v >= 0 because x >= offset, so truncation equals the reference's floor, without a libm call;
+    // through int32 (levels <= 65535), which SSE2 converts several at a time, unlike uint32.
     const double q = v + dither;
-    return q >= levels ? static_cast<std::uint32_t>(levels) : static_cast<std::uint32_t>(q);
+    return static_cast<std::uint32_t>(q >= levels ? static_cast<std::int32_t>(levels) : static_cast<std::int32_t>(q));
+}
+
+template <bool Stochastic, class Source>
+void quantize_pack_range(const Source* FASTFED_RESTRICT x, std::size_t begin, std::size_t end, unsigned bits, std::uint64_t key,
+                         double offset, double scale, std::uint8_t* FASTFED_RESTRICT out) {
+    const double levels = static_cast<double>((1u << bits) - 1);
+    if (bits == 8) {
+        for (std::size_t i = begin; i < end; ++i)
+            out[i] = static_cast<std::uint8_t>(quantize_value<Stochastic>(x[i], i, offset, scale, levels, key));
+        return;
+    }
+    std::uint8_t* byte = out + (begin / 8) * bits;
+    std::uint64_t buffer = 0;
+    unsigned filled = 0;
+    for (std::size_t i = begin; i < end; ++i) {
+        buffer |= static_cast<std::uint64_t>(quantize_value<Stochastic>(x[i], i, offset, scale, levels, key)) << filled;
+        filled += bits;
+        while (filled >= 8) {
+            *byte++ = static_cast<std::uint8_t>(buffer);
+            buffer >>= 8;
+            filled -= 8;
+        }
+    }
+    if (filled > 0) *byte = static_cast<std::uint8_t>(buffer);  // only the last group of the stream is partial
 }
 
 template <class Source>
 void quantize_pack(const Source* x, std::size_t n, unsigned bits, bool stochastic, std::uint64_t key, double offset, double scale,
                    std::uint8_t* out) {
-    const double levels = static_cast<double>((1u << bits) - 1);
     const std::size_t n_groups = (n + 7) / 8;
     parallel_for(n_groups, 4096, 8, [&](std::size_t first_group, std::size_t end_group) {
         const std::size_t begin = first_group * 8, end = std::min(n, end_group * 8);
-        if (bits == 8) {
-            const Source* FASTFED_RESTRICT source = x;
-            std::uint8_t* FASTFED_RESTRICT levels_out = out;
-            for (std::size_t i = begin; i < end; ++i)
-                levels_out[i] = static_cast<std::uint8_t>(quantize_value(source[i], i, offset, scale, levels, stochastic, key));
-            return;
-        }
-        std::uint8_t* byte = out + first_group * bits;
-        std::uint64_t buffer = 0;
-        unsigned filled = 0;
-        for (std::size_t i = begin; i < end; ++i) {
-            buffer |= static_cast<std::uint64_t>(quantize_value(x[i], i, offset, scale, levels, stochastic, key)) << filled;
-            filled += bits;
-            while (filled >= 8) {
-                *byte++ = static_cast<std::uint8_t>(buffer);
-                buffer >>= 8;
-                filled -= 8;
-            }
-        }
-        if (filled > 0) *byte = static_cast<std::uint8_t>(buffer);  // only the last group of the stream is partial
+        if (stochastic)
+            quantize_pack_range<true>(x, begin, end, bits, key, offset, scale, out);
+        else
+            quantize_pack_range<false>(x, begin, end, bits, key, offset, scale, out);
     });
 }
 

@@ -105,7 +105,8 @@ def quantize_tensor(values: np.ndarray, codec: UniformQuantizer, seed: int) -> Q
         source = np.empty(padded, dtype=np.float64)
         kernels().quantize.rotate(values, block, stream_key(seed, STREAM_SIGNS), source)
     quantize = kernels().quantize
-    minimum, maximum = quantize.min_max(source)
+    # + 0.0 turns -0.0 into +0.0: SIMD and NumPy reductions may pick either zero, the header may not.
+    minimum, maximum = (value + 0.0 for value in quantize.min_max(source))
     levels = float(2**codec.bits - 1)
     scale = levels / (maximum - minimum) if maximum > minimum else 0.0
     packed = np.empty((source.shape[0] * codec.bits + 7) // 8, dtype=np.uint8)
