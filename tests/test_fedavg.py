@@ -138,25 +138,6 @@ def test_server_optimizers_move_weights_along_the_delta(optimizer: optimizers.Se
     assert again[0][0] > new[0][0]
 
 
-def test_partitioners_and_mnist_loader() -> None:
-    x = np.arange(100, dtype=np.float32).reshape(100, 1)
-    y = np.repeat(np.arange(10), 10)
-    by_label = data.partition_by_label(x, y, per_client=4)
-    assert len(by_label) == 10 and all(
-        set(by_label[c][1]) == {int(c)} and len(by_label[c][1]) == 4 for c in by_label.client_ids
-    )
-    iid = data.partition_iid(x, y, 7, seed=1)
-    assert sum(len(c[0]) for c in iid.all()) == 100
-    skewed = data.partition_dirichlet(x, y, 5, alpha=0.1, seed=1)
-    assert sorted(np.concatenate([c[0][:, 0] for c in skewed.all()]).tolist()) == x[:, 0].tolist()
-    assert [len(c[0]) for c in iid.sample(3, np.random.default_rng(0))] == [
-        len(c[0]) for c in iid.sample(3, np.random.default_rng(0))
-    ]
-    if MNIST.exists():
-        images, labels = data.load_mnist_idx(MNIST)
-        assert images.shape == (10_000, 28, 28) and images.max() == 1.0 and labels[:3].tolist() == [7, 2, 1]
-
-
 def test_cli_train_writes_logs_and_plot(tmp_path: Path) -> None:
     run = tmp_path / "run"
     command = [

@@ -21,8 +21,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastfed", description="Fast federated averaging.")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="run FedAvg", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    train.add_argument("--dataset", choices=["digits", "mnist"], default="digits", help="digits is bundled (offline)")
-    train.add_argument("--data-dir", default=None, help="directory of MNIST IDX files (for --dataset mnist)")
+    train.add_argument(
+        "--dataset", choices=["digits", "mnist", "emnist"], default="digits", help="digits is bundled (offline)"
+    )
+    train.add_argument("--data-dir", default=None, help="MNIST IDX folder, or TFF's EMNIST .sqlite file or h5 folder")
+    train.add_argument("--download", action="store_true", help="download TFF's federated EMNIST if needed")
     train.add_argument("--partition", choices=["iid", "dirichlet", "label"], default="dirichlet")
     train.add_argument("--alpha", type=float, default=1.0, help="Dirichlet concentration")
     train.add_argument("--num-clients", type=int, default=20)
@@ -48,14 +51,24 @@ def _parser() -> argparse.ArgumentParser:
 def _load_dataset(args: argparse.Namespace) -> tuple[Any, tuple[np.ndarray, np.ndarray], tuple[int, ...]]:
     from . import data
 
+    if args.dataset == "emnist":
+        # Federated by construction: one client per writer; the test split, pooled, is held out.
+        if args.download:
+            path = data.download_emnist(args.data_dir)
+        elif args.data_dir:
+            path = Path(args.data_dir)
+        else:
+            raise SystemExit("--dataset emnist needs --data-dir (the .sqlite file or h5 folder) or --download")
+        clients = data.load_emnist(path, split="train")
+        x_test, y_test = data.stack_clients(data.load_emnist(path, split="test").all())
+        return clients, (x_test, y_test), (28, 28)
     if args.dataset == "digits":
         (x, y), test = data.load_digits(seed=args.seed)
     else:
         if not args.data_dir:
             raise SystemExit("--dataset mnist needs --data-dir with the IDX files")
-        x, y = data.load_mnist_idx(
-            args.data_dir, "train" if Path(args.data_dir, "train-labels-idx1-ubyte.gz").exists() else "t10k"
-        )
+        has_train = any(Path(args.data_dir).glob("train-labels-idx1-ubyte*"))
+        x, y = data.load_mnist_idx(args.data_dir, "train" if has_train else "t10k")
         x = x.reshape(len(x), -1)
         split = int(0.8 * len(x))
         (x, y), test = (x[:split], y[:split]), (x[split:], y[split:])
@@ -75,7 +88,9 @@ def _model_fn(args: argparse.Namespace, input_shape: tuple[int, ...]) -> Any:
         return lambda: models.mlp(input_shape, hidden=args.hidden)
     if args.model == "softmax":
         return lambda: models.softmax_regression(input_shape)
-    return lambda: models.cnn((28, 28)) if input_shape == (784,) else models.cnn(input_shape)
+    if input_shape not in ((784,), (28, 28)):
+        raise SystemExit(f"--model cnn needs 28x28 images (mnist or emnist); {args.dataset} has shape {input_shape}")
+    return lambda: models.cnn((28, 28))
 
 
 def train(args: argparse.Namespace) -> dict[str, float]:

@@ -34,14 +34,17 @@ def mlp(input_shape: tuple[int, ...] = (784,), hidden: int = 512, classes: int =
     )
 
 
-def cnn(input_shape: tuple[int, ...] = (28, 28, 1), classes: int = 10) -> Any:
-    """The original FedAvg CNN (McMahan et al. 2017): 1,663,370 parameters on 28x28 inputs."""
+def cnn(input_shape: tuple[int, ...] = (28, 28), classes: int = 10) -> Any:
+    """The original FedAvg CNN (McMahan et al. 2017): 1,663,370 parameters on 28x28 images.
+
+    ``input_shape`` is how images arrive: (28, 28), (28, 28, 1) or flattened (784,).
+    """
     import keras
 
     return keras.Sequential(
         [
             keras.Input(input_shape),
-            keras.layers.Reshape((*input_shape[:2], 1)) if len(input_shape) == 2 else keras.layers.Identity(),
+            keras.layers.Reshape((28, 28, 1)),
             keras.layers.Conv2D(32, 5, padding="same", activation="relu"),
             keras.layers.MaxPooling2D(2, padding="same"),
             keras.layers.Conv2D(64, 5, padding="same", activation="relu"),
