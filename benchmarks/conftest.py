@@ -38,7 +38,11 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         groups[bench.group or ""][label] = bench
     for group, benches in sorted(groups.items()):
         baselines = [label for label in BASELINES if label in benches]
-        header = f"{'':34s}{'median ms':>11s}" + "".join(f"{'x ' + b:>22s}" for b in baselines) + f"{'peak MiB':>10s}"
+        header = (
+            f"{'':34s}{'median ms':>11s}"
+            + "".join(f"{'x ' + b:>22s}" for b in baselines)
+            + f"{'peak MiB':>10s}{'first/steady':>14s}"
+        )
         terminalreporter.write_line("")
         terminalreporter.write_line(f"fastfed ratios: {group}")
         terminalreporter.write_line(header)
@@ -47,4 +51,6 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
             ratios = "".join(f"{median / benches[b].stats.median:>22.2f}" for b in baselines)
             peak = bench.extra_info.get("peak_mib")
             peak_text = f"{peak:>10.1f}" if peak is not None else f"{'':>10s}"
-            terminalreporter.write_line(f"{label:34s}{median * 1e3:>11.2f}{ratios}{peak_text}")
+            first = bench.extra_info.get("first_round_ratio")
+            first_text = f"{first:>14.2f}" if first is not None else ""
+            terminalreporter.write_line(f"{label:34s}{median * 1e3:>11.2f}{ratios}{peak_text}{first_text}")

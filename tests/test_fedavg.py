@@ -166,3 +166,29 @@ def test_cli_train_writes_logs_and_plot(tmp_path: Path) -> None:
     )
     assert plotted.returncode == 0, plotted.stderr[-2000:]
     assert (run / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_server_memory_does_not_grow_with_clients_per_round() -> None:
+    import tracemalloc
+
+    (x, y), _ = data.load_digits(seed=0)
+    process = fastfed.FedAvg(
+        lambda: models.mlp((64,), hidden=256),  # 19,210 parameters: 77 KB per update
+        client_optimizer=lambda: keras.optimizers.SGD(learning_rate=0.05),
+        batch_size=10,
+        seed=0,
+    )
+    state = process.initialize()
+    state, _ = process.next(state, data.partition_iid(x, y, 10).all())  # trace once, outside the measurement
+    peaks = {}
+    for count in (50, 500):
+        clients = data.partition_iid(x, y, count, seed=count).all()
+        tracemalloc.start()
+        state, metrics = process.next(state, clients)
+        peaks[count] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert metrics["num_clients"] == count
+    update_bytes = sum(w.nbytes for w in state.weights)
+    # Holding every update would need 500 x 77 KB = 38 MB; streaming needs a few model-sized buffers.
+    assert peaks[500] < peaks[50] + 20 * update_bytes
+    assert peaks[500] < 0.1 * 500 * update_bytes
