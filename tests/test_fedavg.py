@@ -192,3 +192,17 @@ def test_server_memory_does_not_grow_with_clients_per_round() -> None:
     # Holding every update would need 500 x 77 KB = 38 MB; streaming needs a few model-sized buffers.
     assert peaks[500] < peaks[50] + 20 * update_bytes
     assert peaks[500] < 0.1 * 500 * update_bytes
+
+
+def test_custom_metrics_are_measured_during_training_and_example_weighted() -> None:
+    clients, _ = _digits_clients(4)
+    process = _process(metrics=["accuracy", keras.metrics.SparseTopKCategoricalAccuracy(k=3, name="top3")])
+    state = process.initialize()
+    _, metrics = process.next(state, clients)
+    assert 0.0 < metrics["train_accuracy"] <= metrics["train_top3"] <= 1.0
+    # One client: the round's metrics are that client's, over all its examples.
+    single = _process(metrics=["accuracy"])
+    _, alone = single.next(single.initialize(), clients[:1])
+    assert alone["num_examples"] == len(clients[0][1])
+    with pytest.raises(TypeError, match="not a keras.metrics.Metric"):
+        _ = _process(metrics=[42]).trainer

@@ -1,12 +1,13 @@
 """Client training: one Keras model per worker, reused across clients and rounds.
 
 The training step is one ``tf.function`` with a batch dimension of ``None``, traced once on the
-first batch and never again, whatever the clients' sizes.
+first batch and never again, whatever the clients' sizes. Metrics are updated inside the step, so,
+as in TFF, training metrics are measured during local training and weighted by examples.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,30 @@ class ClientResult:
     num_examples: int
     num_batches: int
     loss_sum: float
-    correct: int
+
+
+def resolve_metrics(metrics: Sequence[Any] | None) -> list[Any]:
+    """Keras metric objects from objects, factories or names; default: sparse categorical accuracy."""
+    import keras
+
+    resolved = []
+    for metric in ("accuracy",) if metrics is None else metrics:
+        if metric in ("accuracy", "acc"):
+            # With integer labels and the default loss, "accuracy" means sparse categorical accuracy.
+            metric = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+        elif isinstance(metric, str):
+            found = keras.metrics.get(metric)
+            metric = (
+                found
+                if isinstance(found, keras.metrics.Metric)
+                else keras.metrics.MeanMetricWrapper(found, name=metric)
+            )
+        elif callable(metric) and not isinstance(metric, keras.metrics.Metric):
+            metric = metric()  # a class or factory
+        if not isinstance(metric, keras.metrics.Metric):
+            raise TypeError(f"metrics: {metric!r} is not a keras.metrics.Metric")
+        resolved.append(metric)
+    return resolved
 
 
 class ClientTrainer:
@@ -30,6 +54,7 @@ class ClientTrainer:
         loss: Any,
         batch_size: int,
         local_epochs: int,
+        metrics: Sequence[Any] | None = None,
     ) -> None:
         import keras
         import tensorflow as tf
@@ -44,11 +69,35 @@ class ClientTrainer:
         self.loss = keras.losses.get(loss) if not callable(loss) else loss
         self.batch_size = batch_size
         self.local_epochs = local_epochs
+        self.metrics = resolve_metrics(metrics)
         self._step: Any = None
+
+    def reset_metrics(self) -> None:
+        for metric in self.metrics:
+            metric.reset_state()
+
+    def metric_states(self) -> list[list[np.ndarray]]:
+        """The metrics' state variables. Keras metrics keep running sums, so states of different
+        clients (or workers) add up to the state of all their examples together."""
+        import keras
+
+        return [[keras.ops.convert_to_numpy(v) for v in metric.variables] for metric in self.metrics]
+
+    def metric_results(self, states: list[list[np.ndarray]] | None = None) -> dict[str, float]:
+        """Each metric's value, from its current state or from ``states`` (e.g. summed over workers)."""
+        import keras
+
+        results = {}
+        for index, metric in enumerate(self.metrics):
+            if states is not None:
+                for variable, value in zip(metric.variables, states[index]):
+                    variable.assign(value)
+            results[metric.name] = float(keras.ops.convert_to_numpy(metric.result()))
+        return results
 
     def _build_step(self, x: np.ndarray, y: np.ndarray) -> Any:
         tf = self._tf
-        model, optimizer, loss_fn = self.model, self.optimizer, self.loss
+        model, optimizer, loss_fn, metrics = self.model, self.optimizer, self.loss, self.metrics
 
         @tf.function(
             input_signature=[
@@ -63,10 +112,9 @@ class ClientTrainer:
                 loss = tf.reduce_mean(loss_fn(batch_y, predictions))
             gradients = tape.gradient(loss, model.trainable_variables)
             optimizer.apply_gradients(zip(gradients, model.trainable_variables))
-            size = tf.cast(tf.shape(batch_x)[0], tf.float32)
-            labels = tf.cast(tf.reshape(batch_y, [-1]), tf.int64)
-            correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(predictions, axis=-1), labels), tf.int64))
-            return tf.cast(loss, tf.float32) * size, correct
+            for metric in metrics:
+                metric.update_state(batch_y, predictions)
+            return tf.cast(loss, tf.float32) * tf.cast(tf.shape(batch_x)[0], tf.float32)
 
         return step
 
@@ -82,13 +130,11 @@ class ClientTrainer:
         # Each client starts from a fresh optimizer state, as in FedAvg.
         for variable, value in zip(self.optimizer.variables, self._fresh_optimizer):
             variable.assign(value)
-        loss_sum, correct, batches = 0.0, 0, 0
+        loss_sum, batches = 0.0, 0
         for _ in range(self.local_epochs):
             order = rng.permutation(len(x))
             for start in range(0, len(x), self.batch_size):
                 index = order[start : start + self.batch_size]
-                batch_loss, batch_correct = self._step(x[index], y[index])
-                loss_sum += float(batch_loss)
-                correct += int(batch_correct)
+                loss_sum += float(self._step(x[index], y[index]))
                 batches += 1
-        return ClientResult(self.model.get_weights(), len(x) * self.local_epochs, batches, loss_sum, correct)
+        return ClientResult(self.model.get_weights(), len(x) * self.local_epochs, batches, loss_sum)

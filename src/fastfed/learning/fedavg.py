@@ -63,6 +63,8 @@ class FedAvg:
       aggregator: :func:`fastfed.mean`, optionally with upload compression.
       broadcast_compression: a codec for the server-to-client model, or ``None`` (exact).
       loss: a Keras loss; default sparse categorical cross-entropy on probabilities.
+      metrics: Keras metrics (objects, classes or names) measured during local training and reported
+        as ``train_<name>``; default ``["accuracy"]`` (sparse categorical accuracy).
       batch_size, local_epochs: local training settings.
       weighting: ``"num_examples"`` (default) or ``"uniform"``.
       seed: fixes model initialisation, shuffling and stochastic rounding.
@@ -77,6 +79,7 @@ class FedAvg:
         aggregator: MeanAggregator | None = None,
         broadcast_compression: UniformQuantizer | None = None,
         loss: Any = None,
+        metrics: Sequence[Any] | None = None,
         batch_size: int = 32,
         local_epochs: int = 1,
         weighting: str = "num_examples",
@@ -92,6 +95,7 @@ class FedAvg:
         self.aggregator = aggregator or mean()
         self.broadcast_compression = broadcast_compression
         self.loss = loss
+        self.metrics = metrics
         self.batch_size = batch_size
         self.local_epochs = local_epochs
         self.weighting = weighting
@@ -105,7 +109,7 @@ class FedAvg:
 
             loss = self.loss or keras.losses.SparseCategoricalCrossentropy()
             self._trainer = ClientTrainer(
-                self.model_fn, self.client_optimizer, loss, self.batch_size, self.local_epochs
+                self.model_fn, self.client_optimizer, loss, self.batch_size, self.local_epochs, self.metrics
             )
         return self._trainer
 
@@ -135,7 +139,8 @@ class FedAvg:
 
         accumulator = Accumulator()
         trainer = self.trainer
-        loss_sum = correct = examples = batches = non_finite = aggregate_bits = 0
+        trainer.reset_metrics()
+        loss_sum = examples = batches = non_finite = aggregate_bits = 0
         upload_codec = self.aggregator.compression
         for index, (x, y) in enumerate(clients):
             x, y = np.asarray(x), np.asarray(y)
@@ -147,7 +152,6 @@ class FedAvg:
             delta = [new.astype(np.float32) - old.astype(np.float32) for new, old in zip(result.weights, client_start)]
             weight = float(result.num_examples) if self.weighting == "num_examples" else 1.0
             loss_sum += result.loss_sum
-            correct += result.correct
             examples += result.num_examples
             batches += result.num_batches
             if not all(np.isfinite(d).all() for d in delta):
@@ -178,7 +182,7 @@ class FedAvg:
         metrics = {
             "round": float(new_state.round),
             "train_loss": loss_sum / examples,
-            "train_accuracy": correct / examples,
+            **{f"train_{name}": value for name, value in trainer.metric_results().items()},
             "num_examples": float(examples),
             "num_batches": float(batches),
             "num_clients": float(len(clients)),
