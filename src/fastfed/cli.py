@@ -6,8 +6,10 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,16 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--output-dir", default="runs/fastfed", help="CSV and TensorBoard logs go here")
     train.add_argument("--no-progress", action="store_true", help="hide the per-round progress bar")
+    train.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N rounds (0: never)")
+    train.add_argument("--keep-checkpoints", type=int, default=3, help="how many recent checkpoints to keep")
+    train.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a checkpointed run")
+    train.add_argument("--deterministic", action="store_true", help="deterministic TensorFlow kernels")
+    train.add_argument("--clip", type=float, default=None, help="clip client updates to this L2 norm")
+    train.add_argument(
+        "--adaptive-clip", type=float, default=None, metavar="QUANTILE", help="adapt --clip to this norm quantile"
+    )
+    train.add_argument("--zeroing", type=float, default=None, help="zero client updates above this L2 norm")
+    train.add_argument("--min-clients", type=int, default=1, help="fewest updates a round must aggregate")
     plot = commands.add_parser("plot", help="plot metrics of one or more runs")
     plot.add_argument("runs", nargs="+", help="run directories written by fastfed train")
     plot.add_argument("--output", default=None, help="PNG path (default: metrics.png in the first run)")
@@ -93,42 +105,91 @@ def _model_fn(args: argparse.Namespace, input_shape: tuple[int, ...]) -> Any:
     return lambda: models.cnn((28, 28))
 
 
+SAMPLING_STREAM = 0x5A4D504C  # distinguishes client sampling from the training seeds of a round
+
+
+def _resumed_arguments(args: argparse.Namespace) -> tuple[argparse.Namespace, Any]:
+    """The saved run's arguments and its newest good checkpoint (or ``None`` for a new run)."""
+    from . import load_checkpoint
+
+    if not args.resume:
+        return args, None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        checkpoint = load_checkpoint(args.resume)
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
+    saved = argparse.Namespace(**checkpoint.config)
+    saved.output_dir, saved.resume, saved.no_progress = args.resume, args.resume, args.no_progress
+    print(f"resuming {args.resume} from round {checkpoint.round} ({checkpoint.path.name})")
+    return saved, checkpoint
+
+
+def _write_csv(path: Path, history: list[dict[str, float]]) -> None:
+    """Rewrites the whole metrics CSV atomically (used when a resumed run restores its history)."""
+    temporary = path.with_suffix(".csv.tmp")
+    with open(temporary, "w", newline="") as handle:
+        if history:
+            rows = csv.DictWriter(handle, fieldnames=list(history[0]), extrasaction="ignore")
+            rows.writeheader()
+            rows.writerows(history)
+    os.replace(temporary, path)
+
+
 def train(args: argparse.Namespace) -> dict[str, float]:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
     import tensorflow as tf
     from tqdm import tqdm
 
-    from . import FedAvg, evaluate, mean, optimizers
+    from . import AdaptiveBound, FedAvg, enable_determinism, evaluate, mean, optimizers, save_checkpoint
     from .compression import UniformQuantizer
 
+    args, checkpoint = _resumed_arguments(args)
+    if args.deterministic:
+        enable_determinism()
     clients, test, input_shape = _load_dataset(args)
     codec = UniformQuantizer(bits=args.bits, min_size=args.min_size) if args.bits else None
+    clipping: float | AdaptiveBound | None = args.clip
+    if args.adaptive_clip:
+        clipping = AdaptiveBound(initial=args.clip or 1.0, target_quantile=args.adaptive_clip)
     process = FedAvg(
         _model_fn(args, input_shape),
         client_optimizer=lambda: keras.optimizers.SGD(learning_rate=args.client_lr),
         server_optimizer=optimizers.SGD(learning_rate=args.server_lr),
-        aggregator=mean(compression=codec),
+        aggregator=mean(compression=codec, clipping=clipping, zeroing=args.zeroing),
         broadcast_compression=codec,
         batch_size=args.batch_size,
         local_epochs=args.local_epochs,
+        min_clients=args.min_clients,
         seed=args.seed,
     )
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    (output / "config.json").write_text(json.dumps(vars(args), indent=2, sort_keys=True))
+    config = {k: v for k, v in vars(args).items() if k not in ("resume", "no_progress")}
+    (output / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    if checkpoint is None:
+        state, history = process.initialize(), []
+        shutil.rmtree(output / "tensorboard", ignore_errors=True)
+    else:
+        # The checkpoint's history is the record: rounds logged after it are redone, not duplicated.
+        state, history = checkpoint.state, list(checkpoint.metrics_history)
+        shutil.rmtree(output / "tensorboard", ignore_errors=True)
+    _write_csv(output / "metrics.csv", history)
     writer = tf.summary.create_file_writer(str(output / "tensorboard"))
-    rng = np.random.default_rng(args.seed)
-    state = process.initialize()
+    for row in history:
+        with writer.as_default(step=int(row["round"])):
+            for name, value in row.items():
+                tf.summary.scalar(name, value)
     per_round = min(args.clients_per_round, len(clients))
     print(
         f"fastfed train: {args.dataset}, {len(clients)} clients, {per_round} per round, model {args.model}, "
         f"{'uncompressed' if codec is None else f'{args.bits}-bit'}, backend {__import__('fastfed').backend()}"
     )
-    with open(output / "metrics.csv", "w", newline="") as csv_file:
-        rows: csv.DictWriter[str] | None = None
-        for _ in range(args.rounds):
-            selected = clients.sample(per_round, rng)
+    with open(output / "metrics.csv", "a", newline="") as csv_file:
+        rows = csv.DictWriter(csv_file, fieldnames=list(history[0]), extrasaction="ignore") if history else None
+        while state.round < args.rounds:
+            selected = clients.sample(per_round, np.random.default_rng([args.seed, state.round, SAMPLING_STREAM]))
             progress = tqdm(
                 total=len(selected),
                 desc=f"round {state.round + 1}",
@@ -138,21 +199,22 @@ def train(args: argparse.Namespace) -> dict[str, float]:
             )
             state, metrics = process.next(state, _Progress(selected, progress))
             progress.close()
-            metrics.update(
-                {
-                    f"eval_{k}": v
-                    for k, v in evaluate(process.model_fn, state.weights, [test]).items()
-                    if k != "num_examples"
-                }
-            )
+            evaluation = evaluate(process.model_fn, state.weights, [test])
+            metrics.update({f"eval_{k}": v for k, v in evaluation.items() if k != "num_examples"})
+            history.append(metrics)
             if rows is None:
-                rows = csv.DictWriter(csv_file, fieldnames=list(metrics))
+                rows = csv.DictWriter(csv_file, fieldnames=list(metrics), extrasaction="ignore")
                 rows.writeheader()
             rows.writerow(metrics)
             csv_file.flush()
             with writer.as_default(step=state.round):
                 for name, value in metrics.items():
                     tf.summary.scalar(name, value)
+            writer.flush()
+            if args.checkpoint_every and (state.round % args.checkpoint_every == 0 or state.round == args.rounds):
+                save_checkpoint(
+                    output, state, seed=args.seed, metrics_history=history, config=config, keep=args.keep_checkpoints
+                )
             print(
                 f"round {state.round:3d}  train_loss {metrics['train_loss']:.4f}  "
                 f"train_accuracy {metrics['train_accuracy']:.4f}  eval_accuracy {metrics['eval_accuracy']:.4f}  "

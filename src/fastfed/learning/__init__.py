@@ -3,6 +3,16 @@
 from __future__ import annotations
 
 from . import optimizers
-from .fedavg import FedAvg, FedAvgState, MeanAggregator, evaluate, mean
+from .aggregators import AdaptiveBound, MeanAggregator, mean
+from .fedavg import FedAvg, FedAvgState, RoundFailedError, evaluate
 
-__all__ = ["FedAvg", "FedAvgState", "MeanAggregator", "evaluate", "mean", "optimizers"]
+__all__ = [
+    "AdaptiveBound",
+    "FedAvg",
+    "FedAvgState",
+    "MeanAggregator",
+    "RoundFailedError",
+    "evaluate",
+    "mean",
+    "optimizers",
+]

@@ -9,6 +9,7 @@ arrives, so its memory does not grow with the number of clients in a round.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,24 +19,15 @@ import numpy as np
 
 from ..aggregation import Accumulator
 from ..compression import UniformQuantizer, decode, encode, raw_size_bits, size_bits
+from .aggregators import MeanAggregator, RoundTally, mean
 from .client import ClientTrainer
 from .optimizers import SGD, ServerOptimizer
 
-__all__ = ["FedAvg", "FedAvgState", "MeanAggregator", "evaluate", "mean"]
+__all__ = ["FedAvg", "FedAvgState", "RoundFailedError", "evaluate"]
+
+log = logging.getLogger("fastfed")
 
 ClientArrays = tuple[np.ndarray, np.ndarray]
-
-
-@dataclass(frozen=True)
-class MeanAggregator:
-    """The weighted mean of client deltas, optionally over compressed uploads."""
-
-    compression: UniformQuantizer | None = None
-
-
-def mean(*, compression: UniformQuantizer | None = None) -> MeanAggregator:
-    """Weighted mean aggregation; ``compression`` quantizes every client upload with fastfed's codec."""
-    return MeanAggregator(compression)
 
 
 @dataclass
@@ -47,10 +39,16 @@ class FedAvgState:
     optimizer_state: dict[str, list[np.ndarray]] = field(default_factory=dict)
     broadcast_bits_total: int = 0
     aggregate_bits_total: int = 0
+    aggregator_state: dict[str, float] = field(default_factory=dict)
 
 
-def _round_seed(seed: int, round_number: int) -> int:
-    return int(np.random.SeedSequence([seed, round_number]).generate_state(1, np.uint64)[0])
+class RoundFailedError(RuntimeError):
+    """Too few clients contributed to a round; the state passed to ``next`` is unchanged."""
+
+
+def derived_seed(*path: int) -> int:
+    """A 64-bit seed from integers: every random choice of a run derives from (seed, round, ...)."""
+    return int(np.random.SeedSequence(list(path)).generate_state(1, np.uint64)[0])
 
 
 class FedAvg:
@@ -67,7 +65,10 @@ class FedAvg:
         as ``train_<name>``; default ``["accuracy"]`` (sparse categorical accuracy).
       batch_size, local_epochs: local training settings.
       weighting: ``"num_examples"`` (default) or ``"uniform"``.
-      seed: fixes model initialisation, shuffling and stochastic rounding.
+      min_clients: fewest client updates a round must aggregate (clients that raise or send
+        non-finite updates do not count); below it ``next`` raises :class:`RoundFailedError`.
+      seed: fixes model initialisation, shuffling and stochastic rounding. Every random choice
+        derives from (seed, round, client index), so results do not depend on execution order.
     """
 
     def __init__(
@@ -83,12 +84,13 @@ class FedAvg:
         batch_size: int = 32,
         local_epochs: int = 1,
         weighting: str = "num_examples",
+        min_clients: int = 1,
         seed: int = 0,
     ) -> None:
         if weighting not in ("num_examples", "uniform"):
             raise ValueError(f"weighting must be 'num_examples' or 'uniform', got {weighting!r}")
-        if batch_size < 1 or local_epochs < 1:
-            raise ValueError("batch_size and local_epochs must be positive")
+        if batch_size < 1 or local_epochs < 1 or min_clients < 1:
+            raise ValueError("batch_size, local_epochs and min_clients must be positive")
         self.model_fn = model_fn
         self.client_optimizer = client_optimizer
         self.server_optimizer = server_optimizer or SGD(learning_rate=1.0)
@@ -99,7 +101,9 @@ class FedAvg:
         self.batch_size = batch_size
         self.local_epochs = local_epochs
         self.weighting = weighting
+        self.min_clients = min_clients
         self.seed = seed
+        self.last_failures: list[tuple[int, str]] = []
         self._trainer: ClientTrainer | None = None
 
     @property
@@ -119,15 +123,23 @@ class FedAvg:
 
         keras.utils.set_random_seed(self.seed)
         weights = [np.array(w) for w in self.model_fn().get_weights()]
-        return FedAvgState(weights=weights, optimizer_state=self.server_optimizer.init(weights))
+        return FedAvgState(
+            weights=weights,
+            optimizer_state=self.server_optimizer.init(weights),
+            aggregator_state=self.aggregator.initial_state(),
+        )
 
     def next(self, state: FedAvgState, clients: Sequence[ClientArrays]) -> tuple[FedAvgState, dict[str, float]]:
-        """Runs one round over ``clients`` (a list of ``(x, y)`` arrays); the input state is not modified."""
+        """Runs one round over ``clients`` (a list of ``(x, y)`` arrays); the input state is not modified.
+
+        A client whose training raises is dropped and counted (``clients_failed``; the errors are in
+        ``last_failures``). Raises :class:`RoundFailedError` if fewer than ``min_clients`` updates
+        were aggregated.
+        """
         if len(clients) == 0:
             raise ValueError("clients: a round needs at least one client")
         started = time.perf_counter()
-        round_seed = _round_seed(self.seed, state.round)
-        rng = np.random.default_rng(round_seed)
+        round_seed = derived_seed(self.seed, state.round)
 
         if self.broadcast_compression is not None:
             broadcast = encode(state.weights, self.broadcast_compression, seed=round_seed)
@@ -138,61 +150,87 @@ class FedAvg:
             broadcast_bits = raw_size_bits(state.weights) * len(clients)
 
         accumulator = Accumulator()
+        tally = RoundTally()
+        bounds = self.aggregator.bounds(state.aggregator_state)
         trainer = self.trainer
         trainer.reset_metrics()
-        loss_sum = examples = batches = non_finite = aggregate_bits = 0
-        upload_codec = self.aggregator.compression
+        loss_sum = examples = batches = 0
+        self.last_failures = []
         for index, (x, y) in enumerate(clients):
             x, y = np.asarray(x), np.asarray(y)
             if len(x) != len(y):
                 raise ValueError(f"client {index}: {len(x)} inputs but {len(y)} labels")
             if len(x) == 0:
                 raise ValueError(f"client {index}: has no examples")
-            result = trainer.train(client_start, x, y, rng)
+            client_seed = derived_seed(self.seed, state.round, index)
+            try:
+                result = trainer.train(client_start, x, y, np.random.default_rng(client_seed))
+            except Exception as error:  # a faulty client must not stop the round
+                tally.failed += 1
+                self.last_failures.append((index, repr(error)))
+                log.warning("round %d: client %d failed and is dropped: %r", state.round + 1, index, error)
+                continue
             delta = [new.astype(np.float32) - old.astype(np.float32) for new, old in zip(result.weights, client_start)]
             weight = float(result.num_examples) if self.weighting == "num_examples" else 1.0
             loss_sum += result.loss_sum
             examples += result.num_examples
             batches += result.num_batches
-            if not all(np.isfinite(d).all() for d in delta):
-                non_finite += 1  # rejected, as TFF's update_non_finite counts
-                continue
-            upload_seed = int(rng.integers(2**63))  # drawn either way, so compression leaves shuffling unchanged
-            if upload_codec is not None:
-                payload = encode(delta, upload_codec, seed=upload_seed)
-                aggregate_bits += size_bits(payload)
-                accumulator.add_encoded(payload, weight)
-            else:
-                aggregate_bits += raw_size_bits(delta)
-                accumulator.add(delta, weight)
+            self.aggregator.contribute(accumulator, delta, weight, bounds, client_seed, tally)
+        return self._finish_round(state, started, len(clients), accumulator, tally, broadcast_bits,
+                                  (loss_sum, examples, batches), trainer.metric_results())  # fmt: skip
 
-        if accumulator.count:
-            weights, optimizer_state = self.server_optimizer.apply(
-                state.weights, accumulator.result(), state.optimizer_state
+    def _finish_round(
+        self,
+        state: FedAvgState,
+        started: float,
+        num_clients: int,
+        accumulator: Accumulator,
+        tally: RoundTally,
+        broadcast_bits: int,
+        totals: tuple[float, int, int],
+        train_metrics: dict[str, float],
+    ) -> tuple[FedAvgState, dict[str, float]]:
+        """Applies the aggregated delta with the server optimizer and assembles the round's metrics."""
+        if tally.aggregated < self.min_clients:
+            raise RoundFailedError(
+                f"round {state.round + 1}: {tally.aggregated} of {num_clients} client updates aggregated, "
+                f"fewer than min_clients={self.min_clients} ({tally.failed} failed, "
+                f"{tally.non_finite} non-finite); the state is unchanged"
             )
-        else:
-            weights, optimizer_state = state.weights, state.optimizer_state
+        weights, optimizer_state = self.server_optimizer.apply(
+            state.weights, accumulator.result(), state.optimizer_state
+        )
         new_state = FedAvgState(
             weights=weights,
             round=state.round + 1,
             optimizer_state=optimizer_state,
             broadcast_bits_total=state.broadcast_bits_total + broadcast_bits,
-            aggregate_bits_total=state.aggregate_bits_total + aggregate_bits,
+            aggregate_bits_total=state.aggregate_bits_total + tally.aggregate_bits,
+            aggregator_state=self.aggregator.next_state(state.aggregator_state, tally.norms),
         )
+        loss_sum, examples, batches = totals
+        clip_bound, zeroing_bound = self.aggregator.bounds(state.aggregator_state)
         metrics = {
             "round": float(new_state.round),
-            "train_loss": loss_sum / examples,
-            **{f"train_{name}": value for name, value in trainer.metric_results().items()},
+            "train_loss": loss_sum / examples if examples else float("nan"),
+            **{f"train_{name}": value for name, value in train_metrics.items()},
             "num_examples": float(examples),
             "num_batches": float(batches),
-            "num_clients": float(len(clients)),
-            "update_non_finite": float(non_finite),
+            "num_clients": float(num_clients),
+            "clients_failed": float(tally.failed),
+            "update_non_finite": float(tally.non_finite),
+            "updates_clipped": float(tally.clipped),
+            "updates_zeroed": float(tally.zeroed),
             "broadcast_bits": float(broadcast_bits),
-            "aggregate_bits": float(aggregate_bits),
+            "aggregate_bits": float(tally.aggregate_bits),
             "broadcast_bits_total": float(new_state.broadcast_bits_total),
             "aggregate_bits_total": float(new_state.aggregate_bits_total),
-            "round_seconds": time.perf_counter() - started,
         }
+        if clip_bound is not None:
+            metrics["clipping_bound"] = clip_bound
+        if zeroing_bound is not None:
+            metrics["zeroing_bound"] = zeroing_bound
+        metrics["round_seconds"] = time.perf_counter() - started
         return new_state, metrics
 
 

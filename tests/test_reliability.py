@@ -1,0 +1,233 @@
+"""Reliability: faulty clients, robust aggregation, crash-safe checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+
+import fastfed
+from fastfed import AdaptiveBound, data, models, optimizers
+from fastfed.aggregation import Accumulator
+from fastfed.checkpoint import CheckpointError
+from fastfed.compression import UniformQuantizer
+from fastfed.learning.aggregators import RoundTally
+
+
+def _clients(count: int = 4) -> list[tuple[np.ndarray, np.ndarray]]:
+    (x, y), _ = data.load_digits(seed=0)
+    return data.partition_iid(x, y, count, seed=0).all()
+
+
+def _process(**options: object) -> fastfed.FedAvg:
+    settings: dict[str, object] = {
+        "client_optimizer": lambda: keras.optimizers.SGD(learning_rate=0.1),
+        "batch_size": 20,
+        "seed": 1,
+    }
+    settings.update(options)
+    return fastfed.FedAvg(lambda: models.mlp((64,), hidden=16), **settings)  # type: ignore[arg-type]
+
+
+def _distance(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    return float(np.sqrt(sum(np.sum((x.astype(np.float64) - y) ** 2) for x, y in zip(a, b))))
+
+
+def test_failing_client_is_dropped_and_counted() -> None:
+    clients = _clients()
+    broken = (np.ones((5, 3), np.float32), np.zeros(5, np.int64))  # wrong feature count: training raises
+    process = _process()
+    state = process.initialize()
+    new_state, metrics = process.next(state, [clients[0], clients[1], broken])
+    assert metrics["clients_failed"] == 1 and metrics["num_clients"] == 3
+    assert process.last_failures[0][0] == 2 and "TypeError" in process.last_failures[0][1]
+    assert metrics["num_examples"] == len(clients[0][1]) + len(clients[1][1])
+    # The same two good clients alone give the same model (seeds follow the client's position).
+    reference, _ = _process().next(state, [clients[0], clients[1]])
+    for a, b in zip(new_state.weights, reference.weights):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_too_few_clients_raise_and_leave_the_state_usable() -> None:
+    clients = _clients()
+    broken = (np.ones((5, 3), np.float32), np.zeros(5, np.int64))
+    poisoned = (np.full_like(clients[2][0], np.nan), clients[2][1])
+    process = _process(min_clients=2)
+    state = process.initialize()
+    before = [w.copy() for w in state.weights]
+    with pytest.raises(fastfed.RoundFailedError, match=r"1 of 3 client updates aggregated, fewer than min_clients=2"):
+        process.next(state, [clients[0], broken, poisoned])
+    assert state.round == 0 and all(np.array_equal(a, b) for a, b in zip(state.weights, before))
+    state, metrics = process.next(state, clients[:2])  # still usable
+    assert state.round == 1 and metrics["clients_failed"] == 0
+
+
+def _attack_round(aggregator: fastfed.learning.MeanAggregator) -> tuple[list[np.ndarray], list[np.ndarray], dict]:
+    """One round where client 0 sends a 1e6-scaled update (its inputs are scaled by 1e6)."""
+    clients = _clients(5)
+    attacker = (clients[0][0] * 1e6, clients[0][1])
+    process = _process(aggregator=aggregator, server_optimizer=optimizers.SGD(learning_rate=1.0))
+    state = process.initialize()
+    new_state, metrics = process.next(state, [attacker, *clients[1:]])
+    return state.weights, new_state.weights, metrics
+
+
+def test_clipping_bounds_how_far_one_attacker_moves_the_model() -> None:
+    start, unprotected, _ = _attack_round(fastfed.mean())
+    assert _distance(start, unprotected) > 100.0
+    for compression in (None, UniformQuantizer(bits=8, min_size=100)):
+        start, clipped, metrics = _attack_round(fastfed.mean(clipping=0.5, compression=compression))
+        # Every clipped update has norm <= 0.5, so their weighted mean moves the model by at most 0.5
+        # (plus the 8-bit quantization error when compressed).
+        assert _distance(start, clipped) <= 0.5 * (1.01 if compression else 1 + 1e-6)
+        assert metrics["updates_clipped"] >= 1 and metrics["clipping_bound"] == 0.5
+
+
+def test_zeroing_drops_the_attacker_but_keeps_its_weight() -> None:
+    start, zeroed, metrics = _attack_round(fastfed.mean(zeroing=50.0))
+    assert metrics["updates_zeroed"] == 1
+    assert _distance(start, zeroed) < 50.0
+
+
+def test_contribute_semantics_on_synthetic_updates() -> None:
+    aggregator = fastfed.mean(clipping=1.0, zeroing=100.0)
+    accumulator, tally = Accumulator(), RoundTally()
+    honest = [np.full(4, 0.1, np.float32)]
+    for delta in (
+        honest,
+        [np.full(4, 1e6, np.float32)],
+        [np.full(4, 3.0, np.float32)],
+        [np.full(4, np.inf, np.float32)],
+    ):
+        aggregator.contribute(accumulator, delta, 1.0, aggregator.bounds({}), 0, tally)
+    assert (tally.aggregated, tally.zeroed, tally.clipped, tally.non_finite) == (3, 1, 1, 1)
+    # (honest + zeros + the 6-norm update clipped to norm 1) / 3
+    np.testing.assert_allclose(accumulator.result()[0], (0.1 + 0.0 + 0.5) / 3, rtol=1e-6)
+    assert tally.norms == pytest.approx([0.2, 2e6, 6.0])
+
+
+def test_adaptive_bound_tracks_the_target_quantile() -> None:
+    bound = AdaptiveBound(initial=1.0, target_quantile=0.5, learning_rate=0.2)
+    estimate = 1.0
+    norms = list(np.linspace(5.0, 15.0, 11))  # median 10
+    for _ in range(200):
+        estimate = bound.updated(estimate, norms)
+    assert 9.0 <= estimate <= 11.0
+    aggregator = fastfed.mean(clipping=bound)
+    state = aggregator.initial_state()
+    assert aggregator.bounds(state) == (1.0, None)
+    assert aggregator.next_state(state, [5.0])["clipping_estimate"] > 1.0
+    with pytest.raises(ValueError, match="target_quantile"):
+        AdaptiveBound(target_quantile=1.5)
+    with pytest.raises(ValueError, match="clipping must be a positive number"):
+        fastfed.mean(clipping=-1.0)
+
+
+def test_checkpoint_round_trip_keeps_everything(tmp_path: Path) -> None:
+    process = _process(server_optimizer=optimizers.Adam(0.01), aggregator=fastfed.mean(clipping=AdaptiveBound()))
+    state = process.initialize()
+    history = []
+    for _ in range(3):
+        state, metrics = process.next(state, _clients())
+        history.append(metrics)
+        fastfed.save_checkpoint(tmp_path, state, seed=1, metrics_history=history, config={"note": "x"}, keep=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["round-000002", "round-000003"]
+    restored = fastfed.load_checkpoint(tmp_path)
+    assert restored.round == 3 and restored.seed == 1 and restored.config == {"note": "x"}
+    assert restored.metrics_history == history
+    for a, b in zip(restored.weights, state.weights):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    for key in ("m", "v"):
+        for a, b in zip(restored.state.optimizer_state[key], state.optimizer_state[key]):
+            np.testing.assert_array_equal(a, b)
+    assert restored.state.aggregator_state == state.aggregator_state
+    # Continuing from the checkpoint equals continuing from the live state.
+    from_checkpoint, _ = process.next(restored.state, _clients())
+    live, _ = process.next(state, _clients())
+    for a, b in zip(from_checkpoint.weights, live.weights):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_corrupted_checkpoints_are_detected_and_skipped(tmp_path: Path) -> None:
+    state = _process().initialize()
+    for round_number in (1, 2, 3):
+        state.round = round_number
+        fastfed.save_checkpoint(tmp_path, state, keep=5)
+    root = tmp_path / "checkpoints"
+    arrays = root / "round-000003" / "arrays.npz"
+    arrays.write_bytes(arrays.read_bytes()[:-100])  # truncated
+    document = json.loads((root / "round-000002" / "state.json").read_text())
+    document["content"]["round"] = 99  # tampered without updating the checksum
+    (root / "round-000002" / "state.json").write_text(json.dumps(document))
+    with pytest.warns(RuntimeWarning, match="skipped corrupted checkpoint.*round-000003.*using round-000001"):
+        restored = fastfed.load_checkpoint(tmp_path)
+    assert restored.round == 1 and [p.name for p, _ in restored.skipped] == ["round-000003", "round-000002"]
+    assert "arrays.npz checksum mismatch" in restored.skipped[0][1]
+    assert "state.json checksum mismatch" in restored.skipped[1][1]
+    (root / "round-000001" / "state.json").write_text("{")
+    with pytest.raises(CheckpointError, match="no usable checkpoint"):
+        fastfed.load_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="none was written"):
+        fastfed.load_checkpoint(tmp_path / "empty")
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no staging leftovers
+
+
+def _train_command(run: Path, *extra: str) -> list[str]:
+    arguments = "train --rounds 5 --clients-per-round 6 --local-epochs 3 --checkpoint-every 1 --deterministic"
+    return [sys.executable, "-m", "fastfed.cli", *arguments.split(), "--no-progress", "--output-dir", str(run), *extra]
+
+
+def _tensorboard_steps(run: Path) -> list[int]:
+    from tensorflow.core.util import event_pb2
+    from tensorflow.python.lib.io import tf_record
+
+    steps = []
+    for path in sorted((run / "tensorboard").glob("events.*")):
+        for record in tf_record.tf_record_iterator(str(path)):
+            event = event_pb2.Event.FromString(record)
+            steps += [event.step for value in event.summary.value if value.tag == "train_loss"]
+    return sorted(steps)
+
+
+def test_killed_run_resumes_to_bitwise_identical_weights(tmp_path: Path) -> None:
+    reference = tmp_path / "reference"
+    completed = subprocess.run(_train_command(reference), capture_output=True, text=True, timeout=600, check=False)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+
+    run = tmp_path / "killed"
+    child = subprocess.Popen(_train_command(run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (run / "checkpoints" / "round-000002").exists():
+        assert child.poll() is None and time.monotonic() < deadline, "the run ended before its second checkpoint"
+        time.sleep(0.01)
+    time.sleep(0.05)  # into round 3
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert not (run / "weights.npz").exists()
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "fastfed.cli", "train", "--resume", str(run), "--no-progress"],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming" in resumed.stdout
+    with np.load(reference / "weights.npz") as expected, np.load(run / "weights.npz") as actual:
+        assert expected.files == actual.files
+        for name in expected.files:
+            np.testing.assert_array_equal(actual[name], expected[name])
+    with open(run / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [float(row["round"]) for row in rows] == [1.0, 2.0, 3.0, 4.0, 5.0]
+    with open(reference / "metrics.csv") as handle:
+        expected_rows = list(csv.DictReader(handle))
+    assert [row["train_loss"] for row in rows] == [row["train_loss"] for row in expected_rows]
+    assert _tensorboard_steps(run) == [1, 2, 3, 4, 5]
