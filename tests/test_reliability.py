@@ -231,3 +231,20 @@ def test_killed_run_resumes_to_bitwise_identical_weights(tmp_path: Path) -> None
         expected_rows = list(csv.DictReader(handle))
     assert [row["train_loss"] for row in rows] == [row["train_loss"] for row in expected_rows]
     assert _tensorboard_steps(run) == [1, 2, 3, 4, 5]
+
+
+def test_fedavg_runs_are_bitwise_identical_across_backends() -> None:
+    clients = _clients()
+    results = {}
+    for name in fastfed.available_backends():
+        with fastfed.use_backend(name):
+            process = _process(aggregator=fastfed.mean(compression=UniformQuantizer(bits=4, min_size=100)))
+            state = process.initialize()
+            for _ in range(2):
+                state, metrics = process.next(state, clients)
+            results[name] = (state.weights, metrics["train_loss"], metrics["aggregate_bits"])
+    first = next(iter(results.values()))
+    for weights, loss, bits in results.values():
+        assert (loss, bits) == first[1:]
+        for a, b in zip(weights, first[0]):
+            np.testing.assert_array_equal(a, b)
