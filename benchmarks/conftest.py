@@ -13,7 +13,15 @@ from typing import Any
 
 import pytest
 
-BASELINES = ("memory floor", "flower aggregate", "numpy reference", "compute floor", "float32 aggregation")
+BASELINES = (
+    "memory floor",
+    "flower aggregate",
+    "flower aggregate (inplace, default)",
+    "flower aggregate (FedAvg)",
+    "numpy reference",
+    "compute floor",
+    "float32 aggregation",
+)
 
 
 def peak_memory_bytes(function: Callable[[], Any]) -> int:

@@ -1,0 +1,1 @@
+"""Integrations that put fastfed's aggregation and compression inside other FL frameworks."""

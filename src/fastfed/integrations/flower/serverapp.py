@@ -1,0 +1,119 @@
+"""fastfed aggregation inside Flower's Message API strategies (``flwr.serverapp.strategy``, flwr >= 1.21).
+
+As in :mod:`fastfed.integrations.flower`, ``FastAggregationMixin`` averages the replies' ArrayRecords
+with fastfed and hands the strategy's own ``aggregate_train`` a single reply holding the mean with
+weight 1, so each strategy's server optimizer runs unchanged. Flower's Message-API averaging turns
+integer arrays into float64; where the strategy leaves a value unchanged (plain FedAvg), the
+mixin returns fastfed's integer mean in its own dtype.
+
+Clients may reply with :func:`compress_arrays` instead of their weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from flwr.common import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi
+
+from ...compression import UniformQuantizer
+from ._averaging import ARRAY_KEY, StreamingMean, encode_delta
+
+__all__ = [
+    "ARRAY_KEY",
+    "FastAggregationMixin",
+    "FastFedAdagrad",
+    "FastFedAdam",
+    "FastFedAvg",
+    "FastFedAvgM",
+    "FastFedYogi",
+    "compress_arrays",
+]
+
+
+def compress_arrays(
+    updated: ArrayRecord, received: ArrayRecord, codec: UniformQuantizer, *, seed: int | None = None
+) -> ArrayRecord:
+    """Client side: the update ``updated - received`` as one fastfed payload in an ``ArrayRecord``.
+
+    Reply with it in place of the trained arrays (``RecordDict({"arrays": compress_arrays(...),
+    "metrics": MetricRecord({"num-examples": n})})``).
+    """
+    if list(updated.keys()) != list(received.keys()):
+        raise ValueError("updated and received must hold the same arrays, in the same order")
+    payload = encode_delta(updated.to_numpy_ndarrays(), received.to_numpy_ndarrays(), codec, seed)
+    return ArrayRecord({ARRAY_KEY: Array(np.frombuffer(payload, dtype=np.uint8))})
+
+
+class FastAggregationMixin:
+    """Replaces the averaging of a Flower Message-API FedAvg-family strategy with fastfed's."""
+
+    _fastfed_global: ArrayRecord | None = None
+    weighted_by_key: str
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: Any, grid: Any) -> Any:
+        # Compressed replies are deltas from the arrays sent this round; remember them.
+        self._fastfed_global = arrays
+        return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        parent = super()
+        replies = list(replies)
+        valid, _ = self._check_and_log_replies(replies, is_train=True)  # type: ignore[attr-defined]
+        if not valid:
+            return parent.aggregate_train(server_round, replies)  # type: ignore[misc, no-any-return]
+        contents = [message.content for message in valid]
+        mean = StreamingMean()
+        names: list[str] | None = None
+        for content in contents:
+            record = next(iter(content.array_records.values()))
+            weight = float(next(iter(content.metric_records.values()))[self.weighted_by_key])  # type: ignore[arg-type]
+            if list(record.keys()) == [ARRAY_KEY]:
+                mean.add_encoded_delta(record[ARRAY_KEY].numpy().tobytes(), weight)
+            else:
+                names = names or list(record.keys())
+                mean.add_weights(record.to_numpy_ndarrays(), weight)
+        if names is None:
+            if self._fastfed_global is None:
+                raise ValueError("compressed replies need the round's arrays (configure_train was not called)")
+            names = list(self._fastfed_global.keys())
+        global_weights = self._fastfed_global.to_numpy_ndarrays() if mean.deltas.count else None
+        averaged = dict(zip(names, mean.result(global_weights)))
+        single = RecordDict(
+            {
+                "arrays": ArrayRecord({name: Array(value) for name, value in averaged.items()}),
+                "metrics": MetricRecord({self.weighted_by_key: 1}),
+            }
+        )
+        reply = Message(content=single, dst_node_id=valid[0].metadata.dst_node_id, message_type="train")
+        arrays, _ = parent.aggregate_train(server_round, [reply])  # type: ignore[misc]
+        if arrays is not None:
+            for name, value in averaged.items():
+                if value.dtype.kind in "iu" and np.array_equal(arrays[name].numpy(), value):
+                    arrays[name] = Array(value)  # the strategy left it as is: keep the integer dtype
+        metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)  # type: ignore[attr-defined]
+        return arrays, metrics
+
+
+class FastFedAvg(FastAggregationMixin, FedAvg):
+    """Flower's Message-API FedAvg with fastfed averaging."""
+
+
+class FastFedAvgM(FastAggregationMixin, FedAvgM):
+    """Flower's Message-API FedAvgM (server momentum) with fastfed averaging."""
+
+
+class FastFedAdam(FastAggregationMixin, FedAdam):
+    """Flower's Message-API FedAdam with fastfed averaging."""
+
+
+class FastFedYogi(FastAggregationMixin, FedYogi):
+    """Flower's Message-API FedYogi with fastfed averaging."""
+
+
+class FastFedAdagrad(FastAggregationMixin, FedAdagrad):
+    """Flower's Message-API FedAdagrad with fastfed averaging."""
