@@ -75,7 +75,7 @@ def _as_layer(array: ArrayLike, client: int, layer: int) -> np.ndarray:
 _LITTLE_ENDIAN = np.little_endian
 
 
-def _layers_of(update: Update, client: int) -> list[ArrayLike]:
+def _layers_of(update: object, client: int) -> list[ArrayLike]:
     if isinstance(update, np.ndarray) or not isinstance(update, Sequence) or isinstance(update, (str, bytes)):
         raise TypeError(f"client {client}: expected a list of arrays (one per layer), got {type(update).__name__}")
     return list(update)
@@ -137,7 +137,8 @@ def _kernel_output(spec: LayerSpec, as_sum: bool) -> np.ndarray:
     return np.empty(spec.size, dtype=dtype)
 
 
-def _combine(updates: Sequence[Update], weights: Sequence[float] | np.ndarray | None, as_sum: bool) -> list[np.ndarray]:
+def _combine(updates: object, weights: Sequence[float] | np.ndarray | None, as_sum: bool) -> list[np.ndarray]:
+    # Typed as object: this is the boundary where anything a user passes is checked.
     if isinstance(updates, np.ndarray) or not isinstance(updates, Sequence):
         raise TypeError(f"updates: expected a sequence of client updates, got {type(updates).__name__}")
     if len(updates) == 0:

@@ -103,7 +103,7 @@ def save_checkpoint(
         for i, value in enumerate(values):
             arrays[f"optimizer/{key}/{i}"] = np.asarray(value)
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
     array_bytes = buffer.getvalue()
     content = {
         "format": FORMAT,

@@ -121,7 +121,8 @@ def _resumed_arguments(args: argparse.Namespace) -> tuple[argparse.Namespace, An
         print(f"warning: {warning.message}", file=sys.stderr)
     saved = argparse.Namespace(**checkpoint.config)
     saved.output_dir, saved.resume, saved.no_progress = args.resume, args.resume, args.no_progress
-    print(f"resuming {args.resume} from round {checkpoint.round} ({checkpoint.path.name})")
+    where = checkpoint.path.name if checkpoint.path is not None else args.resume
+    print(f"resuming {args.resume} from round {checkpoint.round} ({where})")
     return saved, checkpoint
 
 

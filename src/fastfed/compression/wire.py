@@ -100,8 +100,9 @@ def encode(update: Sequence[Any], codec: UniformQuantizer | None = None, *, seed
       seed: drives stochastic rounding and rotation; the same input and seed give the same bytes on
         every backend. ``None`` draws a fresh seed from the OS.
     """
-    if isinstance(update, np.ndarray) or not isinstance(update, Sequence):
-        raise TypeError(f"update: expected a list of arrays, got {type(update).__name__}")
+    candidate: object = update  # checked as whatever the caller passed, not as annotated
+    if isinstance(candidate, np.ndarray) or not isinstance(candidate, Sequence):
+        raise TypeError(f"update: expected a list of arrays, got {type(candidate).__name__}")
     if seed is None:
         seed = _random_seed()
     if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:

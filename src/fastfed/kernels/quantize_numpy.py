@@ -40,7 +40,7 @@ _MIX2 = np.uint64(0x94D049BB133111EB)
 def _mix64(z: np.ndarray) -> np.ndarray:
     z = (z ^ (z >> np.uint64(30))) * _MIX1
     z = (z ^ (z >> np.uint64(27))) * _MIX2
-    return z ^ (z >> np.uint64(31))
+    return np.asarray(z ^ (z >> np.uint64(31)))
 
 
 def random_bits(key: int, start: int, count: int) -> np.ndarray:
@@ -83,7 +83,7 @@ def pack(q: np.ndarray, bits: int) -> np.ndarray:
 
 def unpack(packed: np.ndarray, n: int, bits: int) -> np.ndarray:
     stream = np.unpackbits(packed, count=n * bits, bitorder="little").reshape(n, bits).astype(np.uint32)
-    return (stream << np.arange(bits, dtype=np.uint32)).sum(axis=1, dtype=np.uint32)
+    return np.asarray((stream << np.arange(bits, dtype=np.uint32)).sum(axis=1, dtype=np.uint32))
 
 
 def quantize_pack(
@@ -157,7 +157,7 @@ def hadamard(blocks: np.ndarray) -> np.ndarray:
         pairs[:, :, 0, :] = a + b
         pairs[:, :, 1, :] = a - b
         half *= 2
-    return y * (1.0 / np.sqrt(float(length)))
+    return np.asarray(y * (1.0 / np.sqrt(float(length))))
 
 
 def rotate(x: np.ndarray, chunk: int, key: int, out: np.ndarray) -> None:

@@ -99,7 +99,7 @@ class ClientTrainer:
         tf = self._tf
         model, optimizer, loss_fn, metrics = self.model, self.optimizer, self.loss, self.metrics
 
-        @tf.function(
+        @tf.function(  # type: ignore[untyped-decorator]
             input_signature=[
                 tf.TensorSpec((None, *x.shape[1:]), tf.as_dtype(x.dtype)),
                 tf.TensorSpec((None, *y.shape[1:]), tf.as_dtype(y.dtype)),

@@ -154,7 +154,7 @@ class FedAvg:
         bounds = self.aggregator.bounds(state.aggregator_state)
         trainer = self.trainer
         trainer.reset_metrics()
-        loss_sum = examples = batches = 0
+        loss_sum, examples, batches = 0.0, 0, 0
         self.last_failures = []
         for index, (x, y) in enumerate(clients):
             x, y = np.asarray(x), np.asarray(y)

@@ -89,7 +89,7 @@ class Yogi(_Adaptive):
     """FedYogi: ``v = v - (1 - beta_2) delta^2 sign(v - delta^2)``."""
 
     def _second_moment(self, v: np.ndarray, d2: np.ndarray) -> np.ndarray:
-        return v - (1 - self.beta_2) * d2 * np.sign(v - d2)
+        return np.asarray(v - (1 - self.beta_2) * d2 * np.sign(v - d2))
 
 
 @dataclass(frozen=True)
@@ -97,4 +97,4 @@ class Adagrad(_Adaptive):
     """FedAdagrad: ``v = v + delta^2``."""
 
     def _second_moment(self, v: np.ndarray, d2: np.ndarray) -> np.ndarray:
-        return v + d2
+        return np.asarray(v + d2)

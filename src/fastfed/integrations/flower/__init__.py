@@ -64,7 +64,7 @@ class FastAggregationMixin:
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         parent = super()
         if not results or (not getattr(self, "accept_failures", True) and failures):
-            return parent.aggregate_fit(server_round, results, failures)  # type: ignore[misc, no-any-return]
+            return parent.aggregate_fit(server_round, results, failures)  # type: ignore[attr-defined, no-any-return]
         mean = StreamingMean()
         for _, fit_res in results:
             parameters = fit_res.parameters
@@ -72,11 +72,15 @@ class FastAggregationMixin:
                 mean.add_encoded_delta(parameters.tensors[0], fit_res.num_examples)
             else:
                 mean.add_weights(parameters_to_ndarrays(parameters), fit_res.num_examples)
-        global_weights = parameters_to_ndarrays(self._fastfed_global) if mean.deltas.count else None
+        global_weights = None
+        if mean.deltas.count:
+            if self._fastfed_global is None:
+                raise ValueError("compressed updates need the round's global weights (configure_fit was not called)")
+            global_weights = parameters_to_ndarrays(self._fastfed_global)
         averaged = mean.result(global_weights)
         first_proxy, first = results[0]
         single = FitRes(status=first.status, parameters=ndarrays_to_parameters(averaged), num_examples=1, metrics={})
-        aggregated, _ = parent.aggregate_fit(server_round, [(first_proxy, single)], failures)  # type: ignore[misc]
+        aggregated, _ = parent.aggregate_fit(server_round, [(first_proxy, single)], failures)  # type: ignore[attr-defined]
         metrics: dict[str, Scalar] = {}
         metrics_fn = getattr(self, "fit_metrics_aggregation_fn", None)
         if metrics_fn is not None:

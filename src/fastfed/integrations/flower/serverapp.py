@@ -65,23 +65,25 @@ class FastAggregationMixin:
         replies = list(replies)
         valid, _ = self._check_and_log_replies(replies, is_train=True)  # type: ignore[attr-defined]
         if not valid:
-            return parent.aggregate_train(server_round, replies)  # type: ignore[misc, no-any-return]
+            return parent.aggregate_train(server_round, replies)  # type: ignore[attr-defined, no-any-return]
         contents = [message.content for message in valid]
         mean = StreamingMean()
         names: list[str] | None = None
         for content in contents:
             record = next(iter(content.array_records.values()))
-            weight = float(next(iter(content.metric_records.values()))[self.weighted_by_key])  # type: ignore[arg-type]
+            weight = float(next(iter(content.metric_records.values()))[self.weighted_by_key])
             if list(record.keys()) == [ARRAY_KEY]:
                 mean.add_encoded_delta(record[ARRAY_KEY].numpy().tobytes(), weight)
             else:
                 names = names or list(record.keys())
                 mean.add_weights(record.to_numpy_ndarrays(), weight)
-        if names is None:
+        global_weights = None
+        if mean.deltas.count:
             if self._fastfed_global is None:
                 raise ValueError("compressed replies need the round's arrays (configure_train was not called)")
-            names = list(self._fastfed_global.keys())
-        global_weights = self._fastfed_global.to_numpy_ndarrays() if mean.deltas.count else None
+            names = names or list(self._fastfed_global.keys())
+            global_weights = self._fastfed_global.to_numpy_ndarrays()
+        assert names is not None  # set by an uncompressed reply or by the compressed branch above
         averaged = dict(zip(names, mean.result(global_weights)))
         single = RecordDict(
             {
@@ -90,7 +92,7 @@ class FastAggregationMixin:
             }
         )
         reply = Message(content=single, dst_node_id=valid[0].metadata.dst_node_id, message_type="train")
-        arrays, _ = parent.aggregate_train(server_round, [reply])  # type: ignore[misc]
+        arrays, _ = parent.aggregate_train(server_round, [reply])  # type: ignore[attr-defined]
         if arrays is not None:
             for name, value in averaged.items():
                 if value.dtype.kind in "iu" and np.array_equal(arrays[name].numpy(), value):
