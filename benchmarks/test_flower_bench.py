@@ -77,7 +77,11 @@ MESSAGE = {"flower aggregate (FedAvg)": message_api.FedAvg, "fastfed FastFedAvg"
 
 @pytest.mark.parametrize("label", list(MESSAGE))
 def test_message_api_aggregate_train(benchmark: Any, cnn_updates: Any, label: str) -> None:
+    from flwr.supercore.task_identity import TaskIdentity
+
     updates, weights, exact = cnn_updates
+    # Messages are created inside a run; a ServerApp would have set this identity.
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
     replies = [
         Message(
             content=RecordDict({"arrays": ArrayRecord(u), "metrics": MetricRecord({"num-examples": int(n)})}),

@@ -95,3 +95,65 @@ def test_compressed_updates_converge_within_a_point_of_uncompressed(
     compressed = simulate(f"{api}-fast-fedavg-compressed", backend, tmp_path_factory)
     assert abs(accuracy(compressed[-1]) - accuracy(plain[-1])) <= 0.01
     assert compressed[-1][2].dtype == np.int64 and compressed[-1][2] == plain[-1][2]
+
+
+# Units without a simulation ----------------------------------------------------------------------
+
+
+def test_npy_views_are_zero_copy_and_refuse_pickled_objects() -> None:
+    import io
+
+    from fastfed.integrations.flower._averaging import npy_view
+
+    for array in (np.arange(12, dtype=np.float32).reshape(3, 4), np.asfortranarray(np.ones((2, 3))), np.array(7)):
+        buffer = io.BytesIO()
+        np.save(buffer, array, allow_pickle=False)
+        data = buffer.getvalue()
+        view = npy_view(data)
+        np.testing.assert_array_equal(view, array)
+        assert not view.flags.writeable and np.shares_memory(view, np.frombuffer(data, np.uint8))
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="object arrays are refused"):
+        npy_view(buffer.getvalue())
+    with pytest.raises(ValueError, match="not a .npy array"):
+        npy_view(b"\x93NUMPX garbage")
+    with pytest.raises(ValueError, match="expected 48"):
+        npy_view(_npy(np.zeros(12, np.float32))[:-2])
+
+
+def _npy(array: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def test_mixed_compressed_and_plain_results_in_one_round() -> None:
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+
+    from fastfed.compression import UniformQuantizer
+    from fastfed.integrations import flower as fast_legacy
+
+    rng = np.random.default_rng(0)
+    global_weights = [rng.standard_normal((20, 30)).astype(np.float32), np.array(5, np.int64)]
+    updated = [[g + rng.standard_normal(g.shape).astype(g.dtype) * 0.01 if g.ndim else g + k for g in global_weights]
+               for k in range(4)]  # fmt: skip
+    codec = UniformQuantizer(bits=16, min_size=0)
+    parameters = [
+        fast_legacy.compress_parameters(updated[0], global_weights, codec, seed=0),
+        ndarrays_to_parameters(updated[1]),
+        fast_legacy.compress_parameters(updated[2], global_weights, codec, seed=2),
+        ndarrays_to_parameters(updated[3]),
+    ]
+    results = [(None, FitRes(Status(Code.OK, ""), p, n, {})) for p, n in zip(parameters, [10, 20, 30, 40])]
+    strategy = fast_legacy.FastFedAvg()
+    with pytest.raises(ValueError, match="need the round's global weights"):
+        strategy.aggregate_fit(1, results, [])
+    strategy._fastfed_global = ndarrays_to_parameters(global_weights)  # what configure_fit records
+    aggregated, _ = strategy.aggregate_fit(1, results, [])
+    mean = parameters_to_ndarrays(aggregated)
+    expected = [sum(n * u[j].astype(np.float64) for n, u in zip([10, 20, 30, 40], updated)) / 100 for j in range(2)]
+    np.testing.assert_allclose(mean[0], expected[0], atol=1e-5)
+    assert mean[1].dtype == np.int64 and mean[1] == np.rint(expected[1])

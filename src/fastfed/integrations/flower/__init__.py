@@ -15,13 +15,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from flwr.common import FitRes, NDArrays, Parameters, Scalar, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi
 
 from ...compression import UniformQuantizer
-from ._averaging import TENSOR_TYPE, StreamingMean, encode_delta
+from ._averaging import NUMPY_STYPE, TENSOR_TYPE, average_results, encode_delta, npy_view
 
 __all__ = [
     "TENSOR_TYPE",
@@ -65,19 +66,19 @@ class FastAggregationMixin:
         parent = super()
         if not results or (not getattr(self, "accept_failures", True) and failures):
             return parent.aggregate_fit(server_round, results, failures)  # type: ignore[attr-defined, no-any-return]
-        mean = StreamingMean()
+        plain: list[tuple[list[np.ndarray], float]] = []
+        encoded: list[tuple[bytes, float]] = []
         for _, fit_res in results:
             parameters = fit_res.parameters
             if parameters.tensor_type == TENSOR_TYPE:
-                mean.add_encoded_delta(parameters.tensors[0], fit_res.num_examples)
+                encoded.append((parameters.tensors[0], fit_res.num_examples))
+            elif parameters.tensor_type == NUMPY_STYPE:
+                plain.append(([npy_view(tensor) for tensor in parameters.tensors], fit_res.num_examples))
             else:
-                mean.add_weights(parameters_to_ndarrays(parameters), fit_res.num_examples)
-        global_weights = None
-        if mean.deltas.count:
-            if self._fastfed_global is None:
-                raise ValueError("compressed updates need the round's global weights (configure_fit was not called)")
-            global_weights = parameters_to_ndarrays(self._fastfed_global)
-        averaged = mean.result(global_weights)
+                plain.append((parameters_to_ndarrays(parameters), fit_res.num_examples))
+        known = self._fastfed_global
+        global_weights = parameters_to_ndarrays(known) if encoded and known is not None else None
+        averaged = average_results(plain, encoded, global_weights)
         first_proxy, first = results[0]
         single = FitRes(status=first.status, parameters=ndarrays_to_parameters(averaged), num_examples=1, metrics={})
         aggregated, _ = parent.aggregate_fit(server_round, [(first_proxy, single)], failures)  # type: ignore[attr-defined]

@@ -2,15 +2,47 @@
 
 from __future__ import annotations
 
+import io
+import math
 from collections.abc import Sequence
 
 import numpy as np
 
-from ...aggregation import Accumulator
+from ...aggregation import weighted_mean, weighted_mean_encoded, weighted_sum
 from ...compression import UniformQuantizer, encode
 
 TENSOR_TYPE = "fastfed.update.v1"  # Parameters.tensor_type of a compressed update (legacy API)
 ARRAY_KEY = "fastfed.update.v1"  # the single key of a compressed update's ArrayRecord (Message API)
+
+
+NUMPY_STYPE = "numpy.ndarray"  # Flower's serialization type for .npy bytes
+
+
+def npy_view(data: bytes) -> np.ndarray:
+    """A read-only, zero-copy view of one ``.npy``-serialized array (what Flower puts on the wire).
+
+    ``np.load`` copies every tensor out of its bytes; aggregation only needs to read it once. The
+    header is parsed by NumPy's own safe reader, and object dtypes (which would need pickle) are refused.
+    """
+    stream = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
+        elif version == (2, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+    except ValueError as error:
+        raise ValueError(f"not a .npy array: {error}") from None
+    if dtype.hasobject:
+        raise ValueError("object arrays are refused: reading them would need pickle")
+    count = math.prod(shape)
+    offset = stream.tell()
+    if len(data) - offset != count * dtype.itemsize:
+        raise ValueError(f".npy data is {len(data) - offset} bytes, expected {count * dtype.itemsize} for {shape}")
+    flat = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+    return flat.reshape(shape, order="F" if fortran_order else "C")
 
 
 def encode_delta(
@@ -23,38 +55,34 @@ def encode_delta(
     return encode(delta, codec, seed=seed)
 
 
-class StreamingMean:
-    """Folds each result in as it is read, so memory holds one model, not K.
+def _cast_like(values: np.ndarray, like: np.ndarray) -> np.ndarray:
+    if like.dtype.kind in "iu":
+        info = np.iinfo(like.dtype)
+        values = np.clip(np.rint(values), info.min, info.max)
+    return values.astype(like.dtype)
 
-    Uncompressed results are client weights; compressed ones are deltas from the global weights of
-    the round. Both can arrive in one round: the deltas' mean is rebased on the global weights.
+
+def average_results(
+    plain: list[tuple[list[np.ndarray], float]],
+    encoded: list[tuple[bytes, float]],
+    global_weights: Sequence[np.ndarray] | None,
+) -> list[np.ndarray]:
+    """The weighted mean of a round's results: client weights (``plain``) and/or fastfed-encoded deltas
+    from ``global_weights`` (``encoded``), in one batched pass over each kind.
+
+    Flower hands the strategy every result at once, and zero-copy views of them cost no memory, so
+    the batched kernels (tiled, many clients per sweep) read each byte once.
     """
-
-    def __init__(self) -> None:
-        self.weights = Accumulator()
-        self.deltas = Accumulator()
-
-    def add_weights(self, arrays: Sequence[np.ndarray], weight: float) -> None:
-        self.weights.add(arrays, weight)
-
-    def add_encoded_delta(self, payload: bytes | memoryview, weight: float) -> None:
-        self.deltas.add_encoded(payload, weight)
-
-    def result(self, global_weights: Sequence[np.ndarray] | None) -> list[np.ndarray]:
-        if self.deltas.count == 0:
-            return self.weights.result()
-        if global_weights is None:
-            raise ValueError("compressed updates need the round's global weights (configure_fit/train was not called)")
-        rebased = Accumulator.from_specs(self.deltas.specs or [])
-        # mean(global + delta) over the compressed clients = global + mean(delta)
-        rebased.add_weighted_sum(
-            [
-                g.astype(np.float64) * self.deltas.total_weight + s
-                for g, s in zip(global_weights, self.deltas.weighted_sums())
-            ],
-            self.deltas.total_weight,
-            self.deltas.count,
-        )
-        if self.weights.count:
-            rebased.merge(self.weights)
-        return rebased.result()
+    if not encoded:
+        return weighted_mean([arrays for arrays, _ in plain], [weight for _, weight in plain])
+    if global_weights is None:
+        raise ValueError("compressed updates need the round's global weights (configure_fit/train was not called)")
+    mean_delta = weighted_mean_encoded([payload for payload, _ in encoded], [weight for _, weight in encoded])
+    # Each compressed client's weights are global + delta, so their mean is global + mean(delta).
+    rebased = [np.asarray(g, np.float64) + d for g, d in zip(global_weights, mean_delta)]
+    if plain:
+        encoded_total = math.fsum(weight for _, weight in encoded)
+        plain_total = math.fsum(weight for _, weight in plain)
+        plain_sums = weighted_sum([arrays for arrays, _ in plain], [weight for _, weight in plain])
+        rebased = [(s + r * encoded_total) / (plain_total + encoded_total) for s, r in zip(plain_sums, rebased)]
+    return [_cast_like(values, np.asarray(g)) for values, g in zip(rebased, global_weights)]

@@ -19,7 +19,7 @@ from flwr.common import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi
 
 from ...compression import UniformQuantizer
-from ._averaging import ARRAY_KEY, StreamingMean, encode_delta
+from ._averaging import ARRAY_KEY, NUMPY_STYPE, average_results, encode_delta, npy_view
 
 __all__ = [
     "ARRAY_KEY",
@@ -67,31 +67,31 @@ class FastAggregationMixin:
         if not valid:
             return parent.aggregate_train(server_round, replies)  # type: ignore[attr-defined, no-any-return]
         contents = [message.content for message in valid]
-        mean = StreamingMean()
-        names: list[str] | None = None
+        plain: list[tuple[list[np.ndarray], float]] = []
+        encoded: list[tuple[bytes, float]] = []
+        names: list[str] = []
         for content in contents:
             record = next(iter(content.array_records.values()))
             weight = float(next(iter(content.metric_records.values()))[self.weighted_by_key])
             if list(record.keys()) == [ARRAY_KEY]:
-                mean.add_encoded_delta(record[ARRAY_KEY].numpy().tobytes(), weight)
+                encoded.append((record[ARRAY_KEY].numpy().tobytes(), weight))
             else:
                 names = names or list(record.keys())
-                mean.add_weights(record.to_numpy_ndarrays(), weight)
+                arrays = [npy_view(a.data) if a.stype == NUMPY_STYPE else a.numpy() for a in record.values()]
+                plain.append((arrays, weight))
         global_weights = None
-        if mean.deltas.count:
-            if self._fastfed_global is None:
-                raise ValueError("compressed replies need the round's arrays (configure_train was not called)")
+        if encoded and self._fastfed_global is not None:
             names = names or list(self._fastfed_global.keys())
             global_weights = self._fastfed_global.to_numpy_ndarrays()
-        assert names is not None  # set by an uncompressed reply or by the compressed branch above
-        averaged = dict(zip(names, mean.result(global_weights)))
+        averaged = dict(zip(names, average_results(plain, encoded, global_weights)))
         single = RecordDict(
             {
                 "arrays": ArrayRecord({name: Array(value) for name, value in averaged.items()}),
                 "metrics": MetricRecord({self.weighted_by_key: 1}),
             }
         )
-        reply = Message(content=single, dst_node_id=valid[0].metadata.dst_node_id, message_type="train")
+        # Built on the first reply's metadata: a new Message would need the run's task identity.
+        reply = Message(metadata=valid[0].metadata, content=single)
         arrays, _ = parent.aggregate_train(server_round, [reply])  # type: ignore[attr-defined]
         if arrays is not None:
             for name, value in averaged.items():
