@@ -17,11 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from ..aggregation import Accumulator
-from ..compression import UniformQuantizer, decode, encode, raw_size_bits, size_bits
+from ..aggregation import Accumulator, LayerSpec
+from ..compression import UniformQuantizer, encode, raw_size_bits, size_bits
 from .aggregators import MeanAggregator, RoundTally, mean
-from .client import ClientTrainer
+from .client import ClientTrainer, resolve_metrics
 from .optimizers import SGD, ServerOptimizer
+from .rounds import GroupResult, RoundSpec, WorkerConfig, derived_seed, split_groups
 
 __all__ = ["FedAvg", "FedAvgState", "RoundFailedError", "evaluate"]
 
@@ -46,11 +47,6 @@ class RoundFailedError(RuntimeError):
     """Too few clients contributed to a round; the state passed to ``next`` is unchanged."""
 
 
-def derived_seed(*path: int) -> int:
-    """A 64-bit seed from integers: every random choice of a run derives from (seed, round, ...)."""
-    return int(np.random.SeedSequence(list(path)).generate_state(1, np.uint64)[0])
-
-
 class FedAvg:
     """Weighted federated averaging over a Keras model.
 
@@ -65,6 +61,12 @@ class FedAvg:
         as ``train_<name>``; default ``["accuracy"]`` (sparse categorical accuracy).
       batch_size, local_epochs: local training settings.
       weighting: ``"num_examples"`` (default) or ``"uniform"``.
+      executor: where clients train: :class:`fastfed.executors.LocalExecutor` (default) or
+        :class:`fastfed.executors.RayExecutor`.
+      clients_per_partial_sum: clients are summed in contiguous groups of this many, one partial sum
+        each, merged in order. The result depends only on this grouping, so any executor with the
+        same value gives the same bits. Default: one group locally, one group per Ray actor.
+      deterministic: deterministic TensorFlow kernels in this process and in every worker.
       min_clients: fewest client updates a round must aggregate (clients that raise or send
         non-finite updates do not count); below it ``next`` raises :class:`RoundFailedError`.
       seed: fixes model initialisation, shuffling and stochastic rounding. Every random choice
@@ -84,6 +86,9 @@ class FedAvg:
         batch_size: int = 32,
         local_epochs: int = 1,
         weighting: str = "num_examples",
+        executor: Any = None,
+        clients_per_partial_sum: int | None = None,
+        deterministic: bool = False,
         min_clients: int = 1,
         seed: int = 0,
     ) -> None:
@@ -91,6 +96,8 @@ class FedAvg:
             raise ValueError(f"weighting must be 'num_examples' or 'uniform', got {weighting!r}")
         if batch_size < 1 or local_epochs < 1 or min_clients < 1:
             raise ValueError("batch_size, local_epochs and min_clients must be positive")
+        if clients_per_partial_sum is not None and clients_per_partial_sum < 1:
+            raise ValueError(f"clients_per_partial_sum must be positive, got {clients_per_partial_sum}")
         self.model_fn = model_fn
         self.client_optimizer = client_optimizer
         self.server_optimizer = server_optimizer or SGD(learning_rate=1.0)
@@ -103,24 +110,55 @@ class FedAvg:
         self.weighting = weighting
         self.min_clients = min_clients
         self.seed = seed
+        self.clients_per_partial_sum = clients_per_partial_sum
+        self.deterministic = deterministic
+        if executor is None:
+            from ..executors import LocalExecutor
+
+            executor = LocalExecutor()
+        self.executor = executor
         self.last_failures: list[tuple[int, str]] = []
-        self._trainer: ClientTrainer | None = None
+        self._worker_config: WorkerConfig | None = None
+        self._metric_templates: list[Any] | None = None
+
+    @property
+    def worker_config(self) -> WorkerConfig:
+        """What each worker builds its trainer from (fixed at the first use)."""
+        if self._worker_config is None:
+            self._worker_config = WorkerConfig(
+                self.model_fn, self.client_optimizer, self.loss, self.metrics, self.batch_size,
+                self.local_epochs, self.aggregator, self.weighting, self.deterministic,
+            )  # fmt: skip
+        return self._worker_config
 
     @property
     def trainer(self) -> ClientTrainer:
-        if self._trainer is None:
-            import keras
+        """The local executor's client trainer (the one Keras model of this process)."""
+        trainer = getattr(self.executor, "trainer", None)
+        if trainer is None:
+            raise AttributeError(f"{type(self.executor).__name__} trains in other processes; it has no local trainer")
+        return trainer(self.worker_config)  # type: ignore[no-any-return]
 
-            loss = self.loss or keras.losses.SparseCategoricalCrossentropy()
-            self._trainer = ClientTrainer(
-                self.model_fn, self.client_optimizer, loss, self.batch_size, self.local_epochs, self.metrics
-            )
-        return self._trainer
+    def _metric_results(self, states: list[list[np.ndarray]] | None) -> dict[str, float]:
+        import keras
+
+        if self._metric_templates is None:
+            self._metric_templates = resolve_metrics(self.metrics)
+        results = {}
+        for metric, state in zip(self._metric_templates, states or []):
+            for variable, value in zip(metric.variables, state):
+                variable.assign(value)
+            results[metric.name] = float(keras.ops.convert_to_numpy(metric.result()))
+        return results
 
     def initialize(self) -> FedAvgState:
         """The initial server state: the model's initial weights (seeded) and optimizer state."""
         import keras
 
+        if self.deterministic:
+            from ..checkpoint import enable_determinism
+
+            enable_determinism()
         keras.utils.set_random_seed(self.seed)
         weights = [np.array(w) for w in self.model_fn().get_weights()]
         return FedAvgState(
@@ -141,43 +179,50 @@ class FedAvg:
         started = time.perf_counter()
         round_seed = derived_seed(self.seed, state.round)
 
+        start: list[np.ndarray] | bytes = state.weights
+        broadcast_bits = raw_size_bits(state.weights) * len(clients)
         if self.broadcast_compression is not None:
-            broadcast = encode(state.weights, self.broadcast_compression, seed=round_seed)
-            client_start = decode(broadcast)
-            broadcast_bits = size_bits(broadcast) * len(clients)
-        else:
-            client_start = state.weights
-            broadcast_bits = raw_size_bits(state.weights) * len(clients)
+            start = encode(state.weights, self.broadcast_compression, seed=round_seed)
+            broadcast_bits = size_bits(start) * len(clients)
 
-        accumulator = Accumulator()
-        tally = RoundTally()
-        bounds = self.aggregator.bounds(state.aggregator_state)
-        trainer = self.trainer
-        trainer.reset_metrics()
-        loss_sum, examples, batches = 0.0, 0, 0
-        self.last_failures = []
+        indexed = []
         for index, (x, y) in enumerate(clients):
             x, y = np.asarray(x), np.asarray(y)
             if len(x) != len(y):
                 raise ValueError(f"client {index}: {len(x)} inputs but {len(y)} labels")
             if len(x) == 0:
                 raise ValueError(f"client {index}: has no examples")
-            client_seed = derived_seed(self.seed, state.round, index)
-            try:
-                result = trainer.train(client_start, x, y, np.random.default_rng(client_seed))
-            except Exception as error:  # a faulty client must not stop the round
-                tally.failed += 1
-                self.last_failures.append((index, repr(error)))
-                log.warning("round %d: client %d failed and is dropped: %r", state.round + 1, index, error)
-                continue
-            delta = [new.astype(np.float32) - old.astype(np.float32) for new, old in zip(result.weights, client_start)]
-            weight = float(result.num_examples) if self.weighting == "num_examples" else 1.0
+            indexed.append((index, x, y))
+        spec = RoundSpec(state.round, self.seed, start, self.aggregator.bounds(state.aggregator_state))
+        positions = split_groups(len(indexed), self.clients_per_partial_sum, self.executor.default_groups)
+        results = self.executor.run(self.worker_config, spec, [[indexed[i] for i in group] for group in positions])
+        return self._merge(state, started, len(clients), results, broadcast_bits)
+
+    def _merge(
+        self, state: FedAvgState, started: float, num_clients: int, results: list[GroupResult], broadcast_bits: int
+    ) -> tuple[FedAvgState, dict[str, float]]:
+        """Merges the groups' partial sums in group order (the order fixes the arithmetic)."""
+        accumulator = Accumulator.from_specs([LayerSpec(w.shape, np.dtype(np.float32)) for w in state.weights])
+        tally = RoundTally()
+        loss_sum, examples, batches = 0.0, 0, 0
+        states: list[list[np.ndarray]] | None = None
+        self.last_failures = []
+        for result in results:
+            if result.sums is not None:
+                accumulator.add_weighted_sum(result.sums, result.total_weight, result.count)
+            tally.merge(result.tally)
             loss_sum += result.loss_sum
-            examples += result.num_examples
-            batches += result.num_batches
-            self.aggregator.contribute(accumulator, delta, weight, bounds, client_seed, tally)
-        return self._finish_round(state, started, len(clients), accumulator, tally, broadcast_bits,
-                                  (loss_sum, examples, batches), trainer.metric_results())  # fmt: skip
+            examples += result.examples
+            batches += result.batches
+            self.last_failures.extend(result.failures)
+            if result.metric_states:
+                states = result.metric_states if states is None else [
+                    [a + b for a, b in zip(mine, theirs)] for mine, theirs in zip(states, result.metric_states)
+                ]  # fmt: skip
+        for index, reason in self.last_failures:
+            log.warning("round %d: client %d failed and is dropped: %s", state.round + 1, index, reason)
+        return self._finish_round(state, started, num_clients, accumulator, tally, broadcast_bits,
+                                  (loss_sum, examples, batches), self._metric_results(states))  # fmt: skip
 
     def _finish_round(
         self,

@@ -90,8 +90,8 @@ class FastAggregationMixin:
                 "metrics": MetricRecord({self.weighted_by_key: 1}),
             }
         )
-        # Built on the first reply's metadata: a new Message would need the run's task identity.
-        reply = Message(metadata=valid[0].metadata, content=single)
+        # A reply to the first reply: unlike a new Message, it needs no task identity of this process.
+        reply = Message(single, reply_to=valid[0])
         arrays, _ = parent.aggregate_train(server_round, [reply])  # type: ignore[attr-defined]
         if arrays is not None:
             for name, value in averaged.items():

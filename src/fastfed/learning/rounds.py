@@ -1,0 +1,142 @@
+"""One round's client work, split into ordered groups that any executor can run anywhere.
+
+Clients are summed in fixed groups (contiguous runs of the round's clients), each group into one
+partial weighted sum, and the partial sums are merged in group order. The arithmetic therefore
+depends only on the grouping, never on which worker ran a group or when, so a Ray round and a local
+round with the same grouping give the same bits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..aggregation import Accumulator
+from ..compression import decode
+from .aggregators import MeanAggregator, RoundTally
+from .client import ClientTrainer
+
+ClientArrays = tuple[np.ndarray, np.ndarray]
+IndexedClient = tuple[int, np.ndarray, np.ndarray]
+
+
+def derived_seed(*path: int) -> int:
+    """A 64-bit seed from integers: every random choice of a run derives from (seed, round, ...)."""
+    return int(np.random.SeedSequence(list(path)).generate_state(1, np.uint64)[0])
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything a worker needs to build its trainer: shipped once to each worker."""
+
+    model_fn: Callable[[], Any]
+    client_optimizer: Callable[[], Any]
+    loss: Any
+    metrics: Sequence[Any] | None
+    batch_size: int
+    local_epochs: int
+    aggregator: MeanAggregator
+    weighting: str
+    deterministic: bool = False
+
+    def build_trainer(self) -> ClientTrainer:
+        import keras
+
+        loss = self.loss or keras.losses.SparseCategoricalCrossentropy()
+        return ClientTrainer(
+            self.model_fn, self.client_optimizer, loss, self.batch_size, self.local_epochs, self.metrics
+        )
+
+
+@dataclass(frozen=True)
+class RoundSpec:
+    """What every group of a round trains from: sent once per round to each worker.
+
+    ``start`` is the broadcast: the global weights, or their fastfed encoding when the broadcast is
+    compressed, so that what travels to workers is the compressed payload.
+    """
+
+    round: int
+    seed: int
+    start: list[np.ndarray] | bytes
+    bounds: tuple[float | None, float | None]
+
+    def start_weights(self) -> list[np.ndarray]:
+        """The weights clients start from, decoded once per process."""
+        decoded: list[np.ndarray] | None = self.__dict__.get("_decoded")
+        if decoded is None:
+            decoded = decode(self.start) if isinstance(self.start, bytes) else self.start
+            object.__setattr__(self, "_decoded", decoded)  # a cache, not state: frozen otherwise
+        return decoded
+
+    def start_bytes(self) -> int:
+        return len(self.start) if isinstance(self.start, bytes) else sum(w.nbytes for w in self.start)
+
+
+@dataclass
+class GroupResult:
+    """One group's partial sum and what its clients did; ``sums`` is ``None`` if none was aggregated."""
+
+    sums: list[np.ndarray] | None
+    total_weight: float
+    count: int
+    tally: RoundTally
+    loss_sum: float
+    examples: int
+    batches: int
+    metric_states: list[list[np.ndarray]]
+    failures: list[tuple[int, str]] = field(default_factory=list)
+
+    @classmethod
+    def lost(cls, clients: Sequence[int], reason: str) -> GroupResult:
+        """A group whose worker died or timed out: all its clients count as failed."""
+        return cls(None, 0.0, 0, RoundTally(failed=len(clients)), 0.0, 0, 0, [], [(i, reason) for i in clients])
+
+
+def split_groups(num_clients: int, clients_per_group: int | None, default_groups: int) -> list[range]:
+    """Contiguous groups of client positions: ``clients_per_group`` each, or ``default_groups`` of them."""
+    size = clients_per_group or max(1, math.ceil(num_clients / max(1, default_groups)))
+    return [range(start, min(num_clients, start + size)) for start in range(0, num_clients, size)]
+
+
+def train_group(
+    trainer: ClientTrainer, config: WorkerConfig, spec: RoundSpec, clients: Sequence[IndexedClient]
+) -> GroupResult:
+    """Trains a group's clients one after another and folds their deltas into one partial sum."""
+    accumulator = Accumulator()
+    tally = RoundTally()
+    trainer.reset_metrics()
+    loss_sum, examples, batches = 0.0, 0, 0
+    failures: list[tuple[int, str]] = []
+    for index, x, y in clients:
+        client_seed = derived_seed(spec.seed, spec.round, index)
+        try:
+            result = trainer.train(spec.start_weights(), x, y, np.random.default_rng(client_seed))
+        except Exception as error:  # a faulty client must not stop the round
+            tally.failed += 1
+            failures.append((index, repr(error)))
+            continue
+        delta = [
+            new.astype(np.float32) - old.astype(np.float32) for new, old in zip(result.weights, spec.start_weights())
+        ]
+        weight = float(result.num_examples) if config.weighting == "num_examples" else 1.0
+        loss_sum += result.loss_sum
+        examples += result.num_examples
+        batches += result.num_batches
+        config.aggregator.contribute(accumulator, delta, weight, spec.bounds, client_seed, tally)
+    sums = accumulator.weighted_sums() if tally.aggregated else None
+    return GroupResult(
+        sums,
+        accumulator.total_weight,
+        tally.aggregated,
+        tally,
+        loss_sum,
+        examples,
+        batches,
+        trainer.metric_states(),
+        failures,
+    )
