@@ -80,3 +80,19 @@ def require_rotation_shape(n: int, chunk: int, padded: int) -> None:
         raise ValueError(f"chunk: expected a power of two, got {chunk}")
     if padded % chunk or padded < n or padded - n >= chunk:
         raise ValueError(f"padded length {padded} does not fit {n} values in chunks of {chunk}")
+
+
+def check_weighted_sum_quantized(
+    packed: Sequence[np.ndarray], bits: int, scales: np.ndarray, out: np.ndarray
+) -> np.ndarray:
+    """Checks the arguments of ``weighted_sum_quantized``; returns the scales as float32."""
+    require_bits(bits)
+    require_float(out, "out")
+    if len(packed) == 0:
+        raise ValueError("packed: expected at least one array")
+    scales = np.ascontiguousarray(scales, dtype=np.float32)
+    if scales.shape != (len(packed),):
+        raise ValueError(f"scales: expected shape ({len(packed)},)")
+    for k, data in enumerate(packed):
+        require_packed(data, out.shape[0], bits, f"packed[{k}]")
+    return scales

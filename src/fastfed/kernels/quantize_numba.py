@@ -8,7 +8,14 @@ from numba import prange
 from numba.typed import List
 
 from . import quantize_numpy as reference
-from ._checks import require_bits, require_flat, require_float, require_packed, require_rotation_shape
+from ._checks import (
+    check_weighted_sum_quantized,
+    require_bits,
+    require_flat,
+    require_float,
+    require_packed,
+    require_rotation_shape,
+)
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -246,15 +253,7 @@ def weighted_sum_quantized(
     packed: list[np.ndarray], bits: int, scales: np.ndarray, offset: float, divisor: float, out: np.ndarray
 ) -> None:
     """``out = (sum_k scales[k] * unpack(packed[k]) + offset) / divisor``; see the NumPy reference."""
-    require_bits(bits)
-    require_float(out, "out")
-    if len(packed) == 0:
-        raise ValueError("packed: expected at least one array")
-    scales = np.ascontiguousarray(scales, dtype=np.float32)
-    if scales.shape != (len(packed),):
-        raise ValueError(f"scales: expected shape ({len(packed)},)")
-    for k, data in enumerate(packed):
-        require_packed(data, out.shape[0], bits, f"packed[{k}]")
+    scales = check_weighted_sum_quantized(packed, bits, scales, out)
     _weighted_sum_quantized(List(packed), bits, scales, float(offset), float(divisor), out)
 
 

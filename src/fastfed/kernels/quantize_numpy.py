@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._checks import (
+    check_weighted_sum_quantized,
     require_bits,
     require_flat,
     require_float,
@@ -126,16 +127,8 @@ def weighted_sum_quantized(
     The level sums run in float32 over blocks of eight clients, in client order, each block sum
     added to a float64 accumulator that starts at zero; ``offset`` is added last.
     """
-    require_bits(bits)
-    require_float(out, "out")
-    if len(packed) == 0:
-        raise ValueError("packed: expected at least one array")
-    scales = np.ascontiguousarray(scales, dtype=np.float32)
-    if scales.shape != (len(packed),):
-        raise ValueError(f"scales: expected shape ({len(packed)},)")
+    scales = check_weighted_sum_quantized(packed, bits, scales, out)
     n = out.shape[0]
-    for k, data in enumerate(packed):
-        require_packed(data, n, bits, f"packed[{k}]")
     acc = np.zeros(n, dtype=np.float64)
     for first in range(0, len(packed), CLIENT_BLOCK):
         block_sum = np.zeros(n, dtype=np.float32)
