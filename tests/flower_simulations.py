@@ -16,6 +16,8 @@ from typing import Any
 
 # Ray warns about GPU visibility defaults on every start; the tests run with warnings as errors.
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+# A private Ray instance per simulation, never a cluster that `ray start` left on this machine.
+os.environ["RAY_ADDRESS"] = "local"
 
 import numpy as np
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict

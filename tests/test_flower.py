@@ -157,3 +157,15 @@ def test_mixed_compressed_and_plain_results_in_one_round() -> None:
     expected = [sum(n * u[j].astype(np.float64) for n, u in zip([10, 20, 30, 40], updated)) / 100 for j in range(2)]
     np.testing.assert_allclose(mean[0], expected[0], atol=1e-5)
     assert mean[1].dtype == np.int64 and mean[1] == np.rint(expected[1])
+
+
+def test_compressed_scalar_tensors_come_back_as_arrays() -> None:
+    from fastfed.compression import UniformQuantizer
+    from fastfed.integrations.flower._averaging import average_results, encode_delta
+
+    global_weights = [np.ones(3, np.float32), np.array(4, np.int64)]
+    updated = [np.full(3, 2.0, np.float32), np.array(6, np.int64)]
+    payload = encode_delta(updated, global_weights, UniformQuantizer(bits=8, min_size=0), seed=0)
+    mean = average_results([], [(payload, 1.0)], global_weights)
+    assert all(isinstance(array, np.ndarray) for array in mean)
+    assert mean[1].shape == () and mean[1].dtype == np.int64 and mean[1] == 6

@@ -56,10 +56,11 @@ def encode_delta(
 
 
 def _cast_like(values: np.ndarray, like: np.ndarray) -> np.ndarray:
+    """``values`` in ``like``'s dtype and shape (integers rounded); always an array, even 0-d."""
     if like.dtype.kind in "iu":
         info = np.iinfo(like.dtype)
         values = np.clip(np.rint(values), info.min, info.max)
-    return values.astype(like.dtype)
+    return np.asarray(values).astype(like.dtype).reshape(like.shape)
 
 
 def average_results(
