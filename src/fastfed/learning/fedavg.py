@@ -179,11 +179,13 @@ class FedAvg:
         started = time.perf_counter()
         round_seed = derived_seed(self.seed, state.round)
 
-        start: list[np.ndarray] | bytes = state.weights
-        broadcast_bits = raw_size_bits(state.weights) * len(clients)
+        start: list[np.ndarray] | bytes
         if self.broadcast_compression is not None:
             start = encode(state.weights, self.broadcast_compression, seed=round_seed)
             broadcast_bits = size_bits(start) * len(clients)
+        else:
+            start = state.weights
+            broadcast_bits = raw_size_bits(state.weights) * len(clients)
 
         indexed = []
         for index, (x, y) in enumerate(clients):
