@@ -118,12 +118,15 @@ def _accumulate_entry(acc: np.ndarray, entry: Entry, weight: float) -> None:
         kernels().aggregate.accumulate(acc, entry.decode().astype(np.float32, copy=False).reshape(-1), weight)
 
 
-def _finish(values: np.ndarray, spec: LayerSpec) -> np.ndarray:
-    """Casts a float64 mean to the layer's dtype; integers round to nearest (half to even)."""
+def cast_to_layer(values: np.ndarray, spec: LayerSpec) -> np.ndarray:
+    """Casts a float64 mean to the layer's dtype and shape; integers round to nearest (half to even).
+
+    Always returns an array, a 0-d one for scalar layers.
+    """
     if spec.dtype.kind in "iu":
         info = np.iinfo(spec.dtype)
         values = np.clip(np.rint(values), info.min, info.max)
-    return values.astype(spec.dtype, copy=False).reshape(spec.shape)
+    return np.asarray(values).astype(spec.dtype, copy=False).reshape(spec.shape)
 
 
 def _kernel_output(spec: LayerSpec, as_sum: bool) -> np.ndarray:
@@ -167,7 +170,7 @@ def _combine(updates: object, weights: Sequence[float] | np.ndarray | None, as_s
             kernel.weighted_sum_layer([clients[k][j] for k in active], active_weights, divisor, out)
         else:
             out[:] = 0.0
-        result.append(out.reshape(spec.shape) if as_sum else _finish(out, spec))
+        result.append(out.reshape(spec.shape) if as_sum else cast_to_layer(out, spec))
     return result
 
 
@@ -310,7 +313,7 @@ class Accumulator:
         total = self.total_weight
         if total == 0.0:
             raise ValueError("the weights sum to zero; at least one client needs a positive weight")
-        return [_finish(acc / total, spec) for acc, spec in zip(self._sums, self._specs)]
+        return [cast_to_layer(acc / total, spec) for acc, spec in zip(self._sums, self._specs)]
 
     def reset(self) -> None:
         """Forgets every update but keeps the layer specs and buffers for the next round."""
@@ -333,7 +336,7 @@ def _mean_of_column(column: list[Entry], weights: np.ndarray, total: float, spec
     if all(entry.codec == CODEC_RAW for entry in column):
         out = _kernel_output(spec, as_sum=False)
         kernels().aggregate.weighted_sum_layer([entry.raw_values() for entry in column], weights, total, out)
-        return _finish(out, spec)
+        return cast_to_layer(out, spec)
     if all(e.codec == CODEC_UNIFORM and e.block == 0 and e.bits == first.bits for e in column):
         # x = min + step * q: the offsets add up once, the levels stream through the tiled kernel.
         scales = np.array(
@@ -342,11 +345,11 @@ def _mean_of_column(column: list[Entry], weights: np.ndarray, total: float, spec
         offset = math.fsum(w * e.minimum for w, e in zip(weights, column))
         out = _kernel_output(spec, as_sum=False)
         kernels().quantize.weighted_sum_quantized([e.data for e in column], first.bits, scales, offset, total, out)
-        return _finish(out, spec)
+        return cast_to_layer(out, spec)
     acc = np.zeros(spec.size, dtype=np.float64)  # mixed codecs or rotated tensors: one client at a time
     for entry, weight in zip(column, weights):
         _accumulate_entry(acc, entry, float(weight))
-    return _finish(acc / total, spec)
+    return cast_to_layer(acc / total, spec)
 
 
 def weighted_mean_encoded(

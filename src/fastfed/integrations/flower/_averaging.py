@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ...aggregation import weighted_mean, weighted_mean_encoded, weighted_sum
+from ...aggregation import LayerSpec, cast_to_layer, weighted_mean, weighted_mean_encoded, weighted_sum
 from ...compression import UniformQuantizer, encode
 
 TENSOR_TYPE = "fastfed.update.v1"  # Parameters.tensor_type of a compressed update (legacy API)
@@ -55,14 +55,6 @@ def encode_delta(
     return encode(delta, codec, seed=seed)
 
 
-def _cast_like(values: np.ndarray, like: np.ndarray) -> np.ndarray:
-    """``values`` in ``like``'s dtype and shape (integers rounded); always an array, even 0-d."""
-    if like.dtype.kind in "iu":
-        info = np.iinfo(like.dtype)
-        values = np.clip(np.rint(values), info.min, info.max)
-    return np.asarray(values).astype(like.dtype).reshape(like.shape)
-
-
 def average_results(
     plain: list[tuple[list[np.ndarray], float]],
     encoded: list[tuple[bytes, float]],
@@ -86,4 +78,6 @@ def average_results(
         plain_total = math.fsum(weight for _, weight in plain)
         plain_sums = weighted_sum([arrays for arrays, _ in plain], [weight for _, weight in plain])
         rebased = [(s + r * encoded_total) / (plain_total + encoded_total) for s, r in zip(plain_sums, rebased)]
-    return [_cast_like(values, np.asarray(g)) for values, g in zip(rebased, global_weights)]
+    return [
+        cast_to_layer(values, LayerSpec(np.shape(g), np.asarray(g).dtype)) for values, g in zip(rebased, global_weights)
+    ]
