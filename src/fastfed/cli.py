@@ -171,11 +171,11 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     (output / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     if checkpoint is None:
         state, history = process.initialize(), []
-        shutil.rmtree(output / "tensorboard", ignore_errors=True)
     else:
-        # The checkpoint's history is the record: rounds logged after it are redone, not duplicated.
         state, history = checkpoint.state, list(checkpoint.metrics_history)
-        shutil.rmtree(output / "tensorboard", ignore_errors=True)
+    # The history is the record: the logs are rewritten from it, so rounds logged after the
+    # checkpoint are redone rather than duplicated.
+    shutil.rmtree(output / "tensorboard", ignore_errors=True)
     _write_csv(output / "metrics.csv", history)
     writer = tf.summary.create_file_writer(str(output / "tensorboard"))
     for row in history:
