@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from .._backend import kernels
+from ..kernels.quantize_numpy import GOLDEN, MIX1, MIX2
 
 __all__ = ["UniformQuantizer"]
 
@@ -27,14 +28,14 @@ STREAM_SIGNS = 0xBB67AE8584CAA73B
 def mix64(z: int) -> int:
     """splitmix64's output function on a Python int (Steele et al. 2014)."""
     z &= _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    z = ((z ^ (z >> 30)) * int(MIX1)) & _MASK64
+    z = ((z ^ (z >> 27)) * int(MIX2)) & _MASK64
     return z ^ (z >> 31)
 
 
 def tensor_seed(seed: int, index: int) -> int:
     """The seed of tensor ``index`` of an update encoded with ``seed``."""
-    return mix64(seed + (index + 1) * 0x9E3779B97F4A7C15)
+    return mix64(seed + (index + 1) * int(GOLDEN))
 
 
 def stream_key(seed: int, stream: int) -> int:

@@ -16,19 +16,17 @@ from ._checks import (
     require_packed,
     require_rotation_shape,
 )
+from .quantize_numpy import GOLDEN, MIX1, MIX2
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
 _ONE = np.uint64(1)
 _GROUP_BLOCK = 4096  # groups of 8 values per parallel task
 
 
 @numba.njit(inline="always")
 def _random_bits(key, index):  # type: ignore[no-untyped-def]
-    z = np.uint64(key) + (np.uint64(index) + _ONE) * _GOLDEN
-    z = (z ^ (z >> np.uint64(30))) * _MIX1
-    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    z = np.uint64(key) + (np.uint64(index) + _ONE) * GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * MIX1
+    z = (z ^ (z >> np.uint64(27))) * MIX2
     return z ^ (z >> np.uint64(31))
 
 

@@ -33,21 +33,23 @@ __all__ = [
     "weighted_sum_quantized",
 ]
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
+# splitmix64's increment and multipliers (Steele et al. 2014); every backend and the seed
+# derivation in fastfed.compression use these.
+GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+MIX2 = np.uint64(0x94D049BB133111EB)
 
 
 def _mix64(z: np.ndarray) -> np.ndarray:
-    z = (z ^ (z >> np.uint64(30))) * _MIX1
-    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    z = (z ^ (z >> np.uint64(30))) * MIX1
+    z = (z ^ (z >> np.uint64(27))) * MIX2
     return np.asarray(z ^ (z >> np.uint64(31)))
 
 
 def random_bits(key: int, start: int, count: int) -> np.ndarray:
     """splitmix64 outputs for indices ``start .. start+count-1`` of the stream ``key``."""
     index = np.arange(start + 1, start + count + 1, dtype=np.uint64)
-    return _mix64(np.uint64(key) + index * _GOLDEN)
+    return _mix64(np.uint64(key) + index * GOLDEN)
 
 
 def random_uniform(key: int, count: int) -> np.ndarray:
