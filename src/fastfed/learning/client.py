@@ -78,22 +78,11 @@ class ClientTrainer:
 
     def metric_states(self) -> list[list[np.ndarray]]:
         """The metrics' state variables. Keras metrics keep running sums, so states of different
-        clients (or workers) add up to the state of all their examples together."""
+        clients (or workers) add up to the state of all their examples together; FedAvg reads the
+        summed states back through metrics of the same kind."""
         import keras
 
         return [[keras.ops.convert_to_numpy(v) for v in metric.variables] for metric in self.metrics]
-
-    def metric_results(self, states: list[list[np.ndarray]] | None = None) -> dict[str, float]:
-        """Each metric's value, from its current state or from ``states`` (e.g. summed over workers)."""
-        import keras
-
-        results = {}
-        for index, metric in enumerate(self.metrics):
-            if states is not None:
-                for variable, value in zip(metric.variables, states[index]):
-                    variable.assign(value)
-            results[metric.name] = float(keras.ops.convert_to_numpy(metric.result()))
-        return results
 
     def _build_step(self, x: np.ndarray, y: np.ndarray) -> Any:
         tf = self._tf
