@@ -108,7 +108,7 @@ def encode(update: Sequence[Any], codec: UniformQuantizer | None = None, *, seed
     if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
         raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
     table: list[bytes] = []
-    payloads: list[bytes | np.ndarray] = []
+    payloads: list[memoryview] = []
     for index, layer in enumerate(update):
         array = np.asarray(layer)
         dtype = array.dtype.newbyteorder("=")
@@ -125,10 +125,10 @@ def encode(update: Sequence[Any], codec: UniformQuantizer | None = None, *, seed
             flags = (FLAG_STOCHASTIC if codec.stochastic else 0) | (FLAG_ROTATED if codec.rotate else 0)
             head = (CODEC_UNIFORM, codec.bits, flags)
             tail = (quantized.block, quantized.minimum, quantized.maximum, quantized.packed.nbytes)
-            data: bytes | np.ndarray = quantized.packed
+            data = quantized.packed.data  # the array's own memoryview: no copy
         else:
             raw = np.ascontiguousarray(array, dtype=dtype.newbyteorder("<")).tobytes()
-            head, tail, data = (CODEC_RAW, 0, 0), (0, 0.0, 0.0, len(raw)), raw
+            head, tail, data = (CODEC_RAW, 0, 0), (0, 0.0, 0.0, len(raw)), memoryview(raw)
         block, minimum, maximum, length = tail
         table.append(
             ENTRY.pack(*head, DTYPE_CODES[dtype], array.ndim)
@@ -136,11 +136,9 @@ def encode(update: Sequence[Any], codec: UniformQuantizer | None = None, *, seed
             + ENTRY_TAIL.pack(array.size, block, 0, minimum, maximum, own_seed, length)
         )
         payloads.append(data)
-    body_length = (
-        HEADER.size + sum(map(len, table)) + sum(len(p) if isinstance(p, bytes) else p.nbytes for p in payloads)
-    )
+    body_length = HEADER.size + sum(map(len, table)) + sum(p.nbytes for p in payloads)
     header = HEADER.pack(MAGIC, VERSION, 0, len(table), body_length + CHECKSUM.size)
-    body = b"".join([header, *table, *(p if isinstance(p, bytes) else p.data for p in payloads)])
+    body = b"".join([header, *table, *payloads])
     return body + CHECKSUM.pack(crc32(body))
 
 
