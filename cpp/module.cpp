@@ -2,6 +2,10 @@
 // fastfed.kernels (the NumPy reference and Numba twins).
 #include <pybind11/pybind11.h>
 
+#include <string>
+
+#include "common/cpu.hpp"
+#include "common/crc32.hpp"
 #include "common/parallel.hpp"
 
 namespace py = pybind11;
@@ -9,6 +13,33 @@ namespace py = pybind11;
 namespace fastfed {
 void register_aggregate(py::module_& m);
 void register_quantize(py::module_& m);
+
+namespace {
+
+// A contiguous buffer borrowed from any bytes-like object; non-contiguous exporters are refused.
+class borrowed_bytes {
+   public:
+    explicit borrowed_bytes(const py::object& object) {
+        if (PyObject_GetBuffer(object.ptr(), &view_, PyBUF_SIMPLE) != 0) throw py::error_already_set();
+    }
+    borrowed_bytes(const borrowed_bytes&) = delete;
+    borrowed_bytes& operator=(const borrowed_bytes&) = delete;
+    ~borrowed_bytes() { PyBuffer_Release(&view_); }
+    const std::uint8_t* data() const { return static_cast<const std::uint8_t*>(view_.buf); }
+    std::size_t size() const { return static_cast<std::size_t>(view_.len); }
+
+   private:
+    Py_buffer view_{};
+};
+
+std::uint32_t crc32(const py::object& data, std::uint32_t value) {
+    const borrowed_bytes bytes(data);
+    // Safe: the buffer stays exported until `bytes` is destroyed, after the GIL is re-taken.
+    const py::gil_scoped_release release;
+    return crc32_parallel(value, bytes.data(), bytes.size());
+}
+
+}  // namespace
 }  // namespace fastfed
 
 PYBIND11_MODULE(_core, m) {
@@ -16,6 +47,12 @@ PYBIND11_MODULE(_core, m) {
     m.def("num_threads", &fastfed::num_threads, "Threads the native kernels use.");
     m.def("set_num_threads", &fastfed::set_num_threads, py::arg("n"),
           "Sets the threads the native kernels use; 0 restores the default (FASTFED_NUM_THREADS or all cores).");
+    m.def("isa", [] { return fastfed::isa_name(fastfed::active_isa()); }, "The instruction set level the kernels use.");
+    m.def("best_isa", [] { return fastfed::isa_name(fastfed::best_isa()); }, "The highest instruction set level this CPU supports.");
+    m.def("set_isa", [](const std::string& name) { fastfed::set_isa(fastfed::isa_from_name(name)); }, py::arg("name"),
+          "Sets the instruction set level: 'baseline', 'avx2' or 'avx512' (at most best_isa()); results do not depend on it.");
+    m.def("crc32", &fastfed::crc32, py::arg("data"), py::arg("value") = 0,
+          "zlib-compatible CRC-32 of a bytes-like object, continued from value; folded with carry-less multiplication.");
     auto aggregate = m.def_submodule("aggregate");
     fastfed::register_aggregate(aggregate);
     auto quantize = m.def_submodule("quantize");

@@ -10,6 +10,7 @@
 #include <cstddef>
 #include <vector>
 
+#include "../common/cpu.hpp"
 #include "../common/parallel.hpp"
 #include "../common/scalar.hpp"
 
@@ -23,7 +24,7 @@ void weighted_sum(const std::vector<const Source*>& sources, const double* weigh
                   std::size_t n) {
     const std::size_t n_sources = sources.size();
     const std::size_t n_tiles = (n + kTile - 1) / kTile;
-    parallel_for(n_tiles, 8, n_sources * kTile, [&](std::size_t first_tile, std::size_t end_tile) {
+    parallel_for(n_tiles, 8, n_sources * kTile, [&](std::size_t first_tile, std::size_t end_tile) { run_vectorized([&] {
         double acc[kTile];
         for (std::size_t tile = first_tile; tile < end_tile; ++tile) {
             const std::size_t begin = tile * kTile;
@@ -59,14 +60,16 @@ void weighted_sum(const std::vector<const Source*>& sources, const double* weigh
             }
             for (std::size_t i = 0; i < length; ++i) out[begin + i] = static_cast<Output>(acc[i] / divisor);
         }
-    });
+    }); });
 }
 
 // acc[i] += weight * source[i]: one client into a streaming accumulator.
 template <class Source>
 void accumulate(double* acc, const Source* source, double weight, std::size_t n) {
     parallel_for(n, 1 << 16, 1, [&](std::size_t begin, std::size_t end) {
-        for (std::size_t i = begin; i < end; ++i) acc[i] += weight * to_double(source[i]);
+        run_vectorized([&] {
+            for (std::size_t i = begin; i < end; ++i) acc[i] += weight * to_double(source[i]);
+        });
     });
 }
 

@@ -1,0 +1,22 @@
+// CRC-32 with zlib's polynomial (reflected 0xEDB88320), compatible with zlib.crc32:
+// crc32_update(crc32_update(0, a), b) == zlib.crc32(a + b).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace fastfed {
+
+// The CRC-32 of data[0, n) continued from `crc` (0 starts a new checksum). Folds 64 bytes per
+// step with carry-less multiplication where the CPU has it (Gopal et al. 2009, "Fast CRC
+// Computation for Generic Polynomials Using PCLMULQDQ Instruction"), else slice-by-8 tables.
+std::uint32_t crc32_update(std::uint32_t crc, const std::uint8_t* data, std::size_t n);
+
+// crc32(a + b) from crc32(a), crc32(b) and len(b), as zlib's crc32_combine: crc(a) is moved
+// past len(b) bytes by multiplying with x^(8 len(b)) modulo the polynomial.
+std::uint32_t crc32_combine(std::uint32_t crc_a, std::uint32_t crc_b, std::size_t length_b);
+
+// crc32_update over megabyte chunks on all kernel threads, combined in order.
+std::uint32_t crc32_parallel(std::uint32_t crc, const std::uint8_t* data, std::size_t n);
+
+}  // namespace fastfed
