@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastfed
-from fastfed.compression import DecodeError, UniformQuantizer, decode, encode, parse, size_bits
+from fastfed import aggregation
+from fastfed.compression import DecodeError, UniformQuantizer, decode, encode, parse, size_bits, wire
 
 CNN_SHAPES = [(5, 5, 1, 32), (32,), (5, 5, 32, 64), (64,), (3136, 512), (512,), (512, 10), (10,)]
 CNN_PARAMS = 1_663_370
@@ -168,6 +169,62 @@ def test_batched_mean_validates_every_payload_first() -> None:
         fastfed.weighted_mean_encoded([good, encode([np.ones(5, np.float32)])])
     with pytest.raises(ValueError, match="weights sum to zero"):
         fastfed.weighted_mean_encoded([good], [0.0])
+
+
+def _shared_layout_batch() -> tuple[list[bytes], np.ndarray]:
+    updates = [_cnn_update(seed) for seed in range(12)]
+    payloads = [encode(u, UniformQuantizer(bits=8, min_size=1000), seed=s) for s, u in enumerate(updates)]
+    return payloads, np.arange(1.0, 13.0)
+
+
+def test_one_pass_mean_equals_the_verify_first_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    payloads, weights = _shared_layout_batch()
+    one_pass = fastfed.weighted_mean_encoded(payloads, weights)
+    layout = wire.match_layout([memoryview(p) for p in payloads], wire.parse(payloads[0]))
+    assert layout.matches.all()
+
+    def nothing_matches(buffers: list[memoryview], template: list[wire.Entry]) -> wire.SharedLayout:
+        shared = layout_of(buffers, template)
+        return wire.SharedLayout(np.zeros_like(shared.matches), shared.minimums, shared.maximums)
+
+    layout_of = wire.match_layout
+    monkeypatch.setattr(aggregation, "match_layout", nothing_matches)
+    verify_first = fastfed.weighted_mean_encoded(payloads, weights)
+    for a, b in zip(one_pass, verify_first, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("where", ["table seed", "raw layer", "quantized levels", "stored checksum"])
+def test_one_pass_mean_detects_corruption_anywhere(where: str) -> None:
+    payloads, weights = _shared_layout_batch()
+    entries = wire.parse(payloads[9])
+    raw = next(e for e in entries if e.codec == wire.CODEC_RAW)
+    levels = next(e for e in entries if e.codec == wire.CODEC_UNIFORM)
+    position = {
+        "table seed": entries[0].offset - 12,  # the last table entry's seed: any value is valid structure
+        "raw layer": raw.offset + 3,
+        "quantized levels": levels.offset + levels.data.nbytes // 2,
+        "stored checksum": len(payloads[9]) - 2,
+    }[where]
+    corrupted = bytearray(payloads[9])
+    corrupted[position] ^= 0x10
+    payloads[9] = bytes(corrupted)
+    with pytest.raises(DecodeError, match="client 9: invalid fastfed payload: checksum mismatch"):
+        fastfed.weighted_mean_encoded(payloads, weights)
+    weights[9] = 0.0  # a client that is not averaged is still verified
+    with pytest.raises(DecodeError, match="client 9: invalid fastfed payload: checksum mismatch"):
+        fastfed.weighted_mean_encoded(payloads, weights)
+
+
+def test_one_pass_mean_sends_bad_ranges_to_full_validation() -> None:
+    payloads, weights = _shared_layout_batch()
+    levels = next(e for e in wire.parse(payloads[4]) if e.codec == wire.CODEC_UNIFORM)
+    corrupted = bytearray(payloads[4])
+    range_field = payloads[4].index(struct.pack("<dd", levels.minimum, levels.maximum))
+    struct.pack_into("<d", corrupted, range_field, float("nan"))
+    payloads[4] = _rewrite_checksum(corrupted)
+    with pytest.raises(DecodeError, match=r"client 4: invalid fastfed payload: tensor \d+: bad range \[nan"):
+        fastfed.weighted_mean_encoded(payloads, weights)
 
 
 def test_add_encoded_names_the_client_and_keeps_state() -> None:

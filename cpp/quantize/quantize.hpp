@@ -23,8 +23,13 @@
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
-
+#include "../common/cpu.hpp"
+#include "../common/crc32.hpp"
 #include "../common/parallel.hpp"
+
+#if defined(FASTFED_X86_DISPATCH)
+#include <immintrin.h>
+#endif
 
 // uint8_t may alias anything, so loops over packed bytes vectorize only with this promise.
 #if defined(__GNUC__) || defined(_MSC_VER)
@@ -122,7 +127,7 @@ min_max_result min_max(const Source* x, std::size_t n) {
     parallel_for(n_blocks, 1, kGrain, [&](std::size_t first, std::size_t last) {
         for (std::size_t block = first; block < last; ++block) {
             partial& p = partials[block];
-            min_max_range(x, block * kGrain, std::min(n, (block + 1) * kGrain), p.lo, p.hi, p.has_nan);
+            run_vectorized([&] { min_max_range(x, block * kGrain, std::min(n, (block + 1) * kGrain), p.lo, p.hi, p.has_nan); });
         }
     });
     // Infinities surface as the minimum or maximum; NaNs, which compare false, are flagged.
@@ -177,10 +182,12 @@ void quantize_pack(const Source* x, std::size_t n, unsigned bits, bool stochasti
     const std::size_t n_groups = (n + 7) / 8;
     parallel_for(n_groups, 4096, 8, [&](std::size_t first_group, std::size_t end_group) {
         const std::size_t begin = first_group * 8, end = std::min(n, end_group * 8);
-        if (stochastic)
-            quantize_pack_range<true>(x, begin, end, bits, key, offset, scale, out);
-        else
-            quantize_pack_range<false>(x, begin, end, bits, key, offset, scale, out);
+        run_vectorized([&] {
+            if (stochastic)
+                quantize_pack_range<true>(x, begin, end, bits, key, offset, scale, out);
+            else
+                quantize_pack_range<false>(x, begin, end, bits, key, offset, scale, out);
+        });
     });
 }
 
@@ -211,13 +218,15 @@ void unpack_dequantize(const std::uint8_t* FASTFED_RESTRICT packed, std::size_t 
                        Output* FASTFED_RESTRICT out) {
     const std::size_t n_groups = (n + 7) / 8;
     parallel_for(n_groups, 4096, 8, [&](std::size_t first_group, std::size_t end_group) {
-        if (bits == 8) {
-            for (std::size_t i = first_group * 8; i < std::min(n, end_group * 8); ++i)
-                out[i] = static_cast<Output>(offset + static_cast<double>(packed[i]) * step);
-            return;
-        }
-        unpack_range(packed, first_group * 8, std::min(n, end_group * 8), bits, [&](std::size_t i, std::uint32_t q) {
-            out[i] = static_cast<Output>(offset + static_cast<double>(q) * step);
+        run_vectorized([&] {
+            if (bits == 8) {
+                for (std::size_t i = first_group * 8; i < std::min(n, end_group * 8); ++i)
+                    out[i] = static_cast<Output>(offset + static_cast<double>(packed[i]) * step);
+                return;
+            }
+            unpack_range(packed, first_group * 8, std::min(n, end_group * 8), bits, [&](std::size_t i, std::uint32_t q) {
+                out[i] = static_cast<Output>(offset + static_cast<double>(q) * step);
+            });
         });
     });
 }
@@ -228,80 +237,168 @@ inline void unpack_dequantize_accumulate(const std::uint8_t* packed, std::size_t
                                          double weight, double* acc) {
     const std::size_t n_groups = (n + 7) / 8;
     parallel_for(n_groups, 4096, 8, [&](std::size_t first_group, std::size_t end_group) {
-        unpack_range(packed, first_group * 8, std::min(n, end_group * 8), bits, [&](std::size_t i, std::uint32_t q) {
-            const float decoded = static_cast<float>(offset + static_cast<double>(q) * step);
-            acc[i] += weight * static_cast<double>(decoded);
+        run_vectorized([&] {
+            unpack_range(packed, first_group * 8, std::min(n, end_group * 8), bits, [&](std::size_t i, std::uint32_t q) {
+                const float decoded = static_cast<float>(offset + static_cast<double>(q) * step);
+                acc[i] += weight * static_cast<double>(decoded);
+            });
         });
     });
 }
 
 // out[i] = (sum over clients of scales[k] * q_k[i] + offset) / divisor, for K packed tensors of one
-// bit width: the batched path of fastfed.weighted_mean_encoded.
+// bit width: the batched path of fastfed.weighted_mean_encoded. Also continues checksums[k] over
+// packed[k] (zlib's CRC-32), so the payloads are verified in the same pass that reads them.
 //
 // With x = min + step * q, a weighted mean is (sum_k w_k min_k + sum_k (w_k step_k) q_k) / W; the
 // caller passes offset = sum_k w_k min_k and scales = w_k step_k, and the level sums are computed
-// here reading each packed byte once. Parameters are tiled as in cpp/aggregate, with the float64
-// accumulator tile in cache. Within a tile, blocks of eight clients are summed in float32 (scale_k
-// * q_k added in client order, starting from zero) and each block sum is added to the tile. The
-// float32 part carries only values relative to each tensor's range, so its rounding stays orders
-// of magnitude below the quantization step.
-inline constexpr std::size_t kTile = 8192;  // a multiple of 8, so every tile starts on a byte
+// here reading each packed byte once from memory. Parameters are tiled as in cpp/aggregate, with
+// the float64 accumulator tile in cache. Within a tile, blocks of eight clients are first
+// checksummed, then (now cache-hot) summed in float32 (scale_k * q_k added in client order,
+// starting from zero), and each block sum is added to the tile. The float32 part carries only
+// values relative to each tensor's range, so its rounding stays orders of magnitude below the
+// quantization step.
+inline constexpr std::size_t kTile = 16384;  // a multiple of 8, so every tile starts on a byte
 inline constexpr std::size_t kClientBlock = 8;
+
+#if defined(FASTFED_X86_DISPATCH)
+// Eight 8-bit levels at p, as floats.
+FASTFED_TARGET("avx2") inline __m256 levels_avx2(const std::uint8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+// The full 8-bit client block of sum_quantized_tiles, eight elements per step with the same
+// operations in the same order. The sum starts from the first product instead of 0 + product:
+// equal unless the product is -0.0, which then adds to the +0.0-started accumulator as +0.0 does.
+// Returns how many elements it did; the caller finishes the rest.
+FASTFED_TARGET("avx2") inline std::size_t sum_client_block_avx2(const std::uint8_t* const* q, const float* scales, double* acc,
+                                                                std::size_t length, const std::uint8_t* const* next, std::size_t n_next) {
+    const __m256 s0 = _mm256_set1_ps(scales[0]), s1 = _mm256_set1_ps(scales[1]), s2 = _mm256_set1_ps(scales[2]),
+                 s3 = _mm256_set1_ps(scales[3]), s4 = _mm256_set1_ps(scales[4]), s5 = _mm256_set1_ps(scales[5]),
+                 s6 = _mm256_set1_ps(scales[6]), s7 = _mm256_set1_ps(scales[7]);
+    std::size_t i = 0;
+    // Two independent groups of eight per step, so the dependent adds of one hide the other's.
+    for (; i + 16 <= length; i += 16) {
+        // Pull the next clients' bytes of this tile into cache meanwhile, for their checksum.
+        if (i % 64 == 0)
+            for (std::size_t j = 0; j < n_next; ++j) _mm_prefetch(reinterpret_cast<const char*>(next[j] + i), _MM_HINT_T0);
+        __m256 a = _mm256_mul_ps(s0, levels_avx2(q[0] + i)), b = _mm256_mul_ps(s0, levels_avx2(q[0] + i + 8));
+        a = _mm256_add_ps(a, _mm256_mul_ps(s1, levels_avx2(q[1] + i)));
+        b = _mm256_add_ps(b, _mm256_mul_ps(s1, levels_avx2(q[1] + i + 8)));
+        a = _mm256_add_ps(a, _mm256_mul_ps(s2, levels_avx2(q[2] + i)));
+        b = _mm256_add_ps(b, _mm256_mul_ps(s2, levels_avx2(q[2] + i + 8)));
+        a = _mm256_add_ps(a, _mm256_mul_ps(s3, levels_avx2(q[3] + i)));
+        b = _mm256_add_ps(b, _mm256_mul_ps(s3, levels_avx2(q[3] + i + 8)));
+        a = _mm256_add_ps(a, _mm256_mul_ps(s4, levels_avx2(q[4] + i)));
+        b = _mm256_add_ps(b, _mm256_mul_ps(s4, levels_avx2(q[4] + i + 8)));
+        a = _mm256_add_ps(a, _mm256_mul_ps(s5, levels_avx2(q[5] + i)));
+        b = _mm256_add_ps(b, _mm256_mul_ps(s5, levels_avx2(q[5] + i + 8)));
+        a = _mm256_add_ps(a, _mm256_mul_ps(s6, levels_avx2(q[6] + i)));
+        b = _mm256_add_ps(b, _mm256_mul_ps(s6, levels_avx2(q[6] + i + 8)));
+        a = _mm256_add_ps(a, _mm256_mul_ps(s7, levels_avx2(q[7] + i)));
+        b = _mm256_add_ps(b, _mm256_mul_ps(s7, levels_avx2(q[7] + i + 8)));
+        _mm256_storeu_pd(acc + i, _mm256_add_pd(_mm256_loadu_pd(acc + i), _mm256_cvtps_pd(_mm256_castps256_ps128(a))));
+        _mm256_storeu_pd(acc + i + 4, _mm256_add_pd(_mm256_loadu_pd(acc + i + 4), _mm256_cvtps_pd(_mm256_extractf128_ps(a, 1))));
+        _mm256_storeu_pd(acc + i + 8, _mm256_add_pd(_mm256_loadu_pd(acc + i + 8), _mm256_cvtps_pd(_mm256_castps256_ps128(b))));
+        _mm256_storeu_pd(acc + i + 12, _mm256_add_pd(_mm256_loadu_pd(acc + i + 12), _mm256_cvtps_pd(_mm256_extractf128_ps(b, 1))));
+    }
+    return i;
+}
+#endif
+
+template <class Output>
+void sum_quantized_tiles(const std::vector<const std::uint8_t*>& packed, unsigned bits, const float* scales, double offset,
+                         double divisor, Output* out, std::size_t n, std::size_t first_tile, std::size_t end_tile,
+                         std::uint32_t* checksums) {
+    const std::size_t n_clients = packed.size();
+    const std::size_t total_bytes = packed_bytes(n, bits);
+    std::vector<double> acc_storage(kTile);
+    std::vector<float> block_storage(kTile);
+    double* FASTFED_RESTRICT acc = acc_storage.data();
+    float* FASTFED_RESTRICT block_sum = block_storage.data();
+    [[maybe_unused]] const bool use_avx2 = active_isa() >= isa::avx2;
+    for (std::size_t tile = first_tile; tile < end_tile; ++tile) {
+        const std::size_t begin = tile * kTile;
+        const std::size_t length = std::min(kTile, n - begin);
+        const std::size_t first_byte = begin / 8 * bits;
+        const std::size_t tile_bytes = std::min(total_bytes, (begin + kTile) / 8 * bits) - first_byte;
+        for (std::size_t i = 0; i < length; ++i) acc[i] = 0.0;
+        for (std::size_t first = 0; first < n_clients; first += kClientBlock) {
+            const std::size_t last = std::min(n_clients, first + kClientBlock);
+            for (std::size_t k = first; k < last; ++k) checksums[k] = crc32_update(checksums[k], packed[k] + first_byte, tile_bytes);
+            if (bits == 8 && last - first == kClientBlock) {
+                // A full block of 8-bit clients: the block sum stays in a register.
+                const std::uint8_t* q[kClientBlock];
+                float scale[kClientBlock];
+                for (std::size_t j = 0; j < kClientBlock; ++j) {
+                    q[j] = packed[first + j] + begin;
+                    scale[j] = scales[first + j];
+                }
+                std::size_t done = 0;
+#if defined(FASTFED_X86_DISPATCH)
+                if (use_avx2) {
+                    const std::uint8_t* next[kClientBlock];
+                    const std::size_t n_next = std::min(kClientBlock, n_clients - last);
+                    for (std::size_t j = 0; j < n_next; ++j) next[j] = packed[last + j] + first_byte;
+                    done = sum_client_block_avx2(q, scale, acc, length, next, n_next);
+                }
+#endif
+                for (std::size_t i = done; i < length; ++i) {
+                    float sum = 0.0f;
+                    sum += scale[0] * static_cast<float>(q[0][i]);
+                    sum += scale[1] * static_cast<float>(q[1][i]);
+                    sum += scale[2] * static_cast<float>(q[2][i]);
+                    sum += scale[3] * static_cast<float>(q[3][i]);
+                    sum += scale[4] * static_cast<float>(q[4][i]);
+                    sum += scale[5] * static_cast<float>(q[5][i]);
+                    sum += scale[6] * static_cast<float>(q[6][i]);
+                    sum += scale[7] * static_cast<float>(q[7][i]);
+                    acc[i] += static_cast<double>(sum);
+                }
+                continue;
+            }
+            for (std::size_t i = 0; i < length; ++i) block_sum[i] = 0.0f;
+            for (std::size_t k = first; k < last; ++k) {
+                const float scale = scales[k];
+                if (bits == 8) {
+                    const std::uint8_t* FASTFED_RESTRICT q = packed[k] + begin;
+                    for (std::size_t i = 0; i < length; ++i) block_sum[i] += scale * static_cast<float>(q[i]);
+                } else {
+                    unpack_range(packed[k], begin, begin + length, bits, [&](std::size_t i, std::uint32_t level) {
+                        block_sum[i - begin] += scale * static_cast<float>(level);
+                    });
+                }
+            }
+            for (std::size_t i = 0; i < length; ++i) acc[i] += static_cast<double>(block_sum[i]);
+        }
+        for (std::size_t i = 0; i < length; ++i) out[begin + i] = static_cast<Output>((acc[i] + offset) / divisor);
+    }
+}
 
 template <class Output>
 void weighted_sum_quantized(const std::vector<const std::uint8_t*>& packed, unsigned bits, const float* scales, double offset,
-                            double divisor, Output* out, std::size_t n) {
+                            double divisor, Output* out, std::size_t n, std::uint32_t* checksums) {
     const std::size_t n_clients = packed.size();
     const std::size_t n_tiles = (n + kTile - 1) / kTile;
-    parallel_for(n_tiles, 1, n_clients * kTile / 4, [&](std::size_t first_tile, std::size_t end_tile) {
-        std::vector<double> acc_storage(kTile);
-        std::vector<float> block_storage(kTile);
-        double* FASTFED_RESTRICT acc = acc_storage.data();
-        float* FASTFED_RESTRICT block_sum = block_storage.data();
-        for (std::size_t tile = first_tile; tile < end_tile; ++tile) {
-            const std::size_t begin = tile * kTile;
-            const std::size_t length = std::min(kTile, n - begin);
-            for (std::size_t i = 0; i < length; ++i) acc[i] = 0.0;
-            for (std::size_t first = 0; first < n_clients; first += kClientBlock) {
-                if (bits == 8 && first + kClientBlock <= n_clients) {
-                    // A full block of 8-bit clients: the block sum stays in a register.
-                    const std::uint8_t* FASTFED_RESTRICT q[kClientBlock];
-                    float scale[kClientBlock];
-                    for (std::size_t j = 0; j < kClientBlock; ++j) {
-                        q[j] = packed[first + j] + begin;
-                        scale[j] = scales[first + j];
-                    }
-                    for (std::size_t i = 0; i < length; ++i) {
-                        float sum = 0.0f;
-                        sum += scale[0] * static_cast<float>(q[0][i]);
-                        sum += scale[1] * static_cast<float>(q[1][i]);
-                        sum += scale[2] * static_cast<float>(q[2][i]);
-                        sum += scale[3] * static_cast<float>(q[3][i]);
-                        sum += scale[4] * static_cast<float>(q[4][i]);
-                        sum += scale[5] * static_cast<float>(q[5][i]);
-                        sum += scale[6] * static_cast<float>(q[6][i]);
-                        sum += scale[7] * static_cast<float>(q[7][i]);
-                        acc[i] += static_cast<double>(sum);
-                    }
-                    continue;
-                }
-                for (std::size_t i = 0; i < length; ++i) block_sum[i] = 0.0f;
-                for (std::size_t k = first; k < std::min(n_clients, first + kClientBlock); ++k) {
-                    const float scale = scales[k];
-                    if (bits == 8) {
-                        const std::uint8_t* FASTFED_RESTRICT q = packed[k] + begin;
-                        for (std::size_t i = 0; i < length; ++i) block_sum[i] += scale * static_cast<float>(q[i]);
-                    } else {
-                        unpack_range(packed[k], begin, begin + length, bits, [&](std::size_t i, std::uint32_t level) {
-                            block_sum[i - begin] += scale * static_cast<float>(level);
-                        });
-                    }
-                }
-                for (std::size_t i = 0; i < length; ++i) acc[i] += static_cast<double>(block_sum[i]);
-            }
-            for (std::size_t i = 0; i < length; ++i) out[begin + i] = static_cast<Output>((acc[i] + offset) / divisor);
+    // Contiguous runs of tiles, a few per thread: each run checksums its own byte range from zero
+    // and the runs are combined in order afterwards.
+    const std::size_t run = std::max<std::size_t>(1, n_tiles / (4 * num_threads()));
+    const std::size_t n_runs = (n_tiles + run - 1) / run;
+    std::vector<std::uint32_t> run_checksums(n_runs * n_clients, 0);
+    parallel_for(n_runs, 1, run * n_clients * kTile / 4, [&](std::size_t first_run, std::size_t end_run) {
+        for (std::size_t r = first_run; r < end_run; ++r) {
+            run_vectorized([&] {
+                sum_quantized_tiles(packed, bits, scales, offset, divisor, out, n, r * run, std::min(n_tiles, (r + 1) * run),
+                                    run_checksums.data() + r * n_clients);
+            });
         }
     });
+    const std::size_t total_bytes = packed_bytes(n, bits);
+    for (std::size_t r = 0; r < n_runs; ++r) {
+        const std::size_t first_byte = r * run * kTile / 8 * bits;
+        const std::size_t run_bytes = std::min(total_bytes, (r + 1) * run * kTile / 8 * bits) - first_byte;
+        for (std::size_t k = 0; k < n_clients; ++k) checksums[k] = crc32_combine(checksums[k], run_checksums[r * n_clients + k], run_bytes);
+    }
 }
 
 // In-place fast Walsh-Hadamard transform of a power-of-two block, scaled by 1/sqrt(length) so that

@@ -97,7 +97,7 @@ void unpack_dequantize_accumulate(const packed_array& packed, unsigned bits, dou
 }
 
 void weighted_sum_quantized(const py::list& packed, unsigned bits, const py::array_t<float, py::array::c_style>& scales, double offset,
-                            double divisor, py::array& out) {
+                            double divisor, py::array& out, py::array& checksums) {
     require_bits(bits);
     require_flat_contiguous(out, "out");
     if (!out.writeable()) throw std::invalid_argument("out: array is read-only");
@@ -105,6 +105,9 @@ void weighted_sum_quantized(const py::list& packed, unsigned bits, const py::arr
     if (n_clients == 0) throw std::invalid_argument("packed: expected at least one array");
     if (scales.ndim() != 1 || static_cast<std::size_t>(scales.shape(0)) != n_clients)
         throw std::invalid_argument("scales: expected shape (" + std::to_string(n_clients) + ",)");
+    if (!checksums.dtype().is(py::dtype::of<std::uint32_t>()) || checksums.ndim() != 1 ||
+        static_cast<std::size_t>(checksums.shape(0)) != n_clients || !checksums.writeable() || !(checksums.flags() & py::array::c_style))
+        throw std::invalid_argument("checksums: expected a writable, contiguous uint32 array of shape (" + std::to_string(n_clients) + ",)");
     const auto n = static_cast<std::size_t>(out.shape(0));
     std::vector<packed_array> arrays;
     arrays.reserve(n_clients);
@@ -118,12 +121,13 @@ void weighted_sum_quantized(const py::list& packed, unsigned bits, const py::arr
         pointers.push_back(arrays.back().data());
     }
     const float* scale_data = scales.data();
+    auto* checksum_data = static_cast<std::uint32_t*>(checksums.mutable_data());
     dispatch_float(out, "out", [&](auto tag) {
         using Output = decltype(tag);
         auto* out_data = static_cast<Output*>(out.mutable_data());
         // Safe: raw pointers only; `arrays` and the caller keep every buffer alive until return.
         const py::gil_scoped_release release;
-        quantize::weighted_sum_quantized(pointers, bits, scale_data, offset, divisor, out_data, n);
+        quantize::weighted_sum_quantized(pointers, bits, scale_data, offset, divisor, out_data, n, checksum_data);
     });
 }
 
@@ -177,13 +181,14 @@ void register_quantize(py::module_& m) {
     m.def("unpack_dequantize", &unpack_dequantize, py::arg("packed"), py::arg("bits"), py::arg("offset"), py::arg("step"), py::arg("out"),
           "out = offset + unpack(packed) * step.");
     m.def("unpack_dequantize_accumulate", &unpack_dequantize_accumulate, py::arg("packed"), py::arg("bits"), py::arg("offset"),
-          py::arg("step"), py::arg("weight"), py::arg("acc"), "acc += weight * float32(offset + unpack(packed) * step).");
+          py::arg("step"), py::arg("weight"), py::arg("acc").noconvert(), "acc += weight * float32(offset + unpack(packed) * step).");
     m.def("weighted_sum_quantized", &weighted_sum_quantized, py::arg("packed"), py::arg("bits"), py::arg("scales"), py::arg("offset"),
-          py::arg("divisor"), py::arg("out"),
-          "out = (sum_k scales[k] * unpack(packed[k]) + offset) / divisor: float32 blocks of eight clients, float64 tiles.");
-    m.def("rotate", &rotate, py::arg("x"), py::arg("chunk"), py::arg("key"), py::arg("out"),
+          py::arg("divisor"), py::arg("out"), py::arg("checksums"),
+          "out = (sum_k scales[k] * unpack(packed[k]) + offset) / divisor: float32 blocks of eight clients, float64 tiles; "
+          "checksums[k] = crc32(packed[k], checksums[k]).");
+    m.def("rotate", &rotate, py::arg("x"), py::arg("chunk"), py::arg("key"), py::arg("out").noconvert(),
           "out = blockwise H D pad(x): randomized Walsh-Hadamard rotation.");
-    m.def("unrotate", &unrotate, py::arg("y"), py::arg("chunk"), py::arg("key"), py::arg("out"),
+    m.def("unrotate", &unrotate, py::arg("y").noconvert(), py::arg("chunk"), py::arg("key"), py::arg("out"),
           "out = (D H y)[:len(out)], the inverse of rotate; y is overwritten.");
 }
 

@@ -9,16 +9,24 @@ their dtype; integer layers (step counters, batch-norm counts) are rounded to th
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
 from ._backend import kernels
 from .compression.quantizer import dequantization_step
-from .compression.wire import CODEC_RAW, CODEC_UNIFORM, Entry, parse
+from .compression.wire import (
+    CHECKSUM,
+    CODEC_RAW,
+    CODEC_UNIFORM,
+    Entry,
+    crc32,
+    match_layout,
+    parse,
+    parse_structure,
+    stored_checksum,
+)
 from .errors import DecodeError
 
 __all__ = ["Accumulator", "LayerSpec", "weighted_mean", "weighted_mean_encoded", "weighted_sum"]
@@ -323,33 +331,101 @@ class Accumulator:
         self.count = 0
 
 
-def _parse_client(payload: bytes | bytearray | memoryview, client: int) -> list[Entry]:
+def _parse_client(payload: bytes | bytearray | memoryview, client: int, checksum: bool = True) -> list[Entry]:
     try:
-        return parse(payload)
+        return parse(payload) if checksum else parse_structure(payload)
     except DecodeError as error:
         raise DecodeError(f"client {client}: {error}") from None
 
 
+def _mean_of_raw(values: list[np.ndarray], weights: np.ndarray, total: float, spec: LayerSpec) -> np.ndarray:
+    out = _kernel_output(spec, as_sum=False)
+    kernels().aggregate.weighted_sum_layer(values, weights, total, out)
+    return cast_to_layer(out, spec)
+
+
+def _mean_of_levels(
+    levels: list[np.ndarray],
+    bits: int,
+    minimums: np.ndarray,
+    maximums: np.ndarray,
+    weights: np.ndarray,
+    total: float,
+    spec: LayerSpec,
+    checksums: np.ndarray,
+) -> np.ndarray:
+    """x = min + step * q: the offsets add up once, the levels stream through the tiled kernel,
+    which also continues each client's checksum over its levels."""
+    scales = (weights * ((maximums - minimums) / float(2**bits - 1))).astype(np.float32)
+    offset = math.fsum((weights * minimums).tolist())
+    out = _kernel_output(spec, as_sum=False)
+    kernels().quantize.weighted_sum_quantized(levels, bits, scales, offset, total, out, checksums)
+    return cast_to_layer(out, spec)
+
+
 def _mean_of_column(column: list[Entry], weights: np.ndarray, total: float, spec: LayerSpec) -> np.ndarray:
-    """The weighted mean of one layer over clients' entries, by the fastest exact route."""
+    """The weighted mean of one layer over clients' verified entries, by the fastest exact route."""
     first = column[0]
     if all(entry.codec == CODEC_RAW for entry in column):
-        out = _kernel_output(spec, as_sum=False)
-        kernels().aggregate.weighted_sum_layer([entry.raw_values() for entry in column], weights, total, out)
-        return cast_to_layer(out, spec)
+        return _mean_of_raw([entry.raw_values() for entry in column], weights, total, spec)
     if all(e.codec == CODEC_UNIFORM and e.block == 0 and e.bits == first.bits for e in column):
-        # x = min + step * q: the offsets add up once, the levels stream through the tiled kernel.
-        scales = np.array(
-            [w * dequantization_step(e.bits, e.minimum, e.maximum) for w, e in zip(weights, column)], dtype=np.float32
+        return _mean_of_levels(
+            [e.data for e in column],
+            first.bits,
+            np.array([e.minimum for e in column]),
+            np.array([e.maximum for e in column]),
+            weights,
+            total,
+            spec,
+            np.zeros(len(column), dtype=np.uint32),  # already verified by parse
         )
-        offset = math.fsum(w * e.minimum for w, e in zip(weights, column))
-        out = _kernel_output(spec, as_sum=False)
-        kernels().quantize.weighted_sum_quantized([e.data for e in column], first.bits, scales, offset, total, out)
-        return cast_to_layer(out, spec)
     acc = np.zeros(spec.size, dtype=np.float64)  # mixed codecs or rotated tensors: one client at a time
     for entry, weight in zip(column, weights):
         _accumulate_entry(acc, entry, float(weight))
     return cast_to_layer(acc / total, spec)
+
+
+def _continue_checksums(checksums: np.ndarray, buffers: list[memoryview], start: int, stop: int) -> None:
+    for k, buffer in enumerate(buffers):
+        checksums[k] = crc32(buffer[start:stop], int(checksums[k]))
+
+
+def _mean_of_shared_layout(
+    buffers: list[memoryview],
+    template: list[Entry],
+    minimums: np.ndarray,
+    maximums: np.ndarray,
+    weights: np.ndarray,
+    total: float,
+    clients: list[int],
+) -> list[np.ndarray]:
+    """One pass over payloads laid out like ``template``: each quantized layer's levels are
+    checksummed by the kernel that sums them, every other byte by the CRC between layers, and
+    nothing is returned unless every payload's checksum matches."""
+    checksums = np.zeros(len(buffers), dtype=np.uint32)
+    position = 0
+    means = []
+    for j, entry in enumerate(template):
+        spec = LayerSpec(entry.shape, entry.dtype)
+        length = entry.data.nbytes
+        if entry.codec == CODEC_RAW:
+            stored = entry.dtype if np.little_endian else entry.dtype.newbyteorder("<")
+            values = [np.frombuffer(b, dtype=stored, count=entry.count, offset=entry.offset) for b in buffers]
+            means.append(_mean_of_raw([v.astype(entry.dtype, copy=False) for v in values], weights, total, spec))
+            continue
+        _continue_checksums(checksums, buffers, position, entry.offset)
+        levels = [np.frombuffer(b, dtype=np.uint8, count=length, offset=entry.offset) for b in buffers]
+        means.append(
+            _mean_of_levels(levels, entry.bits, minimums[:, j], maximums[:, j], weights, total, spec, checksums)
+        )
+        position = entry.offset + length
+    _continue_checksums(checksums, buffers, position, buffers[0].nbytes - CHECKSUM.size)
+    for k, buffer in enumerate(buffers):
+        if int(checksums[k]) != stored_checksum(buffer):
+            raise DecodeError(
+                f"client {clients[k]}: invalid fastfed payload: checksum mismatch (corrupted in transit?)"
+            )
+    return means
 
 
 def weighted_mean_encoded(
@@ -357,11 +433,13 @@ def weighted_mean_encoded(
 ) -> list[np.ndarray]:
     """The weighted mean of K encoded updates, reading each payload once.
 
-    Every payload is validated (structure and checksum) before any is aggregated. Quantized layers of
-    one bit width are summed by a tiled kernel as ``sum_k w_k min_k + sum_k (w_k step_k) q_k``, with
-    the level sums in float32 blocks of eight clients: the result equals decoding and averaging to
-    within ~1e-6 of each tensor's range (far below the quantization step), and is bit-identical on
-    every backend. :meth:`Accumulator.add_encoded` is the streaming alternative.
+    Every payload is validated (structure and checksum) before anything is returned. Quantized
+    layers of one bit width are summed by a tiled kernel as ``sum_k w_k min_k + sum_k (w_k step_k) q_k``,
+    with the level sums in float32 blocks of eight clients: the result equals decoding and averaging
+    to within ~1e-6 of each tensor's range (far below the quantization step), and is bit-identical
+    on every backend. When all payloads share one table layout (the usual case: one model, one
+    codec), the checksums are computed by that same kernel pass while the bytes are in cache.
+    :meth:`Accumulator.add_encoded` is the streaming alternative.
     """
     if isinstance(payloads, (bytes, bytearray, memoryview)) or not isinstance(payloads, Sequence):
         raise TypeError("payloads: expected a sequence of encoded updates")
@@ -374,14 +452,31 @@ def weighted_mean_encoded(
     total = math.fsum(weight_values)
     if total == 0.0:
         raise ValueError("the weights sum to zero; at least one client needs a positive weight")
-    # Checksums release the GIL, so payloads are verified on all cores.
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        parsed = list(pool.map(_parse_client, payloads, range(len(payloads))))
+    for client, payload in enumerate(payloads):
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            raise TypeError(f"client {client}: expected an encoded update (bytes), got {type(payload).__name__}")
+    buffers = [memoryview(payload).cast("B") for payload in payloads]
+    active = [k for k, w in enumerate(weight_values) if w > 0.0]
+    active_weights = np.array([weight_values[k] for k in active], dtype=np.float64)
+    template = _parse_client(buffers[0], 0, checksum=False)
+    layout = match_layout(buffers, template)
+    if layout.matches.all() and all(entry.codec == CODEC_RAW or entry.block == 0 for entry in template):
+        for k in set(range(len(buffers))) - set(active):  # not read by the pass, still verified
+            _parse_client(buffers[k], k)
+        return _mean_of_shared_layout(
+            [buffers[k] for k in active],
+            template,
+            layout.minimums[active],
+            layout.maximums[active],
+            active_weights,
+            total,
+            active,
+        )
+    # Differently laid out payloads (or rotated tensors): each is verified, then averaged by column.
+    parsed = [_parse_client(buffer, k) for k, buffer in enumerate(buffers)]
     specs = [LayerSpec(entry.shape, entry.dtype) for entry in parsed[0]]
     for client, entries in enumerate(parsed):
         _match_specs([LayerSpec(entry.shape, entry.dtype) for entry in entries], specs, client)
-    active = [k for k, w in enumerate(weight_values) if w > 0.0]
-    active_weights = np.array([weight_values[k] for k in active], dtype=np.float64)
     return [
         _mean_of_column([parsed[k][j] for k in active], active_weights, total, spec) for j, spec in enumerate(specs)
     ]

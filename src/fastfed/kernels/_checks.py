@@ -83,7 +83,7 @@ def require_rotation_shape(n: int, chunk: int, padded: int) -> None:
 
 
 def check_weighted_sum_quantized(
-    packed: Sequence[np.ndarray], bits: int, scales: np.ndarray, out: np.ndarray
+    packed: Sequence[np.ndarray], bits: int, scales: np.ndarray, out: np.ndarray, checksums: np.ndarray
 ) -> np.ndarray:
     """Checks the arguments of ``weighted_sum_quantized``; returns the scales as float32."""
     require_bits(bits)
@@ -93,6 +93,14 @@ def check_weighted_sum_quantized(
     scales = np.ascontiguousarray(scales, dtype=np.float32)
     if scales.shape != (len(packed),):
         raise ValueError(f"scales: expected shape ({len(packed)},)")
+    if (
+        not isinstance(checksums, np.ndarray)
+        or checksums.dtype != np.uint32
+        or checksums.shape != (len(packed),)
+        or not checksums.flags.writeable
+        or not checksums.flags.c_contiguous
+    ):
+        raise ValueError(f"checksums: expected a writable, contiguous uint32 array of shape ({len(packed)},)")
     for k, data in enumerate(packed):
         require_packed(data, out.shape[0], bits, f"packed[{k}]")
     return scales

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import numba
 import numpy as np
 from numba import prange
@@ -248,10 +250,19 @@ def unpack_dequantize_accumulate(
 
 
 def weighted_sum_quantized(
-    packed: list[np.ndarray], bits: int, scales: np.ndarray, offset: float, divisor: float, out: np.ndarray
+    packed: list[np.ndarray],
+    bits: int,
+    scales: np.ndarray,
+    offset: float,
+    divisor: float,
+    out: np.ndarray,
+    checksums: np.ndarray,
 ) -> None:
-    """``out = (sum_k scales[k] * unpack(packed[k]) + offset) / divisor``; see the NumPy reference."""
-    scales = check_weighted_sum_quantized(packed, bits, scales, out)
+    """``out = (sum_k scales[k] * unpack(packed[k]) + offset) / divisor`` and the continued CRC-32s;
+    see the NumPy reference. The checksums use zlib, which releases the GIL."""
+    scales = check_weighted_sum_quantized(packed, bits, scales, out, checksums)
+    for k, data in enumerate(packed):
+        checksums[k] = zlib.crc32(data.data, int(checksums[k]))
     _weighted_sum_quantized(List(packed), bits, scales, float(offset), float(divisor), out)
 
 

@@ -11,6 +11,8 @@ Packing: value ``i`` occupies bits ``[i*b, (i+1)*b)`` of a little-endian, LSB-fi
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 
 from ._checks import (
@@ -122,14 +124,23 @@ CLIENT_BLOCK = 8
 
 
 def weighted_sum_quantized(
-    packed: list[np.ndarray], bits: int, scales: np.ndarray, offset: float, divisor: float, out: np.ndarray
+    packed: list[np.ndarray],
+    bits: int,
+    scales: np.ndarray,
+    offset: float,
+    divisor: float,
+    out: np.ndarray,
+    checksums: np.ndarray,
 ) -> None:
-    """``out = (sum_k scales[k] * unpack(packed[k]) + offset) / divisor``.
+    """``out = (sum_k scales[k] * unpack(packed[k]) + offset) / divisor``, and
+    ``checksums[k] = crc32(packed[k], checksums[k])`` (zlib's CRC-32, continued).
 
     The level sums run in float32 over blocks of eight clients, in client order, each block sum
     added to a float64 accumulator that starts at zero; ``offset`` is added last.
     """
-    scales = check_weighted_sum_quantized(packed, bits, scales, out)
+    scales = check_weighted_sum_quantized(packed, bits, scales, out, checksums)
+    for k, data in enumerate(packed):
+        checksums[k] = zlib.crc32(data.data, int(checksums[k]))
     n = out.shape[0]
     acc = np.zeros(n, dtype=np.float64)
     for first in range(0, len(packed), CLIENT_BLOCK):

@@ -1,0 +1,105 @@
+"""The native kernels give identical results at every instruction-set level, and the native
+CRC-32 equals zlib's."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+from fastfed._backend import available_backends
+
+pytestmark = pytest.mark.skipif("native" not in available_backends(), reason="the native extension is not built")
+
+LEVELS = ["baseline", "avx2", "avx512"]
+
+
+def _core() -> ModuleType:
+    from fastfed import _core
+
+    return _core
+
+
+def _supported() -> list[str]:
+    return LEVELS[: LEVELS.index(_core().best_isa()) + 1] if "native" in available_backends() else []
+
+
+@contextmanager
+def isa(level: str) -> Iterator[None]:
+    previous = _core().isa()
+    _core().set_isa(level)
+    try:
+        yield
+    finally:
+        _core().set_isa(previous)
+
+
+def _all_kernel_outputs() -> list[np.ndarray]:
+    core = _core()
+    rng = np.random.default_rng(11)
+    x32 = rng.standard_normal(70_001).astype(np.float32)
+    x64 = rng.standard_normal(70_001)
+    outputs: list[np.ndarray] = []
+    for x in (x32, x64):
+        minimum, maximum = core.quantize.min_max(x)
+        outputs.append(np.array([minimum, maximum]))
+        for bits, stochastic in [(8, False), (8, True), (3, True), (16, False)]:
+            packed = np.empty((x.size * bits + 7) // 8, np.uint8)
+            core.quantize.quantize_pack(x, bits, stochastic, 5, minimum, (2**bits - 1) / (maximum - minimum), packed)
+            decoded = np.empty(x.size, np.float32)
+            core.quantize.unpack_dequantize(packed, bits, minimum, 0.01, decoded)
+            acc = np.ones(x.size)
+            core.quantize.unpack_dequantize_accumulate(packed, bits, minimum, 0.01, 0.7, acc)
+            outputs += [packed, decoded, acc]
+    clients = [rng.integers(0, 256, 100_003, dtype=np.uint8) for _ in range(19)]
+    mean, checksums = np.empty(100_003, np.float32), np.zeros(19, np.uint32)
+    core.quantize.weighted_sum_quantized(clients, 8, rng.random(19).astype(np.float32), 0.5, 3.0, mean, checksums)
+    updates = [rng.standard_normal(50_001).astype(np.float32) for _ in range(11)]
+    weighted = np.empty(50_001, np.float32)
+    core.aggregate.weighted_sum_layer(updates, rng.random(11), 2.0, weighted)
+    return [*outputs, mean, checksums, weighted]
+
+
+@pytest.mark.parametrize("level", _supported()[1:])
+def test_every_level_matches_the_baseline_bit_for_bit(level: str) -> None:
+    with isa("baseline"):
+        expected = _all_kernel_outputs()
+    with isa(level):
+        actual = _all_kernel_outputs()
+    for want, got in zip(expected, actual, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("level", _supported())
+def test_crc32_equals_zlib_for_every_length_and_alignment(level: str) -> None:
+    data = np.random.default_rng(3).integers(0, 256, 5_000, dtype=np.uint8).tobytes()
+    with isa(level):
+        for length in [*range(0, 600), 1_023, 4_096, 4_999]:
+            for start in (0, 1, 7):
+                piece = data[start : start + length]
+                assert _core().crc32(piece) == zlib.crc32(piece), (level, length, start)
+                assert _core().crc32(piece, 0xDEADBEEF) == zlib.crc32(piece, 0xDEADBEEF), (level, length, start)
+
+
+def test_crc32_of_large_buffers_is_combined_from_parallel_chunks() -> None:
+    data = np.random.default_rng(4).integers(0, 256, 5 * 2**20 + 12_345, dtype=np.uint8)
+    assert _core().crc32(data, 17) == zlib.crc32(data, 17)
+    assert _core().crc32(memoryview(data.tobytes())[3:]) == zlib.crc32(data[3:])
+
+
+def test_crc32_refuses_non_contiguous_buffers() -> None:
+    with pytest.raises((BufferError, ValueError), match="contiguous"):
+        _core().crc32(np.arange(10, dtype=np.uint8)[::2])
+
+
+def test_set_isa_rejects_unknown_and_unsupported_levels() -> None:
+    with pytest.raises(ValueError, match="expected 'baseline', 'avx2' or 'avx512'"):
+        _core().set_isa("sse9")
+    if _core().best_isa() != "avx512":
+        with pytest.raises(ValueError, match="supports up to"):
+            _core().set_isa("avx512")
+    assert _core().isa() == _core().best_isa()
