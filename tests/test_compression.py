@@ -172,7 +172,8 @@ def test_batched_mean_validates_every_payload_first() -> None:
 
 
 def _shared_layout_batch() -> tuple[list[bytes], np.ndarray]:
-    updates = [_cnn_update(seed) for seed in range(12)]
+    # Raw runs of mixed dtypes follow the CNN's layers: an int64 step counter, then float64 values.
+    updates = [[*_cnn_update(seed), np.array([7 * seed], np.int64), np.full(3, seed / 7)] for seed in range(12)]
     payloads = [encode(u, UniformQuantizer(bits=8, min_size=1000), seed=s) for s, u in enumerate(updates)]
     return payloads, np.arange(1.0, 13.0)
 

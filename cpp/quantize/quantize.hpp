@@ -64,6 +64,51 @@ struct min_max_result {
     bool finite;
 };
 
+#if defined(FASTFED_X86_DISPATCH)
+// min_max_range's float loop eight lanes wide; returns where it stopped.
+FASTFED_TARGET("avx2") inline std::size_t min_max_avx2(const float* x, std::size_t begin, std::size_t end, float& lo, float& hi,
+                                                      int& nan_seen) {
+    __m256 vlo = _mm256_set1_ps(lo), vhi = vlo, vnan = _mm256_setzero_ps();
+    std::size_t i = begin;
+    for (; i + 8 <= end; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        vlo = _mm256_min_ps(vlo, v);
+        vhi = _mm256_max_ps(vhi, v);
+        vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+    alignas(32) float lanes_lo[8], lanes_hi[8];
+    _mm256_store_ps(lanes_lo, vlo);
+    _mm256_store_ps(lanes_hi, vhi);
+    for (int j = 0; j < 8; ++j) {
+        lo = lanes_lo[j] < lo ? lanes_lo[j] : lo;
+        hi = lanes_hi[j] > hi ? lanes_hi[j] : hi;
+    }
+    nan_seen |= _mm256_movemask_ps(vnan);
+    return i;
+}
+
+// quantize_pack_range for 8-bit nearest rounding of float32, eight values per step with the same
+// double-precision operations; min(q, 255) then truncation equals the scalar clamp.
+FASTFED_TARGET("avx2") inline std::size_t quantize_nearest_u8_avx2(const float* x, std::size_t begin, std::size_t end, double offset,
+                                                                  double scale, std::uint8_t* out) {
+    const __m256d origin = _mm256_set1_pd(offset), factor = _mm256_set1_pd(scale), half = _mm256_set1_pd(0.5),
+                  top = _mm256_set1_pd(255.0);
+    const __m128i low_bytes = _mm_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+    std::size_t i = begin;
+    for (; i + 8 <= end; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        const __m256d low = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), high = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+        const __m256d q_low = _mm256_min_pd(_mm256_add_pd(_mm256_mul_pd(_mm256_sub_pd(low, origin), factor), half), top);
+        const __m256d q_high = _mm256_min_pd(_mm256_add_pd(_mm256_mul_pd(_mm256_sub_pd(high, origin), factor), half), top);
+        // The low byte of each int32, as the scalar cast keeps it (packing would saturate instead).
+        const __m128i bytes_low = _mm_shuffle_epi8(_mm256_cvttpd_epi32(q_low), low_bytes);
+        const __m128i bytes_high = _mm_shuffle_epi8(_mm256_cvttpd_epi32(q_high), low_bytes);
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(out + i), _mm_unpacklo_epi32(bytes_low, bytes_high));
+    }
+    return i;
+}
+#endif
+
 // Lowest, highest and whether a NaN was seen in x[begin, end), a non-empty range.
 template <class Source>
 void min_max_range(const Source* x, std::size_t begin, std::size_t end, Source& lo, Source& hi, bool& has_nan) {
@@ -73,6 +118,9 @@ void min_max_range(const Source* x, std::size_t begin, std::size_t end, Source& 
 #if defined(__SSE2__)
     // minps/maxps ignore NaN operands in the second position, so NaNs are tracked separately.
     if constexpr (std::is_same_v<Source, float>) {
+#if defined(FASTFED_X86_DISPATCH)
+        if (active_isa() >= isa::avx2) i = min_max_avx2(x, i, end, lo, hi, nan_seen);
+#endif
         __m128 vlo = _mm_set1_ps(lo), vhi = vlo, vnan = _mm_setzero_ps();
         for (; i + 4 <= end; i += 4) {
             const __m128 v = _mm_loadu_ps(x + i);
@@ -87,7 +135,7 @@ void min_max_range(const Source* x, std::size_t begin, std::size_t end, Source& 
             lo = lanes_lo[j] < lo ? lanes_lo[j] : lo;
             hi = lanes_hi[j] > hi ? lanes_hi[j] : hi;
         }
-        nan_seen = _mm_movemask_ps(vnan);
+        nan_seen |= _mm_movemask_ps(vnan);
     } else if constexpr (std::is_same_v<Source, double>) {
         __m128d vlo = _mm_set1_pd(lo), vhi = vlo, vnan = _mm_setzero_pd();
         for (; i + 2 <= end; i += 2) {
@@ -103,7 +151,7 @@ void min_max_range(const Source* x, std::size_t begin, std::size_t end, Source& 
             lo = lanes_lo[j] < lo ? lanes_lo[j] : lo;
             hi = lanes_hi[j] > hi ? lanes_hi[j] : hi;
         }
-        nan_seen = _mm_movemask_pd(vnan);
+        nan_seen |= _mm_movemask_pd(vnan);
     }
 #endif
     for (; i < end; ++i) {
@@ -157,7 +205,12 @@ void quantize_pack_range(const Source* FASTFED_RESTRICT x, std::size_t begin, st
                          double offset, double scale, std::uint8_t* FASTFED_RESTRICT out) {
     const double levels = static_cast<double>((1u << bits) - 1);
     if (bits == 8) {
-        for (std::size_t i = begin; i < end; ++i)
+        std::size_t i = begin;
+#if defined(FASTFED_X86_DISPATCH)
+        if constexpr (!Stochastic && std::is_same_v<Source, float>)
+            if (active_isa() >= isa::avx2) i = quantize_nearest_u8_avx2(x, begin, end, offset, scale, out);
+#endif
+        for (; i < end; ++i)
             out[i] = static_cast<std::uint8_t>(quantize_value<Stochastic>(x[i], i, offset, scale, levels, key));
         return;
     }

@@ -404,21 +404,42 @@ def _mean_of_shared_layout(
     nothing is returned unless every payload's checksum matches."""
     checksums = np.zeros(len(buffers), dtype=np.uint32)
     position = 0
-    means = []
-    for j, entry in enumerate(template):
+    means: list[np.ndarray] = []
+    j = 0
+    while j < len(template):
+        entry = template[j]
+        if entry.codec == CODEC_RAW:
+            # Adjacent raw tensors of one dtype (biases, small kernels) are averaged as one run.
+            run = [entry]
+            while (
+                j + len(run) < len(template)
+                and template[j + len(run)].codec == CODEC_RAW
+                and template[j + len(run)].dtype == entry.dtype
+            ):
+                run.append(template[j + len(run)])
+            stored = entry.dtype if np.little_endian else entry.dtype.newbyteorder("<")
+            count = sum(e.count for e in run)
+            values = [
+                np.frombuffer(b, dtype=stored, count=count, offset=entry.offset).astype(entry.dtype, copy=False)
+                for b in buffers
+            ]
+            out = _kernel_output(LayerSpec((count,), entry.dtype), as_sum=False)
+            kernels().aggregate.weighted_sum_layer(values, weights, total, out)
+            start = 0
+            for e in run:
+                means.append(cast_to_layer(out[start : start + e.count], LayerSpec(e.shape, e.dtype)))
+                start += e.count
+            j += len(run)
+            continue
         spec = LayerSpec(entry.shape, entry.dtype)
         length = entry.data.nbytes
-        if entry.codec == CODEC_RAW:
-            stored = entry.dtype if np.little_endian else entry.dtype.newbyteorder("<")
-            values = [np.frombuffer(b, dtype=stored, count=entry.count, offset=entry.offset) for b in buffers]
-            means.append(_mean_of_raw([v.astype(entry.dtype, copy=False) for v in values], weights, total, spec))
-            continue
         _continue_checksums(checksums, buffers, position, entry.offset)
         levels = [np.frombuffer(b, dtype=np.uint8, count=length, offset=entry.offset) for b in buffers]
         means.append(
             _mean_of_levels(levels, entry.bits, minimums[:, j], maximums[:, j], weights, total, spec, checksums)
         )
         position = entry.offset + length
+        j += 1
     _continue_checksums(checksums, buffers, position, buffers[0].nbytes - CHECKSUM.size)
     for k, buffer in enumerate(buffers):
         if int(checksums[k]) != stored_checksum(buffer):

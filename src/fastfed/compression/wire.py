@@ -329,10 +329,10 @@ def match_layout(buffers: Sequence[memoryview], template: list[Entry]) -> Shared
         if entry.codec == CODEC_UNIFORM:
             variable += [tail + _TAIL_MINIMUM, tail + _TAIL_MAXIMUM]
         tail += ENTRY_TAIL.size
-    heads = np.zeros((len(buffers), table_end), dtype=np.uint8)
     same_size = np.array([buffer.nbytes == size for buffer in buffers])
-    for k in np.flatnonzero(same_size):
-        heads[k] = np.frombuffer(buffers[int(k)], dtype=np.uint8, count=table_end)
+    # Every payload of the template's size holds a full table prefix; others get a zero row.
+    prefixes = [buffer[:table_end] if buffer.nbytes == size else bytes(table_end) for buffer in buffers]
+    heads = np.frombuffer(b"".join(prefixes), dtype=np.uint8).reshape(len(buffers), table_end)
     fixed = np.ones(table_end, dtype=bool)
     for start in variable:
         fixed[start : start + 8] = False
