@@ -165,8 +165,14 @@ std::uint32_t crc32_update(std::uint32_t crc, const std::uint8_t* data, std::siz
     return ~state;
 }
 
+std::uint32_t crc32_shift(std::size_t length_b) { return shift_by_bytes(length_b); }
+
+std::uint32_t crc32_combine_shifted(std::uint32_t shift, std::uint32_t crc_a, std::uint32_t crc_b) {
+    return multiply_modulo(shift, crc_a) ^ crc_b;
+}
+
 std::uint32_t crc32_combine(std::uint32_t crc_a, std::uint32_t crc_b, std::size_t length_b) {
-    return multiply_modulo(shift_by_bytes(length_b), crc_a) ^ crc_b;
+    return crc32_combine_shifted(crc32_shift(length_b), crc_a, crc_b);
 }
 
 std::uint32_t crc32_parallel(std::uint32_t crc, const std::uint8_t* data, std::size_t n) {

@@ -16,6 +16,11 @@ std::uint32_t crc32_update(std::uint32_t crc, const std::uint8_t* data, std::siz
 // past len(b) bytes by multiplying with x^(8 len(b)) modulo the polynomial.
 std::uint32_t crc32_combine(std::uint32_t crc_a, std::uint32_t crc_b, std::size_t length_b);
 
+// crc32_combine in two steps, for many combines over one length: shift = crc32_shift(length_b),
+// then crc32_combine_shifted(shift, crc_a, crc_b) costs a single multiplication.
+std::uint32_t crc32_shift(std::size_t length_b);
+std::uint32_t crc32_combine_shifted(std::uint32_t shift, std::uint32_t crc_a, std::uint32_t crc_b);
+
 // crc32_update over megabyte chunks on all kernel threads, combined in order.
 std::uint32_t crc32_parallel(std::uint32_t crc, const std::uint8_t* data, std::size_t n);
 

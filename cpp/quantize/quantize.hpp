@@ -320,42 +320,46 @@ FASTFED_TARGET("avx2") inline __m256 levels_avx2(const std::uint8_t* p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 
-// The full 8-bit client block of sum_quantized_tiles, eight elements per step with the same
-// operations in the same order. The sum starts from the first product instead of 0 + product:
+// A block of up to eight 8-bit clients of sum_quantized_tiles, sixteen elements per step with the
+// same operations in the same order. The sum starts from the first product instead of 0 + product:
 // equal unless the product is -0.0, which then adds to the +0.0-started accumulator as +0.0 does.
-// Returns how many elements it did; the caller finishes the rest.
-FASTFED_TARGET("avx2") inline std::size_t sum_client_block_avx2(const std::uint8_t* const* q, const float* scales, double* acc,
-                                                                std::size_t length, const std::uint8_t* const* next, std::size_t n_next) {
-    const __m256 s0 = _mm256_set1_ps(scales[0]), s1 = _mm256_set1_ps(scales[1]), s2 = _mm256_set1_ps(scales[2]),
-                 s3 = _mm256_set1_ps(scales[3]), s4 = _mm256_set1_ps(scales[4]), s5 = _mm256_set1_ps(scales[5]),
-                 s6 = _mm256_set1_ps(scales[6]), s7 = _mm256_set1_ps(scales[7]);
+// Meanwhile the next clients' bytes (`next`) are prefetched for their checksum. Returns how many
+// elements it did; the caller finishes the rest.
+template <std::size_t Clients>
+FASTFED_TARGET("avx2") std::size_t sum_clients_avx2(const std::uint8_t* const* q, const float* scales, double* acc, std::size_t length,
+                                                   const std::uint8_t* const* next, std::size_t n_next) {
+    __m256 scale[Clients];
+    for (std::size_t j = 0; j < Clients; ++j) scale[j] = _mm256_set1_ps(scales[j]);
     std::size_t i = 0;
     // Two independent groups of eight per step, so the dependent adds of one hide the other's.
     for (; i + 16 <= length; i += 16) {
-        // Pull the next clients' bytes of this tile into cache meanwhile, for their checksum.
         if (i % 64 == 0)
             for (std::size_t j = 0; j < n_next; ++j) _mm_prefetch(reinterpret_cast<const char*>(next[j] + i), _MM_HINT_T0);
-        __m256 a = _mm256_mul_ps(s0, levels_avx2(q[0] + i)), b = _mm256_mul_ps(s0, levels_avx2(q[0] + i + 8));
-        a = _mm256_add_ps(a, _mm256_mul_ps(s1, levels_avx2(q[1] + i)));
-        b = _mm256_add_ps(b, _mm256_mul_ps(s1, levels_avx2(q[1] + i + 8)));
-        a = _mm256_add_ps(a, _mm256_mul_ps(s2, levels_avx2(q[2] + i)));
-        b = _mm256_add_ps(b, _mm256_mul_ps(s2, levels_avx2(q[2] + i + 8)));
-        a = _mm256_add_ps(a, _mm256_mul_ps(s3, levels_avx2(q[3] + i)));
-        b = _mm256_add_ps(b, _mm256_mul_ps(s3, levels_avx2(q[3] + i + 8)));
-        a = _mm256_add_ps(a, _mm256_mul_ps(s4, levels_avx2(q[4] + i)));
-        b = _mm256_add_ps(b, _mm256_mul_ps(s4, levels_avx2(q[4] + i + 8)));
-        a = _mm256_add_ps(a, _mm256_mul_ps(s5, levels_avx2(q[5] + i)));
-        b = _mm256_add_ps(b, _mm256_mul_ps(s5, levels_avx2(q[5] + i + 8)));
-        a = _mm256_add_ps(a, _mm256_mul_ps(s6, levels_avx2(q[6] + i)));
-        b = _mm256_add_ps(b, _mm256_mul_ps(s6, levels_avx2(q[6] + i + 8)));
-        a = _mm256_add_ps(a, _mm256_mul_ps(s7, levels_avx2(q[7] + i)));
-        b = _mm256_add_ps(b, _mm256_mul_ps(s7, levels_avx2(q[7] + i + 8)));
+        __m256 a = _mm256_mul_ps(scale[0], levels_avx2(q[0] + i)), b = _mm256_mul_ps(scale[0], levels_avx2(q[0] + i + 8));
+        for (std::size_t j = 1; j < Clients; ++j) {
+            a = _mm256_add_ps(a, _mm256_mul_ps(scale[j], levels_avx2(q[j] + i)));
+            b = _mm256_add_ps(b, _mm256_mul_ps(scale[j], levels_avx2(q[j] + i + 8)));
+        }
         _mm256_storeu_pd(acc + i, _mm256_add_pd(_mm256_loadu_pd(acc + i), _mm256_cvtps_pd(_mm256_castps256_ps128(a))));
         _mm256_storeu_pd(acc + i + 4, _mm256_add_pd(_mm256_loadu_pd(acc + i + 4), _mm256_cvtps_pd(_mm256_extractf128_ps(a, 1))));
         _mm256_storeu_pd(acc + i + 8, _mm256_add_pd(_mm256_loadu_pd(acc + i + 8), _mm256_cvtps_pd(_mm256_castps256_ps128(b))));
         _mm256_storeu_pd(acc + i + 12, _mm256_add_pd(_mm256_loadu_pd(acc + i + 12), _mm256_cvtps_pd(_mm256_extractf128_ps(b, 1))));
     }
     return i;
+}
+
+inline std::size_t sum_clients_avx2(std::size_t clients, const std::uint8_t* const* q, const float* scales, double* acc,
+                                    std::size_t length, const std::uint8_t* const* next, std::size_t n_next) {
+    switch (clients) {
+        case 1: return sum_clients_avx2<1>(q, scales, acc, length, next, n_next);
+        case 2: return sum_clients_avx2<2>(q, scales, acc, length, next, n_next);
+        case 3: return sum_clients_avx2<3>(q, scales, acc, length, next, n_next);
+        case 4: return sum_clients_avx2<4>(q, scales, acc, length, next, n_next);
+        case 5: return sum_clients_avx2<5>(q, scales, acc, length, next, n_next);
+        case 6: return sum_clients_avx2<6>(q, scales, acc, length, next, n_next);
+        case 7: return sum_clients_avx2<7>(q, scales, acc, length, next, n_next);
+        default: return sum_clients_avx2<8>(q, scales, acc, length, next, n_next);
+    }
 }
 #endif
 
@@ -379,36 +383,50 @@ void sum_quantized_tiles(const std::vector<const std::uint8_t*>& packed, unsigne
         for (std::size_t first = 0; first < n_clients; first += kClientBlock) {
             const std::size_t last = std::min(n_clients, first + kClientBlock);
             for (std::size_t k = first; k < last; ++k) checksums[k] = crc32_update(checksums[k], packed[k] + first_byte, tile_bytes);
-            if (bits == 8 && last - first == kClientBlock) {
-                // A full block of 8-bit clients: the block sum stays in a register.
-                const std::uint8_t* q[kClientBlock];
-                float scale[kClientBlock];
-                for (std::size_t j = 0; j < kClientBlock; ++j) {
+            const std::size_t clients = last - first;
+            if (bits == 8) {
+                const std::uint8_t* q[kClientBlock] = {};
+                float scale[kClientBlock] = {};
+                for (std::size_t j = 0; j < clients; ++j) {
                     q[j] = packed[first + j] + begin;
                     scale[j] = scales[first + j];
                 }
                 std::size_t done = 0;
 #if defined(FASTFED_X86_DISPATCH)
                 if (use_avx2) {
+                    // The clients checksummed next: the rest of this tile's clients, then the next tile's.
                     const std::uint8_t* next[kClientBlock];
-                    const std::size_t n_next = std::min(kClientBlock, n_clients - last);
-                    for (std::size_t j = 0; j < n_next; ++j) next[j] = packed[last + j] + first_byte;
-                    done = sum_client_block_avx2(q, scale, acc, length, next, n_next);
+                    std::size_t n_next = 0;
+                    for (std::size_t k = last; k < n_clients && n_next < kClientBlock; ++k) next[n_next++] = packed[k] + first_byte;
+                    for (std::size_t k = 0; k < n_clients && n_next < kClientBlock && tile + 1 < end_tile; ++k)
+                        next[n_next++] = packed[k] + first_byte + tile_bytes;
+                    done = sum_clients_avx2(clients, q, scale, acc, length, next, n_next);
                 }
 #endif
-                for (std::size_t i = done; i < length; ++i) {
-                    float sum = 0.0f;
-                    sum += scale[0] * static_cast<float>(q[0][i]);
-                    sum += scale[1] * static_cast<float>(q[1][i]);
-                    sum += scale[2] * static_cast<float>(q[2][i]);
-                    sum += scale[3] * static_cast<float>(q[3][i]);
-                    sum += scale[4] * static_cast<float>(q[4][i]);
-                    sum += scale[5] * static_cast<float>(q[5][i]);
-                    sum += scale[6] * static_cast<float>(q[6][i]);
-                    sum += scale[7] * static_cast<float>(q[7][i]);
-                    acc[i] += static_cast<double>(sum);
+                if (clients == kClientBlock) {
+                    // A full block: the block sum stays in a register.
+                    for (std::size_t i = done; i < length; ++i) {
+                        float sum = 0.0f;
+                        sum += scale[0] * static_cast<float>(q[0][i]);
+                        sum += scale[1] * static_cast<float>(q[1][i]);
+                        sum += scale[2] * static_cast<float>(q[2][i]);
+                        sum += scale[3] * static_cast<float>(q[3][i]);
+                        sum += scale[4] * static_cast<float>(q[4][i]);
+                        sum += scale[5] * static_cast<float>(q[5][i]);
+                        sum += scale[6] * static_cast<float>(q[6][i]);
+                        sum += scale[7] * static_cast<float>(q[7][i]);
+                        acc[i] += static_cast<double>(sum);
+                    }
+                    continue;
                 }
-                continue;
+                if (done > 0) {  // the few elements after the vector loop of a partial block
+                    for (std::size_t i = done; i < length; ++i) {
+                        float sum = 0.0f;
+                        for (std::size_t j = 0; j < clients; ++j) sum += scale[j] * static_cast<float>(q[j][i]);
+                        acc[i] += static_cast<double>(sum);
+                    }
+                    continue;
+                }
             }
             for (std::size_t i = 0; i < length; ++i) block_sum[i] = 0.0f;
             for (std::size_t k = first; k < last; ++k) {
@@ -433,9 +451,9 @@ void weighted_sum_quantized(const std::vector<const std::uint8_t*>& packed, unsi
                             double divisor, Output* out, std::size_t n, std::uint32_t* checksums) {
     const std::size_t n_clients = packed.size();
     const std::size_t n_tiles = (n + kTile - 1) / kTile;
-    // Contiguous runs of tiles, a few per thread: each run checksums its own byte range from zero
-    // and the runs are combined in order afterwards.
-    const std::size_t run = std::max<std::size_t>(1, n_tiles / (4 * num_threads()));
+    // Contiguous runs of tiles, about eight per thread for balance: each run checksums its own byte
+    // range from zero and the runs are combined in order afterwards.
+    const std::size_t run = std::max<std::size_t>(1, n_tiles / (8 * num_threads()));
     const std::size_t n_runs = (n_tiles + run - 1) / run;
     std::vector<std::uint32_t> run_checksums(n_runs * n_clients, 0);
     parallel_for(n_runs, 1, run * n_clients * kTile / 4, [&](std::size_t first_run, std::size_t end_run) {
@@ -447,10 +465,13 @@ void weighted_sum_quantized(const std::vector<const std::uint8_t*>& packed, unsi
         }
     });
     const std::size_t total_bytes = packed_bytes(n, bits);
+    const std::uint32_t full_run_shift = crc32_shift(run * kTile / 8 * bits);  // all runs but the last
     for (std::size_t r = 0; r < n_runs; ++r) {
         const std::size_t first_byte = r * run * kTile / 8 * bits;
         const std::size_t run_bytes = std::min(total_bytes, (r + 1) * run * kTile / 8 * bits) - first_byte;
-        for (std::size_t k = 0; k < n_clients; ++k) checksums[k] = crc32_combine(checksums[k], run_checksums[r * n_clients + k], run_bytes);
+        const std::uint32_t shift = r + 1 < n_runs ? full_run_shift : crc32_shift(run_bytes);
+        for (std::size_t k = 0; k < n_clients; ++k)
+            checksums[k] = crc32_combine_shifted(shift, checksums[k], run_checksums[r * n_clients + k]);
     }
 }
 

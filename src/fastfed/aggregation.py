@@ -403,6 +403,7 @@ def _mean_of_shared_layout(
     checksummed by the kernel that sums them, every other byte by the CRC between layers, and
     nothing is returned unless every payload's checksum matches."""
     checksums = np.zeros(len(buffers), dtype=np.uint32)
+    payloads = [np.frombuffer(buffer, dtype=np.uint8) for buffer in buffers]  # sliced below: views are cheap
     position = 0
     means: list[np.ndarray] = []
     j = 0
@@ -419,10 +420,8 @@ def _mean_of_shared_layout(
                 run.append(template[j + len(run)])
             stored = entry.dtype if np.little_endian else entry.dtype.newbyteorder("<")
             count = sum(e.count for e in run)
-            values = [
-                np.frombuffer(b, dtype=stored, count=count, offset=entry.offset).astype(entry.dtype, copy=False)
-                for b in buffers
-            ]
+            end = entry.offset + count * entry.dtype.itemsize
+            values = [p[entry.offset : end].view(stored).astype(entry.dtype, copy=False) for p in payloads]
             out = _kernel_output(LayerSpec((count,), entry.dtype), as_sum=False)
             kernels().aggregate.weighted_sum_layer(values, weights, total, out)
             start = 0
@@ -434,7 +433,7 @@ def _mean_of_shared_layout(
         spec = LayerSpec(entry.shape, entry.dtype)
         length = entry.data.nbytes
         _continue_checksums(checksums, buffers, position, entry.offset)
-        levels = [np.frombuffer(b, dtype=np.uint8, count=length, offset=entry.offset) for b in buffers]
+        levels = [p[entry.offset : entry.offset + length] for p in payloads]
         means.append(
             _mean_of_levels(levels, entry.bits, minimums[:, j], maximums[:, j], weights, total, spec, checksums)
         )
