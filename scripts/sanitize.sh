@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds fastfed._core with AddressSanitizer + UndefinedBehaviorSanitizer and runs the kernel,
 # compression and fuzz tests against it on the native backend. Usage: scripts/sanitize.sh [pytest args]
+# --capture=sys: a sanitizer report goes to file descriptor 2, which pytest must not swallow.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d)
@@ -31,5 +32,5 @@ assert fastfed._core.__file__.startswith(os.getcwd()), fastfed._core.__file__
 print("sanitized extension:", fastfed._core.__file__, flush=True)
 import pytest
 tests = [f"{repo}/tests/{name}" for name in ("test_aggregate_kernels.py", "test_quantize_kernels.py", "test_native_isa.py", "test_compression.py", "test_aggregation.py")]
-sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "-k", "native", "--rootdir", repo, "-c", f"{repo}/pyproject.toml", *tests, *args]))
+sys.exit(pytest.main(["-q", "--capture=sys", "-p", "no:cacheprovider", "-k", "native", "--rootdir", repo, "-c", f"{repo}/pyproject.toml", *tests, *args]))
 PY

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import fastfed
 from fastfed._backend import _require
 
 DTYPES = [
@@ -74,3 +75,26 @@ def test_kernel_boundary_rejects_bad_buffers(backend: str) -> None:
         kernel.weighted_sum_layer([np.ones(4, np.int32)], np.ones(1), 1.0, np.empty(4, np.int32))
     with pytest.raises(ValueError, match="source"):
         kernel.accumulate(np.zeros(4), np.ones(3), 1.0)
+
+
+def _unaligned(values: np.ndarray) -> np.ndarray:
+    raw = np.zeros(values.nbytes + 1, np.uint8)
+    view = raw[1:].view(values.dtype)
+    view[:] = values
+    assert not view.flags.aligned
+    return view
+
+
+def test_kernels_refuse_unaligned_arrays(backend: str) -> None:
+    # A typed load from a misaligned address is undefined behaviour in the native kernels.
+    kernel = _require(backend).aggregate
+    sources = [_unaligned(np.arange(5, dtype=np.int64)), np.arange(5, dtype=np.int64)]
+    with pytest.raises(ValueError, match=r"sources\[0\]: expected an aligned array"):
+        kernel.weighted_sum_layer(sources, np.ones(2), 1.0, np.empty(5))
+
+
+def test_weighted_mean_aligns_unaligned_client_arrays(backend: str) -> None:
+    aligned = [np.arange(7, dtype=np.int64), np.linspace(0, 1, 9, dtype=np.float32)]
+    unaligned = [_unaligned(layer) for layer in aligned]
+    for got, want in zip(fastfed.weighted_mean([unaligned, aligned], [1, 3]), aligned, strict=True):
+        np.testing.assert_array_equal(got, want)

@@ -228,6 +228,28 @@ def test_one_pass_mean_sends_bad_ranges_to_full_validation() -> None:
         fastfed.weighted_mean_encoded(payloads, weights)
 
 
+def test_raw_tensors_at_odd_offsets_decode_and_average() -> None:
+    # A 3-bit tensor of 10,001 values takes 3,751 bytes, so the raw tensors after it sit at odd offsets.
+    updates = [
+        [np.linspace(-1, 1, 10_001, dtype=np.float32) * (k + 1), np.arange(3, dtype=np.int64) + k, np.full(2, k / 3)]
+        for k in range(9)
+    ]
+    payloads = [encode(u, UniformQuantizer(bits=3, min_size=1000), seed=k) for k, u in enumerate(updates)]
+    assert parse(payloads[0])[1].offset % 8 != 0
+    decoded = [decode(p) for p in payloads]
+    for restored, update in zip(decoded, updates):
+        np.testing.assert_array_equal(restored[1], update[1])
+        np.testing.assert_array_equal(restored[2], update[2])
+    accumulator = fastfed.Accumulator()
+    for payload in payloads:
+        accumulator.add_encoded(payload, 2.0)
+    batched = fastfed.weighted_mean_encoded(payloads, np.full(9, 2.0))
+    expected = fastfed.weighted_mean(decoded, np.full(9, 2.0))
+    for streamed, one_pass, want in zip(accumulator.result(), batched, expected, strict=True):
+        np.testing.assert_array_equal(streamed, want)
+        np.testing.assert_allclose(one_pass, want, rtol=0, atol=1e-5)
+
+
 def test_add_encoded_names_the_client_and_keeps_state() -> None:
     accumulator = fastfed.Accumulator()
     accumulator.add_encoded(encode([np.ones(4, np.float32)]), 1.0)

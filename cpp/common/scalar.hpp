@@ -85,10 +85,13 @@ decltype(auto) dispatch_scalar(scalar_type type, Fn&& fn) {
     throw std::logic_error("unreachable scalar type");
 }
 
-// A 1-D, C-contiguous view checked at the boundary so kernels never index out of bounds.
+// A 1-D, C-contiguous, aligned view checked at the boundary so kernels never index out of bounds.
 inline void require_flat_contiguous(const pybind11::array& array, const char* argument) {
     if (array.ndim() != 1) throw std::invalid_argument(std::string(argument) + ": expected a 1-D array, got " + std::to_string(array.ndim()) + "-D");
     if (!(array.flags() & pybind11::array::c_style)) throw std::invalid_argument(std::string(argument) + ": expected a C-contiguous array");
+    // Typed loads of a misaligned address are undefined behaviour (vector code may assume alignment).
+    if (!(array.flags() & pybind11::detail::npy_api::NPY_ARRAY_ALIGNED_))
+        throw std::invalid_argument(std::string(argument) + ": expected an aligned array (its address is not a multiple of the item size)");
 }
 
 }  // namespace fastfed

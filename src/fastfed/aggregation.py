@@ -25,6 +25,7 @@ from .compression.wire import (
     match_layout,
     parse,
     parse_structure,
+    raw_view,
     stored_checksum,
 )
 from .errors import DecodeError
@@ -66,7 +67,7 @@ def _check_weight(weight: Any, client: int) -> float:
 
 
 def _as_layer(array: ArrayLike, client: int, layer: int) -> np.ndarray:
-    """A 1-D, C-contiguous, native-byte-order view (or copy) of one layer of one client."""
+    """A 1-D, C-contiguous, aligned, native-byte-order view (or copy) of one layer of one client."""
     try:
         array = np.asarray(array)
     except (TypeError, ValueError) as error:
@@ -77,7 +78,8 @@ def _as_layer(array: ArrayLike, client: int, layer: int) -> np.ndarray:
         )
     if not array.dtype.isnative:
         array = array.astype(array.dtype.newbyteorder("="))
-    return np.ascontiguousarray(array).reshape(-1)
+    flat: np.ndarray = np.require(array, requirements=("C", "A")).reshape(-1)  # as the kernels require
+    return flat
 
 
 def _layers_of(update: object, client: int) -> list[ArrayLike]:
@@ -280,7 +282,7 @@ class Accumulator:
             array = np.asarray(layer, dtype=np.float64)
             if array.shape != spec.shape:
                 raise ValueError(f"partial sum, layer {j}: shape {array.shape} does not match {spec.shape}")
-            arrays.append(np.ascontiguousarray(array).reshape(-1))
+            arrays.append(np.require(array, requirements=("C", "A")).reshape(-1))
         kernel = kernels().aggregate
         for acc, values in zip(self._sums, arrays):
             kernel.accumulate(acc, values, 1.0)
@@ -418,10 +420,9 @@ def _mean_of_shared_layout(
                 and template[j + len(run)].dtype == entry.dtype
             ):
                 run.append(template[j + len(run)])
-            stored = entry.dtype if np.little_endian else entry.dtype.newbyteorder("<")
             count = sum(e.count for e in run)
             end = entry.offset + count * entry.dtype.itemsize
-            values = [p[entry.offset : end].view(stored).astype(entry.dtype, copy=False) for p in payloads]
+            values = [raw_view(p[entry.offset : end], entry.dtype) for p in payloads]
             out = _kernel_output(LayerSpec((count,), entry.dtype), as_sum=False)
             kernels().aggregate.weighted_sum_layer(values, weights, total, out)
             start = 0

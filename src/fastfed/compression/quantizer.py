@@ -140,4 +140,4 @@ def dequantize_tensor(
 def as_float_source(array: np.ndarray) -> Any:
     """A flat, contiguous float32/float64 array for the kernels (float16 widens exactly to float32)."""
     dtype = np.float64 if array.dtype == np.float64 else np.float32
-    return np.ascontiguousarray(array, dtype=dtype).reshape(-1)
+    return np.require(array, dtype=dtype, requirements=("C", "A")).reshape(-1)

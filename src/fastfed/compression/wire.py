@@ -34,6 +34,7 @@ __all__ = [
     "parse",
     "parse_structure",
     "raw_size_bits",
+    "raw_view",
     "size_bits",
 ]
 
@@ -85,9 +86,9 @@ class Entry:
     offset: int  # where data starts in the payload
 
     def raw_values(self) -> np.ndarray:
-        """A read-only flat view of a raw tensor's values in native byte order."""
-        stored = self.dtype if np.little_endian else self.dtype.newbyteorder("<")
-        return self.data.view(stored).astype(self.dtype, copy=False)
+        """A raw tensor's flat values in native byte order: a read-only view, or a copy where the
+        payload places them at an address that is not a multiple of the item size."""
+        return raw_view(self.data, self.dtype)
 
     def decode(self) -> np.ndarray:
         if self.codec == CODEC_RAW:
@@ -96,6 +97,14 @@ class Entry:
             self.data, self.count, self.bits, self.minimum, self.maximum, self.block, self.padded, self.seed
         )
         return flat.astype(self.dtype, copy=False).reshape(self.shape)
+
+
+def raw_view(data: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
+    """``data`` (uint8) read as little-endian ``dtype`` values in native order, aligned for the kernels:
+    tensors follow each other with no padding, so a payload may place one at any byte offset."""
+    stored = dtype if np.little_endian else dtype.newbyteorder("<")
+    values = data.view(stored).astype(dtype, copy=False)
+    return values if values.flags.aligned else values.copy()
 
 
 def _random_seed() -> int:

@@ -16,6 +16,8 @@ def require_flat(array: np.ndarray, name: str) -> None:
         raise ValueError(f"{name}: expected a 1-D array, got {array.ndim}-D")
     if not array.flags.c_contiguous:
         raise ValueError(f"{name}: expected a C-contiguous array")
+    if not array.flags.aligned:
+        raise ValueError(f"{name}: expected an aligned array (its address is not a multiple of the item size)")
     if array.dtype.byteorder == ">":
         raise ValueError(f"{name}: big-endian arrays must be converted by the caller")
     if array.dtype.kind not in "fiu":
