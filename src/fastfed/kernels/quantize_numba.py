@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import zlib
-
 import numba
 import numpy as np
 from numba import prange
@@ -259,10 +257,9 @@ def weighted_sum_quantized(
     checksums: np.ndarray,
 ) -> None:
     """``out = (sum_k scales[k] * unpack(packed[k]) + offset) / divisor`` and the continued CRC-32s;
-    see the NumPy reference. The checksums use zlib, which releases the GIL."""
+    see the NumPy reference."""
     scales = check_weighted_sum_quantized(packed, bits, scales, out, checksums)
-    for k, data in enumerate(packed):
-        checksums[k] = zlib.crc32(data.data, int(checksums[k]))
+    reference.continue_checksums(packed, checksums)
     _weighted_sum_quantized(List(packed), bits, scales, float(offset), float(divisor), out)
 
 

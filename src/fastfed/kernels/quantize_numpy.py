@@ -123,6 +123,12 @@ def unpack_dequantize_accumulate(
 CLIENT_BLOCK = 8
 
 
+def continue_checksums(packed: list[np.ndarray], checksums: np.ndarray) -> None:
+    """``checksums[k] = crc32(packed[k], checksums[k])``: zlib's CRC-32, continued (zlib releases the GIL)."""
+    for k, data in enumerate(packed):
+        checksums[k] = zlib.crc32(data.data, int(checksums[k]))
+
+
 def weighted_sum_quantized(
     packed: list[np.ndarray],
     bits: int,
@@ -139,8 +145,7 @@ def weighted_sum_quantized(
     added to a float64 accumulator that starts at zero; ``offset`` is added last.
     """
     scales = check_weighted_sum_quantized(packed, bits, scales, out, checksums)
-    for k, data in enumerate(packed):
-        checksums[k] = zlib.crc32(data.data, int(checksums[k]))
+    continue_checksums(packed, checksums)
     n = out.shape[0]
     acc = np.zeros(n, dtype=np.float64)
     for first in range(0, len(packed), CLIENT_BLOCK):
