@@ -340,10 +340,17 @@ def _parse_client(payload: bytes | bytearray | memoryview, client: int, checksum
         raise DecodeError(f"client {client}: {error}") from None
 
 
-def _mean_of_raw(values: list[np.ndarray], weights: np.ndarray, total: float, spec: LayerSpec) -> np.ndarray:
-    out = _kernel_output(spec, as_sum=False)
+def _means_of_raw(
+    values: list[np.ndarray], weights: np.ndarray, total: float, specs: list[LayerSpec]
+) -> list[np.ndarray]:
+    """The means of consecutive raw layers of one dtype, whose values each client holds as one flat run."""
+    out = _kernel_output(LayerSpec((sum(spec.size for spec in specs),), specs[0].dtype), as_sum=False)
     kernels().aggregate.weighted_sum_layer(values, weights, total, out)
-    return cast_to_layer(out, spec)
+    means, start = [], 0
+    for spec in specs:
+        means.append(cast_to_layer(out[start : start + spec.size], spec))
+        start += spec.size
+    return means
 
 
 def _mean_of_levels(
@@ -369,7 +376,7 @@ def _mean_of_column(column: list[Entry], weights: np.ndarray, total: float, spec
     """The weighted mean of one layer over clients' verified entries, by the fastest exact route."""
     first = column[0]
     if all(entry.codec == CODEC_RAW for entry in column):
-        return _mean_of_raw([entry.raw_values() for entry in column], weights, total, spec)
+        return _means_of_raw([entry.raw_values() for entry in column], weights, total, [spec])[0]
     if all(e.codec == CODEC_UNIFORM and e.block == 0 and e.bits == first.bits for e in column):
         return _mean_of_levels(
             [e.data for e in column],
@@ -420,15 +427,9 @@ def _mean_of_shared_layout(
                 and template[j + len(run)].dtype == entry.dtype
             ):
                 run.append(template[j + len(run)])
-            count = sum(e.count for e in run)
-            end = entry.offset + count * entry.dtype.itemsize
+            end = entry.offset + sum(e.count for e in run) * entry.dtype.itemsize
             values = [raw_view(p[entry.offset : end], entry.dtype) for p in payloads]
-            out = _kernel_output(LayerSpec((count,), entry.dtype), as_sum=False)
-            kernels().aggregate.weighted_sum_layer(values, weights, total, out)
-            start = 0
-            for e in run:
-                means.append(cast_to_layer(out[start : start + e.count], LayerSpec(e.shape, e.dtype)))
-                start += e.count
+            means += _means_of_raw(values, weights, total, [LayerSpec(e.shape, e.dtype) for e in run])
             j += len(run)
             continue
         spec = LayerSpec(entry.shape, entry.dtype)
@@ -482,8 +483,9 @@ def weighted_mean_encoded(
     template = _parse_client(buffers[0], 0, checksum=False)
     layout = match_layout(buffers, template)
     if layout.matches.all() and all(entry.codec == CODEC_RAW or entry.block == 0 for entry in template):
-        for k in set(range(len(buffers))) - set(active):  # not read by the pass, still verified
-            _parse_client(buffers[k], k)
+        for k, weight in enumerate(weight_values):
+            if weight == 0.0:  # not read by the pass, still verified
+                _parse_client(buffers[k], k)
         return _mean_of_shared_layout(
             [buffers[k] for k in active],
             template,

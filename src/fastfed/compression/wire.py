@@ -340,7 +340,7 @@ def match_layout(buffers: Sequence[memoryview], template: list[Entry]) -> Shared
         tail += ENTRY_TAIL.size
     same_size = np.array([buffer.nbytes == size for buffer in buffers])
     # Every payload of the template's size holds a full table prefix; others get a zero row.
-    prefixes = [buffer[:table_end] if buffer.nbytes == size else bytes(table_end) for buffer in buffers]
+    prefixes = [buffer[:table_end] if same else bytes(table_end) for buffer, same in zip(buffers, same_size)]
     heads = np.frombuffer(b"".join(prefixes), dtype=np.uint8).reshape(len(buffers), table_end)
     fixed = np.ones(table_end, dtype=bool)
     for start in variable:
