@@ -20,6 +20,10 @@ from .workloads import CNN_SHAPES, example_counts, random_updates
 
 flwr_aggregate = pytest.importorskip("flwr.server.strategy.aggregate")
 
+# Module-scoped fixtures build large workloads (or a Ray cluster) once: one xdist worker runs them all.
+pytestmark = pytest.mark.xdist_group("aggregate-bench")
+
+
 WORKLOADS = {
     "cnn K=100": (100, CNN_SHAPES),
     "K=1000 x 100k": (1000, [(100_000,)]),

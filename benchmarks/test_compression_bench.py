@@ -16,6 +16,10 @@ from fastfed.compression import UniformQuantizer, decode, encode
 
 from .workloads import CNN_SHAPES, example_counts, random_updates
 
+# Module-scoped fixtures build large workloads (or a Ray cluster) once: one xdist worker runs them all.
+pytestmark = pytest.mark.xdist_group("compression-bench")
+
+
 KERNEL = "dense 3136x512"
 TARGETS = {KERNEL: lambda: random_updates(1, [(3136, 512)])[0], "cnn update": lambda: random_updates(1, CNN_SHAPES)[0]}
 CODECS = [(8, False), (8, True), (2, False), (2, True)]

@@ -39,8 +39,8 @@ def _process(model_fn: Any, settings: dict[str, Any], codec: UniformQuantizer | 
         model_fn,
         client_optimizer=lambda: keras.optimizers.SGD(learning_rate=settings["client_lr"]),
         server_optimizer=fastfed.optimizers.SGD(learning_rate=1.0),
-        aggregator=fastfed.mean(compression=codec),
-        broadcast_compression=codec,
+        aggregator=fastfed.mean_aggregator(codec=codec),
+        broadcast_codec=codec,
         batch_size=settings["batch_size"],
         seed=0,
     )

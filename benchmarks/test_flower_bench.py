@@ -27,6 +27,10 @@ from fastfed.integrations.flower import serverapp as fast_message
 from .conftest import peak_memory_bytes
 from .workloads import CNN_SHAPES, example_counts, random_updates
 
+# Module-scoped fixtures build large workloads (or a Ray cluster) once: one xdist worker runs them all.
+pytestmark = pytest.mark.xdist_group("flower-bench")
+
+
 K = 100
 
 

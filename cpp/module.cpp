@@ -13,6 +13,7 @@ namespace py = pybind11;
 namespace fastfed {
 void register_aggregate(py::module_& m);
 void register_quantize(py::module_& m);
+void register_rotate(py::module_& m);
 
 namespace {
 
@@ -57,4 +58,6 @@ PYBIND11_MODULE(_core, m) {
     fastfed::register_aggregate(aggregate);
     auto quantize = m.def_submodule("quantize");
     fastfed::register_quantize(quantize);
+    auto rotate = m.def_submodule("rotate");
+    fastfed::register_rotate(rotate);
 }

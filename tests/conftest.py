@@ -1,4 +1,5 @@
-"""Runs every test once per available kernel backend (native, Numba, NumPy)."""
+"""The ``backend`` fixture: a test that takes it runs once per available kernel backend (native,
+Numba, NumPy). Kernel, aggregation and compression tests take it; what sits above the kernels runs once."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ if _missing:
     raise RuntimeError(f"required fastfed backends are not available: {_missing}; available: {AVAILABLE}")
 
 
-@pytest.fixture(params=AVAILABLE, autouse=True)
+@pytest.fixture(params=AVAILABLE)
 def backend(request: pytest.FixtureRequest) -> Iterator[str]:
     """The backend this run of the test uses; restored afterwards."""
     previous = fastfed.backend()

@@ -1,9 +1,9 @@
-"""Flower simulations (Flower's own engine, on Ray) for tests/test_flower.py.
+"""Flower simulations (Flower's own engine, on Ray) for tests/test_flower.py's smoke test.
 
-Run as ``python flower_simulations.py SCENARIO OUT.npz``: writes the global model after every round.
-A subprocess per simulation isolates Ray, which Flower starts and shuts down per run, and bounds
-each run with a timeout. Clients train softmax regression on shards of the bundled digits with NumPy
-and carry an int64 step counter, the kind of tensor Flower's in-place averaging zeroes.
+Run as ``python flower_simulations.py OUT_DIR SCENARIO [SCENARIO ...]``: writes the global model
+after every round of each scenario to ``OUT_DIR/SCENARIO.npz``. One subprocess isolates Ray, which
+Flower starts and shuts down per run, and bounds the runs with a timeout. The clients are those of
+tests/flower_clients.py.
 """
 
 from __future__ import annotations
@@ -21,53 +21,17 @@ os.environ["RAY_ADDRESS"] = "local"
 
 import numpy as np
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
-from flwr.client import Client, ClientApp, NumPyClient
+from flwr.client import Client, ClientApp
 from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server import ServerApp, ServerConfig
-from flwr.server import strategy as legacy
 from flwr.serverapp import Grid
-from flwr.serverapp import strategy as message_api
 from flwr.simulation import run_simulation
 
-from fastfed.compression import UniformQuantizer
-from fastfed.data import load_digits, partition_iid
 from fastfed.integrations import flower as fast_legacy
 from fastfed.integrations.flower import serverapp as fast_message
+from flower_clients import CODEC, NUM_CLIENTS, ROUNDS, initial_arrays, local_train
 
-NUM_CLIENTS = 4
-ROUNDS = 3
 BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}}
-CODEC = UniformQuantizer(bits=8, min_size=0)
-(X, Y), _ = load_digits(seed=0)
-SHARDS = partition_iid(X, Y, NUM_CLIENTS, seed=0).all()
-
-
-def initial_arrays() -> list[np.ndarray]:
-    return [np.zeros((64, 10), np.float32), np.zeros(10, np.float32), np.array(0, np.int64)]
-
-
-def local_train(arrays: list[np.ndarray], shard: int) -> tuple[list[np.ndarray], int]:
-    """Ten full-batch gradient steps of softmax regression; the step counter advances by 10 + shard."""
-    weights, bias, steps = (np.array(a) for a in arrays)
-    x, y = SHARDS[shard]
-    onehot = np.eye(10, dtype=np.float32)[y]
-    for _ in range(10):
-        logits = x @ weights + bias
-        probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probabilities /= probabilities.sum(axis=1, keepdims=True)
-        error = (probabilities - onehot) / len(x)
-        weights -= 0.5 * (x.T @ error)
-        bias -= 0.5 * error.sum(axis=0)
-    return [weights.astype(np.float32), bias.astype(np.float32), np.array(steps + 10 + shard, np.int64)], len(x)
-
-
-class DigitsClient(NumPyClient):
-    def __init__(self, shard: int) -> None:
-        self.shard = shard
-
-    def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict]:
-        arrays, count = local_train(parameters, self.shard)
-        return arrays, count, {}
 
 
 class CompressedDigitsClient(Client):
@@ -138,32 +102,21 @@ def run_message(strategy_class: type, compress: bool = False, **options: Any) ->
     return models
 
 
-def numpy_client(shard: int) -> Client:
-    return DigitsClient(shard).to_client()
-
-
 SCENARIOS: dict[str, Callable[[], list[list[np.ndarray]]]] = {
-    "legacy-flower-fedavg": lambda: run_legacy(legacy.FedAvg, numpy_client),
-    "legacy-flower-fedavg-inplace": lambda: run_legacy(legacy.FedAvg, numpy_client, inplace=True),
-    "legacy-flower-fedadam": lambda: run_legacy(legacy.FedAdam, numpy_client, eta=0.05),
-    "legacy-fast-fedavg": lambda: run_legacy(fast_legacy.FastFedAvg, numpy_client),
-    "legacy-fast-fedadam": lambda: run_legacy(fast_legacy.FastFedAdam, numpy_client, eta=0.05),
     "legacy-fast-fedavg-compressed": lambda: run_legacy(fast_legacy.FastFedAvg, CompressedDigitsClient),
-    "message-flower-fedavg": lambda: run_message(message_api.FedAvg),
-    "message-flower-fedadam": lambda: run_message(message_api.FedAdam, eta=0.05),
-    "message-fast-fedavg": lambda: run_message(fast_message.FastFedAvg),
-    "message-fast-fedadam": lambda: run_message(fast_message.FastFedAdam, eta=0.05),
     "message-fast-fedavg-compressed": lambda: run_message(fast_message.FastFedAvg, compress=True),
 }
 
 
 def main() -> None:
-    scenario, output = sys.argv[1], sys.argv[2]
+    output, scenarios = sys.argv[1], sys.argv[2:]
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    models = SCENARIOS[scenario]()
-    if len(models) != ROUNDS:
-        raise SystemExit(f"{scenario}: recorded {len(models)} rounds, expected {ROUNDS}")
-    np.savez(output, **{f"round{r}_{j}": array for r, model in enumerate(models) for j, array in enumerate(model)})
+    for scenario in scenarios:
+        models = SCENARIOS[scenario]()
+        if len(models) != ROUNDS:
+            raise SystemExit(f"{scenario}: recorded {len(models)} rounds, expected {ROUNDS}")
+        arrays = {f"round{r}_{j}": array for r, model in enumerate(models) for j, array in enumerate(model)}
+        np.savez(os.path.join(output, f"{scenario}.npz"), **arrays)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 
@@ -98,3 +100,51 @@ def test_weighted_mean_aligns_unaligned_client_arrays(backend: str) -> None:
     unaligned = [_unaligned(layer) for layer in aligned]
     for got, want in zip(fastfed.weighted_mean([unaligned, aligned], [1, 3]), aligned, strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("bits", [1, 3, 8, 16])
+@pytest.mark.parametrize("clients", [1, 8, 19])
+@pytest.mark.parametrize("out_dtype", [np.float32, np.float64])
+def test_weighted_sum_quantized_matches_reference(backend: str, bits: int, clients: int, out_dtype: type) -> None:
+    rng = np.random.default_rng(bits * 100 + clients)
+    n = 20_001
+    packed = [rng.integers(0, 256, (n * bits + 7) // 8, dtype=np.uint8) for _ in range(clients)]
+    scales = rng.uniform(-1, 1, clients).astype(np.float32)
+    expected, actual = np.empty(n, out_dtype), np.empty(n, out_dtype)
+    initial = rng.integers(0, 2**32, clients, dtype=np.uint64).astype(np.uint32)
+    want_checksums, got_checksums = initial.copy(), initial.copy()
+    _require("numpy").aggregate.weighted_sum_quantized(packed, bits, scales, 0.25, 3.0, expected, want_checksums)
+    _require(backend).aggregate.weighted_sum_quantized(packed, bits, scales, 0.25, 3.0, actual, got_checksums)
+    np.testing.assert_array_equal(actual, expected)
+    continued = [zlib.crc32(data, int(start)) for data, start in zip(packed, initial)]
+    assert got_checksums.tolist() == want_checksums.tolist() == continued
+    # The reference is the float64 weighted sum of the unpacked levels, up to float32 block rounding.
+    exact = np.zeros(n)
+    for data, scale in zip(packed, scales):
+        unpacked = np.empty(n)
+        _require("numpy").quantize.unpack_dequantize(data, bits, 0.0, 1.0, unpacked)
+        exact += float(scale) * unpacked
+    bound = 1e-6 * (2**bits) * clients
+    np.testing.assert_allclose(expected, ((exact + 0.25) / 3.0).astype(out_dtype), rtol=0, atol=bound)
+
+
+def test_weighted_sum_quantized_checksums_span_many_tiles(backend: str) -> None:
+    # 62 tiles: the native kernel checksums runs of tiles on separate threads and combines them.
+    rng = np.random.default_rng(5)
+    n, clients = 1_000_003, 11
+    packed = [rng.integers(0, 256, n, dtype=np.uint8) for _ in range(clients)]
+    scales = rng.uniform(0, 1, clients).astype(np.float32)
+    expected, actual = np.empty(n, np.float32), np.empty(n, np.float32)
+    want, got = np.zeros(clients, np.uint32), np.zeros(clients, np.uint32)
+    _require("numpy").aggregate.weighted_sum_quantized(packed, 8, scales, 0.0, 1.0, expected, want)
+    _require(backend).aggregate.weighted_sum_quantized(packed, 8, scales, 0.0, 1.0, actual, got)
+    np.testing.assert_array_equal(actual, expected)
+    assert got.tolist() == want.tolist() == [zlib.crc32(data) for data in packed]
+
+
+@pytest.mark.parametrize("checksums", [np.zeros(2, np.int64), np.zeros(3, np.uint32), np.zeros(2, np.uint32)[::-1]])
+def test_weighted_sum_quantized_rejects_bad_checksum_arrays(backend: str, checksums: np.ndarray) -> None:
+    packed = [np.zeros(4, np.uint8), np.zeros(4, np.uint8)]
+    out = np.empty(4, np.float32)
+    with pytest.raises(ValueError, match="checksums"):
+        _require(backend).aggregate.weighted_sum_quantized(packed, 8, np.ones(2, np.float32), 0.0, 1.0, out, checksums)

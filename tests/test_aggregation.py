@@ -9,6 +9,8 @@ import pytest
 
 import fastfed
 
+pytestmark = pytest.mark.usefixtures("backend")
+
 SHAPES = [(5, 5, 1, 32), (32,), (7, 3), (10,)]
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import fastfed
+from fastfed.compression import UniformQuantizer, encode
 
 
 def _run(code: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -46,6 +47,35 @@ def test_every_backend_gives_identical_means() -> None:
     for result in results.values():
         for layer, expected in zip(result, first):
             np.testing.assert_array_equal(layer, expected)
+
+
+def _random_update(seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    shapes = [(5, 5, 1, 32), (32,), (300, 100), (10,)]
+    return [(rng.standard_normal(shape) * 0.05).astype(np.float32) for shape in shapes]
+
+
+def test_backends_produce_identical_bytes() -> None:
+    update = _random_update(3)
+    for codec in (UniformQuantizer(bits=8), UniformQuantizer(bits=3, stochastic=False, rotate=True, min_size=500)):
+        payloads = {}
+        for name in fastfed.available_backends():
+            with fastfed.use_backend(name):
+                payloads[name] = encode(update, codec, seed=9)
+        assert len(set(payloads.values())) == 1, sorted(payloads)
+
+
+def test_batched_mean_is_identical_on_every_backend() -> None:
+    updates = [_random_update(seed) for seed in range(10)]
+    payloads = [encode(u, UniformQuantizer(bits=5, min_size=1000), seed=s) for s, u in enumerate(updates)]
+    payloads[3] = encode(updates[3], UniformQuantizer(bits=5, rotate=True, min_size=1000), seed=3)  # a mixed layer
+    results = []
+    for name in fastfed.available_backends():
+        with fastfed.use_backend(name):
+            results.append(fastfed.weighted_mean_encoded(payloads, np.arange(1, 11)))
+    for result in results[1:]:
+        for a, b in zip(result, results[0]):
+            np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("name", fastfed.available_backends())

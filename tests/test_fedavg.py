@@ -100,7 +100,7 @@ def test_compression_cuts_bits_and_keeps_accuracy() -> None:
     results = {}
     for bits in (None, 8):
         codec = UniformQuantizer(bits=bits, min_size=100) if bits else None
-        process = _process(aggregator=fastfed.mean(compression=codec), broadcast_compression=codec)
+        process = _process(aggregator=fastfed.mean_aggregator(codec=codec), broadcast_codec=codec)
         state = process.initialize()
         for _ in range(5):
             state, metrics = process.next(state, clients)

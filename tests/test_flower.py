@@ -1,7 +1,8 @@
-"""fastfed inside Flower: real simulations of both Flower APIs on Flower's own engine.
+"""fastfed inside Flower: the strategies' aggregation, called in-process on real Flower results.
 
-Each simulation runs in a subprocess (tests/flower_simulations.py) with a timeout. Flower's own
-strategies are simulated once; fastfed's once per backend, through ``FASTFED_BACKEND``.
+Each round the tests train the clients of tests/flower_clients.py locally, wrap their arrays in
+real ``FitRes`` (legacy API) or reply ``Message`` objects (Message API), and hand them to Flower's
+strategy and to fastfed's. One subprocess runs a real simulation per API on Flower's own engine.
 """
 
 from __future__ import annotations
@@ -9,95 +10,208 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+from unittest.mock import Mock
 
 import numpy as np
 import pytest
 
 pytest.importorskip("flwr")
-pytest.importorskip("ray")
 
-from fastfed.data import load_digits
+from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server import strategy as legacy
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.serverapp import Grid
+from flwr.serverapp import strategy as message_api
 
-SCRIPT = Path(__file__).with_name("flower_simulations.py")
-ROUNDS, LAYERS = 3, 3
-_cache: dict[tuple[str, str], list[list[np.ndarray]]] = {}
+from fastfed.integrations import flower as fast_legacy
+from fastfed.integrations.flower import serverapp as fast_message
+from flower_clients import CODEC, NUM_CLIENTS, ROUNDS, accuracy, initial_arrays, local_train
 
-
-def simulate(scenario: str, backend: str, tmp_path_factory: pytest.TempPathFactory) -> list[list[np.ndarray]]:
-    """The global model after each round of a scenario (cached; Flower-only scenarios are backend-free)."""
-    key = (scenario, backend if "-fast-" in scenario else "")
-    if key not in _cache:
-        output = tmp_path_factory.mktemp("flower") / f"{scenario}.npz"
-        environment = {**os.environ, "FASTFED_BACKEND": backend, "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
-        completed = subprocess.run(
-            [sys.executable, str(SCRIPT), scenario, str(output)],
-            capture_output=True, text=True, timeout=300, env=environment, check=False,
-        )  # fmt: skip
-        assert completed.returncode == 0, completed.stderr[-3000:]
-        with np.load(output) as saved:
-            _cache[key] = [[saved[f"round{r}_{j}"] for j in range(LAYERS)] for r in range(ROUNDS)]
-    return _cache[key]
+Model = list[np.ndarray]
 
 
-def accuracy(model: list[np.ndarray]) -> float:
-    _, (x, y) = load_digits(seed=0)
-    return float(np.mean(np.argmax(x @ model[0] + model[1], axis=1) == y))
+class _Proxy(ClientProxy):
+    """A registered client that never trains remotely: the tests train it in-process."""
+
+    def get_properties(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    def get_parameters(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    def fit(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    def reconnect(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
 
 
-def assert_models_agree(
-    actual: list[list[np.ndarray]], expected: list[list[np.ndarray]], rtol: float, atol: float
-) -> None:
-    for round_actual, round_expected in zip(actual, expected):
+def _client_manager() -> SimpleClientManager:
+    manager = SimpleClientManager()
+    for shard in range(NUM_CLIENTS):
+        manager.register(_Proxy(str(shard)))
+    return manager
+
+
+def _fit_res(arrays: Model | Any, count: int) -> FitRes:
+    parameters = arrays if not isinstance(arrays, list) else ndarrays_to_parameters(arrays)
+    return FitRes(Status(Code.OK, ""), parameters, count, {})
+
+
+def run_legacy(strategy: Any, compress: bool = False) -> list[Model]:
+    """Rounds of a legacy strategy: configure_fit, local training of every shard, aggregate_fit."""
+    manager = _client_manager()
+    parameters = ndarrays_to_parameters(initial_arrays())
+    models = []
+    for server_round in range(1, ROUNDS + 1):
+        instructions = strategy.configure_fit(server_round, parameters, manager)
+        received = parameters_to_ndarrays(instructions[0][1].parameters)
+        results = []
+        for proxy, _ in instructions:
+            shard = int(proxy.cid)
+            arrays, count = local_train(received, shard)
+            if compress:
+                arrays = fast_legacy.compress_parameters(arrays, received, CODEC, seed=shard)
+            results.append((proxy, _fit_res(arrays, count)))
+        parameters, _ = strategy.aggregate_fit(server_round, results, [])
+        models.append(parameters_to_ndarrays(parameters))
+    return models
+
+
+def reply(content: RecordDict, node: int, server_round: int = 1) -> Message:
+    """A reply Message as a SuperLink delivers it to the ServerApp."""
+    metadata = Metadata(
+        run_id=1, message_id=f"reply-{node}", src_node_id=node, dst_node_id=0, reply_to_message_id=f"train-{node}",
+        group_id=str(server_round), created_at=0.0, ttl=60.0, message_type="train",
+    )  # fmt: skip
+    return Message(content, metadata=metadata)
+
+
+def _train_content(record: ArrayRecord, count: int) -> RecordDict:
+    return RecordDict({"arrays": record, "metrics": MetricRecord({"num-examples": count})})
+
+
+def run_message(strategy: Any, compress: bool = False) -> list[Model]:
+    """Rounds of a Message-API strategy: configure_train, local training, aggregate_train."""
+    grid = Mock(spec=Grid)
+    grid.get_node_ids.return_value = list(range(1, NUM_CLIENTS + 1))
+    arrays = ArrayRecord(initial_arrays())
+    models = []
+    for server_round in range(1, ROUNDS + 1):
+        strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
+        received = arrays.to_numpy_ndarrays()
+        replies = []
+        for shard in range(NUM_CLIENTS):
+            trained, count = local_train(received, shard)
+            record = ArrayRecord(trained)
+            if compress:
+                record = fast_message.compress_arrays(record, arrays, CODEC, seed=shard)
+            replies.append(reply(_train_content(record, count), shard + 1, server_round))
+        arrays, _ = strategy.aggregate_train(server_round, replies)
+        models.append(arrays.to_numpy_ndarrays())
+    return models
+
+
+@pytest.fixture(autouse=True)
+def _message_construction(monkeypatch: pytest.MonkeyPatch) -> None:
+    """configure_train builds instruction Messages, which need the identity of a running ServerApp."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+STRATEGIES: dict[str, tuple[Callable[[], Any], Callable[[], Any], Callable[..., list[Model]]]] = {
+    "legacy-fedavg": (legacy.FedAvg, fast_legacy.FastFedAvg, run_legacy),
+    "legacy-fedadam": (
+        lambda: legacy.FedAdam(eta=0.05, initial_parameters=ndarrays_to_parameters(initial_arrays())),
+        lambda: fast_legacy.FastFedAdam(eta=0.05, initial_parameters=ndarrays_to_parameters(initial_arrays())),
+        run_legacy,
+    ),
+    "message-fedavg": (message_api.FedAvg, fast_message.FastFedAvg, run_message),
+    "message-fedadam": (
+        lambda: message_api.FedAdam(eta=0.05),
+        lambda: fast_message.FastFedAdam(eta=0.05),
+        run_message,
+    ),
+}
+
+
+def assert_models_agree(actual: list[Model], expected: list[Model], rtol: float, atol: float) -> None:
+    for round_actual, round_expected in zip(actual, expected, strict=True):
         for a, b in zip(round_actual[:2], round_expected[:2]):
             np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("api", ["legacy", "message"])
-@pytest.mark.parametrize("strategy", ["fedavg", "fedadam"])
-def test_fastfed_strategies_match_flower_each_round(
-    api: str, strategy: str, backend: str, tmp_path_factory: pytest.TempPathFactory
-) -> None:
-    expected = simulate(f"{api}-flower-{strategy}", backend, tmp_path_factory)
-    actual = simulate(f"{api}-fast-{strategy}", backend, tmp_path_factory)
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_fastfed_strategies_match_flower_each_round(name: str) -> None:
+    flower_strategy, fast_strategy, run = STRATEGIES[name]
+    expected = run(flower_strategy())
+    actual = run(fast_strategy())
     # Flower averages in float32, fastfed in float64: they differ by ~1e-7 relative. Adam divides the
     # mean delta by sqrt(v), which amplifies that difference for parameters whose delta is tiny.
-    tolerance = {"fedavg": (1e-5, 1e-6), "fedadam": (1e-4, 1e-5)}[strategy]
+    tolerance = (1e-4, 1e-5) if "adam" in name else (1e-5, 1e-6)
     assert_models_agree(actual, expected, *tolerance)
     assert accuracy(actual[-1]) > 0.75
 
 
-@pytest.mark.parametrize("api", ["legacy", "message"])
-def test_integer_tensors_are_averaged_and_keep_their_dtype(
-    api: str, backend: str, tmp_path_factory: pytest.TempPathFactory
-) -> None:
-    fast = simulate(f"{api}-fast-fedavg", backend, tmp_path_factory)
+@pytest.mark.parametrize("run", [run_legacy, run_message])
+def test_integer_tensors_are_averaged_and_keep_their_dtype(run: Callable[..., list[Model]]) -> None:
+    fast = run(fast_legacy.FastFedAvg() if run is run_legacy else fast_message.FastFedAvg())
     # Round 1: counters 10, 11, 12, 13 over near-equal shards average to 11.5 -> rounds to 11 or 12.
     counters = [model[2] for model in fast]
     assert all(counter.dtype == np.int64 for counter in counters)
     assert 11 <= counters[0] <= 12 and list(counters) == sorted(counters)
 
 
-def test_flower_inplace_zeroes_the_integer_tensor_fastfed_averages(
-    backend: str, tmp_path_factory: pytest.TempPathFactory
-) -> None:
-    flower = simulate("legacy-flower-fedavg-inplace", backend, tmp_path_factory)
-    fast = simulate("legacy-fast-fedavg", backend, tmp_path_factory)
+def test_flower_inplace_zeroes_the_integer_tensor_fastfed_averages() -> None:
+    flower = run_legacy(legacy.FedAvg(inplace=True))
+    fast = run_legacy(fast_legacy.FastFedAvg())
     assert flower[0][2] == 0  # fractional weights cast to int64: every client's counter times 0
     assert fast[0][2] >= 11
 
 
-@pytest.mark.parametrize("api", ["legacy", "message"])
-def test_compressed_updates_converge_within_a_point_of_uncompressed(
-    api: str, backend: str, tmp_path_factory: pytest.TempPathFactory
-) -> None:
-    plain = simulate(f"{api}-fast-fedavg", backend, tmp_path_factory)
-    compressed = simulate(f"{api}-fast-fedavg-compressed", backend, tmp_path_factory)
+@pytest.mark.parametrize("run", [run_legacy, run_message])
+def test_compressed_updates_converge_within_a_point_of_uncompressed(run: Callable[..., list[Model]]) -> None:
+    strategy = fast_legacy.FastFedAvg if run is run_legacy else fast_message.FastFedAvg
+    plain = run(strategy())
+    compressed = run(strategy(), compress=True)
     assert abs(accuracy(compressed[-1]) - accuracy(plain[-1])) <= 0.01
     assert compressed[-1][2].dtype == np.int64 and compressed[-1][2] == plain[-1][2]
 
 
-# Units without a simulation ----------------------------------------------------------------------
+def test_simulations_run_on_flowers_engine(tmp_path: Path) -> None:
+    """One real simulation per API (Flower's own engine on Ray), with compressed client updates."""
+    pytest.importorskip("ray")
+    scenarios = ["legacy-fast-fedavg-compressed", "message-fast-fedavg-compressed"]
+    # Flower's Ray workers import TensorFlow whenever it is installed (seconds each); these clients
+    # train with NumPy, so the simulation hides it from the workers.
+    hidden = tmp_path / "hidden" / "tensorflow"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text('raise ModuleNotFoundError("hidden by the test", name="tensorflow")\n')
+    python_path = os.pathsep.join(filter(None, [str(hidden.parent), os.environ.get("PYTHONPATH")]))
+    environment = {**os.environ, "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "PYTHONPATH": python_path}
+    completed = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("flower_simulations.py")), str(tmp_path), *scenarios],
+        capture_output=True, text=True, timeout=300, env=environment, check=False,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    for scenario in scenarios:
+        with np.load(tmp_path / f"{scenario}.npz") as saved:
+            final = [saved[f"round{ROUNDS - 1}_{j}"] for j in range(3)]
+        assert accuracy(final) > 0.75, scenario
+        assert final[2].dtype == np.int64 and final[2] >= 3 * 11
+
+
+# Units ------------------------------------------------------------------------------------------
 
 
 def test_npy_views_are_zero_copy_and_refuse_pickled_objects() -> None:
@@ -106,12 +220,11 @@ def test_npy_views_are_zero_copy_and_refuse_pickled_objects() -> None:
     from fastfed.integrations.flower._averaging import npy_view
 
     for array in (np.arange(12, dtype=np.float32).reshape(3, 4), np.asfortranarray(np.ones((2, 3))), np.array(7)):
-        buffer = io.BytesIO()
-        np.save(buffer, array, allow_pickle=False)
-        data = buffer.getvalue()
-        view = npy_view(data)
+        view = npy_view(_npy(array))
         np.testing.assert_array_equal(view, array)
-        assert not view.flags.writeable and np.shares_memory(view, np.frombuffer(data, np.uint8))
+        assert not view.flags.writeable
+    data = _npy(np.arange(5.0))
+    assert np.shares_memory(npy_view(data), np.frombuffer(data, np.uint8))
     buffer = io.BytesIO()
     np.save(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match="object arrays are refused"):
@@ -131,10 +244,7 @@ def _npy(array: np.ndarray) -> bytes:
 
 
 def test_mixed_compressed_and_plain_results_in_one_round() -> None:
-    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
-
     from fastfed.compression import UniformQuantizer
-    from fastfed.integrations import flower as fast_legacy
 
     rng = np.random.default_rng(0)
     global_weights = [rng.standard_normal((20, 30)).astype(np.float32), np.array(5, np.int64)]
@@ -147,11 +257,11 @@ def test_mixed_compressed_and_plain_results_in_one_round() -> None:
         fast_legacy.compress_parameters(updated[2], global_weights, codec, seed=2),
         ndarrays_to_parameters(updated[3]),
     ]
-    results = [(None, FitRes(Status(Code.OK, ""), p, n, {})) for p, n in zip(parameters, [10, 20, 30, 40])]
+    results = [(None, _fit_res(p, n)) for p, n in zip(parameters, [10, 20, 30, 40])]
     strategy = fast_legacy.FastFedAvg()
     with pytest.raises(ValueError, match="need the round's global weights"):
         strategy.aggregate_fit(1, results, [])
-    strategy._fastfed_global = ndarrays_to_parameters(global_weights)  # what configure_fit records
+    strategy.configure_fit(1, ndarrays_to_parameters(global_weights), _client_manager())
     aggregated, _ = strategy.aggregate_fit(1, results, [])
     mean = parameters_to_ndarrays(aggregated)
     expected = [sum(n * u[j].astype(np.float64) for n, u in zip([10, 20, 30, 40], updated)) / 100 for j in range(2)]

@@ -57,7 +57,7 @@ def _all_kernel_outputs() -> list[np.ndarray]:
             outputs += [packed, decoded, acc]
     clients = [rng.integers(0, 256, 100_003, dtype=np.uint8) for _ in range(19)]
     mean, checksums = np.empty(100_003, np.float32), np.zeros(19, np.uint32)
-    core.quantize.weighted_sum_quantized(clients, 8, rng.random(19).astype(np.float32), 0.5, 3.0, mean, checksums)
+    core.aggregate.weighted_sum_quantized(clients, 8, rng.random(19).astype(np.float32), 0.5, 3.0, mean, checksums)
     updates = [rng.standard_normal(50_001).astype(np.float32) for _ in range(11)]
     weighted = np.empty(50_001, np.float32)
     core.aggregate.weighted_sum_layer(updates, rng.random(11), 2.0, weighted)

@@ -16,9 +16,8 @@ import pytest
 keras = pytest.importorskip("keras")
 
 import fastfed
-from fastfed import AdaptiveBound, data, models, optimizers
+from fastfed import AdaptiveBound, CheckpointError, data, models, optimizers
 from fastfed.aggregation import Accumulator
-from fastfed.checkpoint import CheckpointError
 from fastfed.compression import UniformQuantizer
 from fastfed.learning.aggregators import RoundTally
 
@@ -82,10 +81,10 @@ def _attack_round(aggregator: fastfed.learning.MeanAggregator) -> tuple[list[np.
 
 
 def test_clipping_bounds_how_far_one_attacker_moves_the_model() -> None:
-    start, unprotected, _ = _attack_round(fastfed.mean())
+    start, unprotected, _ = _attack_round(fastfed.mean_aggregator())
     assert _distance(start, unprotected) > 100.0
     for compression in (None, UniformQuantizer(bits=8, min_size=100)):
-        start, clipped, metrics = _attack_round(fastfed.mean(clipping=0.5, compression=compression))
+        start, clipped, metrics = _attack_round(fastfed.mean_aggregator(clipping=0.5, codec=compression))
         # Every clipped update has norm <= 0.5, so their weighted mean moves the model by at most 0.5
         # (plus the 8-bit quantization error when compressed).
         assert _distance(start, clipped) <= 0.5 * (1.01 if compression else 1 + 1e-6)
@@ -93,13 +92,13 @@ def test_clipping_bounds_how_far_one_attacker_moves_the_model() -> None:
 
 
 def test_zeroing_drops_the_attacker_but_keeps_its_weight() -> None:
-    start, zeroed, metrics = _attack_round(fastfed.mean(zeroing=50.0))
+    start, zeroed, metrics = _attack_round(fastfed.mean_aggregator(zeroing=50.0))
     assert metrics["updates_zeroed"] == 1
     assert _distance(start, zeroed) < 50.0
 
 
 def test_contribute_semantics_on_synthetic_updates() -> None:
-    aggregator = fastfed.mean(clipping=1.0, zeroing=100.0)
+    aggregator = fastfed.mean_aggregator(clipping=1.0, zeroing=100.0)
     accumulator, tally = Accumulator(), RoundTally()
     honest = [np.full(4, 0.1, np.float32)]
     for delta in (
@@ -122,18 +121,20 @@ def test_adaptive_bound_tracks_the_target_quantile() -> None:
     for _ in range(200):
         estimate = bound.updated(estimate, norms)
     assert 9.0 <= estimate <= 11.0
-    aggregator = fastfed.mean(clipping=bound)
+    aggregator = fastfed.mean_aggregator(clipping=bound)
     state = aggregator.initial_state()
     assert aggregator.bounds(state) == (1.0, None)
     assert aggregator.next_state(state, [5.0])["clipping_estimate"] > 1.0
     with pytest.raises(ValueError, match="target_quantile"):
         AdaptiveBound(target_quantile=1.5)
     with pytest.raises(ValueError, match="clipping must be a positive number"):
-        fastfed.mean(clipping=-1.0)
+        fastfed.mean_aggregator(clipping=-1.0)
 
 
 def test_checkpoint_round_trip_keeps_everything(tmp_path: Path) -> None:
-    process = _process(server_optimizer=optimizers.Adam(0.01), aggregator=fastfed.mean(clipping=AdaptiveBound()))
+    process = _process(
+        server_optimizer=optimizers.Adam(0.01), aggregator=fastfed.mean_aggregator(clipping=AdaptiveBound())
+    )
     state = process.initialize()
     history = []
     for _ in range(3):
@@ -238,7 +239,7 @@ def test_fedavg_runs_are_bitwise_identical_across_backends() -> None:
     results = {}
     for name in fastfed.available_backends():
         with fastfed.use_backend(name):
-            process = _process(aggregator=fastfed.mean(compression=UniformQuantizer(bits=4, min_size=100)))
+            process = _process(aggregator=fastfed.mean_aggregator(codec=UniformQuantizer(bits=4, min_size=100)))
             state = process.initialize()
             for _ in range(2):
                 state, metrics = process.next(state, clients)

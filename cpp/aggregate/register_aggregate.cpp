@@ -4,7 +4,9 @@
 #include <string>
 #include <vector>
 
+#include "../common/boundary.hpp"
 #include "aggregate.hpp"
+#include "quantized.hpp"
 
 namespace py = pybind11;
 
@@ -78,14 +80,53 @@ void accumulate(py::array_t<double, py::array::c_style>& acc, const py::array& s
     });
 }
 
+void weighted_sum_quantized(const py::list& packed, unsigned bits, const py::array_t<float, py::array::c_style>& scales, double offset,
+                            double divisor, py::array& out, py::array& checksums) {
+    require_bits(bits);
+    require_flat_contiguous(out, "out");
+    if (!out.writeable()) throw std::invalid_argument("out: array is read-only");
+    const std::size_t n_clients = py::len(packed);
+    if (n_clients == 0) throw std::invalid_argument("packed: expected at least one array");
+    if (scales.ndim() != 1 || static_cast<std::size_t>(scales.shape(0)) != n_clients)
+        throw std::invalid_argument("scales: expected shape (" + std::to_string(n_clients) + ",)");
+    if (!checksums.dtype().is(py::dtype::of<std::uint32_t>()) || checksums.ndim() != 1 ||
+        static_cast<std::size_t>(checksums.shape(0)) != n_clients || !checksums.writeable() || !(checksums.flags() & py::array::c_style))
+        throw std::invalid_argument("checksums: expected a writable, contiguous uint32 array of shape (" + std::to_string(n_clients) + ",)");
+    const auto n = static_cast<std::size_t>(out.shape(0));
+    std::vector<packed_array> arrays;
+    arrays.reserve(n_clients);
+    std::vector<const std::uint8_t*> pointers;
+    pointers.reserve(n_clients);
+    for (std::size_t k = 0; k < n_clients; ++k) {
+        auto object = py::reinterpret_borrow<py::object>(packed[k]);
+        if (!py::isinstance<packed_array>(object)) throw std::invalid_argument("packed[" + std::to_string(k) + "]: expected a uint8 array");
+        arrays.push_back(py::reinterpret_borrow<packed_array>(object));
+        require_packed_size(arrays.back(), n, bits);
+        pointers.push_back(arrays.back().data());
+    }
+    const float* scale_data = scales.data();
+    auto* checksum_data = static_cast<std::uint32_t*>(checksums.mutable_data());
+    dispatch_float(out, "out", [&](auto tag) {
+        using Output = decltype(tag);
+        auto* out_data = static_cast<Output*>(out.mutable_data());
+        // Safe: raw pointers only; `arrays` and the caller keep every buffer alive until return.
+        const py::gil_scoped_release release;
+        aggregate::weighted_sum_quantized(pointers, bits, scale_data, offset, divisor, out_data, n, checksum_data);
+    });
+}
+
 }  // namespace
 
 void register_aggregate(py::module_& m) {
-    m.doc() = "Weighted sums of client buffers (tiled, multi-threaded, GIL released).";
+    m.doc() = "Weighted sums of client buffers, float or packed quantized levels (tiled, multi-threaded, GIL released).";
     m.def("weighted_sum_layer", &weighted_sum_layer, py::arg("sources"), py::arg("weights"), py::arg("divisor"), py::arg("out"),
           "out[:] = sum_k weights[k] * sources[k] / divisor, accumulated in float64.");
     m.def("accumulate", &accumulate, py::arg("acc"), py::arg("source"), py::arg("weight"),
           "acc += weight * source, in float64.");
+    m.def("weighted_sum_quantized", &weighted_sum_quantized, py::arg("packed"), py::arg("bits"), py::arg("scales"), py::arg("offset"),
+          py::arg("divisor"), py::arg("out"), py::arg("checksums"),
+          "out = (sum_k scales[k] * unpack(packed[k]) + offset) / divisor: float32 blocks of eight clients, float64 tiles; "
+          "checksums[k] = crc32(packed[k], checksums[k]).");
 }
 
 }  // namespace fastfed

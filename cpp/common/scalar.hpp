@@ -4,9 +4,6 @@
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
-#include <string>
-
-#include <pybind11/numpy.h>
 
 namespace fastfed {
 
@@ -46,26 +43,6 @@ inline double to_double<half_bits>(half_bits value) {
 
 enum class scalar_type { f16, f32, f64, i8, i16, i32, i64, u8, u16, u32, u64 };
 
-// Maps a NumPy dtype to a scalar_type; rejects non-native byte order and unsupported kinds.
-inline scalar_type scalar_type_of(const pybind11::dtype& dtype, const char* argument) {
-    const char order = dtype.byteorder();
-    if (order == '>') throw std::invalid_argument(std::string(argument) + ": big-endian arrays must be converted by the caller");
-    const char kind = dtype.kind();
-    const auto size = dtype.itemsize();
-    if (kind == 'f' && size == 2) return scalar_type::f16;
-    if (kind == 'f' && size == 4) return scalar_type::f32;
-    if (kind == 'f' && size == 8) return scalar_type::f64;
-    if (kind == 'i' && size == 1) return scalar_type::i8;
-    if (kind == 'i' && size == 2) return scalar_type::i16;
-    if (kind == 'i' && size == 4) return scalar_type::i32;
-    if (kind == 'i' && size == 8) return scalar_type::i64;
-    if (kind == 'u' && size == 1) return scalar_type::u8;
-    if (kind == 'u' && size == 2) return scalar_type::u16;
-    if (kind == 'u' && size == 4) return scalar_type::u32;
-    if (kind == 'u' && size == 8) return scalar_type::u64;
-    throw std::invalid_argument(std::string(argument) + ": unsupported dtype kind '" + kind + "' of " + std::to_string(size) + " bytes");
-}
-
 // Calls fn(T{}) with T the C++ type for `type`.
 template <class Fn>
 decltype(auto) dispatch_scalar(scalar_type type, Fn&& fn) {
@@ -83,15 +60,6 @@ decltype(auto) dispatch_scalar(scalar_type type, Fn&& fn) {
         case scalar_type::u64: return fn(std::uint64_t{});
     }
     throw std::logic_error("unreachable scalar type");
-}
-
-// A 1-D, C-contiguous, aligned view checked at the boundary so kernels never index out of bounds.
-inline void require_flat_contiguous(const pybind11::array& array, const char* argument) {
-    if (array.ndim() != 1) throw std::invalid_argument(std::string(argument) + ": expected a 1-D array, got " + std::to_string(array.ndim()) + "-D");
-    if (!(array.flags() & pybind11::array::c_style)) throw std::invalid_argument(std::string(argument) + ": expected a C-contiguous array");
-    // Typed loads of a misaligned address are undefined behaviour (vector code may assume alignment).
-    if (!(array.flags() & pybind11::detail::npy_api::NPY_ARRAY_ALIGNED_))
-        throw std::invalid_argument(std::string(argument) + ": expected an aligned array (its address is not a multiple of the item size)");
 }
 
 }  // namespace fastfed

@@ -1,19 +1,45 @@
 """fastfed: fast federated averaging and update compression.
 
 Aggregation (:func:`weighted_mean`, :class:`Accumulator`) runs on native C++ kernels, with Numba and
-NumPy twins selected by :func:`set_backend` or ``FASTFED_BACKEND``.
+NumPy twins selected by :func:`set_backend` or ``FASTFED_BACKEND``. Compression lives in
+:mod:`fastfed.compression`, FedAvg over Keras in :mod:`fastfed.learning`. The subpackages
+:mod:`fastfed.data`, :mod:`fastfed.models` and :mod:`fastfed.integrations` are imported on first use,
+so ``import fastfed`` imports neither TensorFlow, Ray nor Flower.
 """
 
 from __future__ import annotations
 
-from . import compression
+import importlib
+from importlib.metadata import PackageNotFoundError, version
+from types import ModuleType
+
+from . import compression, learning
 from ._backend import available_backends, backend, set_backend, use_backend
 from .aggregation import Accumulator, weighted_mean, weighted_mean_encoded, weighted_sum
-from .checkpoint import Checkpoint, CheckpointError, enable_determinism, load_checkpoint, save_checkpoint
 from .errors import DecodeError
-from .learning import AdaptiveBound, FedAvg, FedAvgState, RoundFailedError, evaluate, mean, optimizers
+from .learning import (
+    AdaptiveBound,
+    Checkpoint,
+    CheckpointError,
+    FedAvg,
+    FedAvgState,
+    RoundFailedError,
+    enable_determinism,
+    evaluate,
+    load_checkpoint,
+    mean,
+    mean_aggregator,
+    optimizers,
+    save_checkpoint,
+)
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("fastfed")
+except PackageNotFoundError:  # pragma: no cover - a source tree that was never installed
+    __version__ = "0+unknown"
+
+# Imported on first attribute access: each pulls in optional, heavy dependencies of its own.
+_LAZY_SUBMODULES = ("data", "executors", "integrations", "models")
 
 __all__ = [
     "Accumulator",
@@ -28,10 +54,15 @@ __all__ = [
     "available_backends",
     "backend",
     "compression",
+    "data",
     "enable_determinism",
     "evaluate",
+    "integrations",
+    "learning",
     "load_checkpoint",
     "mean",
+    "mean_aggregator",
+    "models",
     "optimizers",
     "save_checkpoint",
     "set_backend",
@@ -40,3 +71,13 @@ __all__ = [
     "weighted_mean_encoded",
     "weighted_sum",
 ]
+
+
+def __getattr__(name: str) -> ModuleType:
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY_SUBMODULES})

@@ -7,13 +7,13 @@ choice, and :func:`use_backend` overrides it for the current thread inside a ``w
 
 from __future__ import annotations
 
-import importlib
 import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from types import ModuleType
 from typing import NamedTuple
+
+from .kernels.protocols import AggregateKernels, QuantizeKernels, RotateKernels
 
 __all__ = ["available_backends", "backend", "kernels", "set_backend", "use_backend"]
 
@@ -31,24 +31,24 @@ class Kernels(NamedTuple):
     """The kernel modules of one backend; each exposes the same functions with the same signatures."""
 
     name: str
-    aggregate: ModuleType
-    quantize: ModuleType
+    aggregate: AggregateKernels
+    quantize: QuantizeKernels
+    rotate: RotateKernels
 
 
 def _load(name: str) -> Kernels:
     if name == "native":
         from . import _core
 
-        return Kernels("native", _core.aggregate, _core.quantize)
+        return Kernels("native", _core.aggregate, _core.quantize, _core.rotate)
     if name == "numba":
-        return Kernels(
-            "numba",
-            importlib.import_module("fastfed.kernels.aggregate_numba"),
-            importlib.import_module("fastfed.kernels.quantize_numba"),
-        )
-    from .kernels import aggregate_numpy, quantize_numpy
+        # Imported here: numba is an optional extra, and compiling its kernels takes a moment.
+        from .kernels import aggregate_numba, quantize_numba, rotate_numba
 
-    return Kernels("numpy", aggregate_numpy, quantize_numpy)
+        return Kernels("numba", aggregate_numba, quantize_numba, rotate_numba)
+    from .kernels import aggregate_numpy, quantize_numpy, rotate_numpy
+
+    return Kernels("numpy", aggregate_numpy, quantize_numpy, rotate_numpy)
 
 
 _loaded: dict[str, Kernels] = {}

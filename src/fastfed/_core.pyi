@@ -16,6 +16,16 @@ class _Aggregate(ModuleType):
         self, sources: list[np.ndarray], weights: npt.NDArray[np.float64], divisor: float, out: np.ndarray
     ) -> None: ...
     def accumulate(self, acc: npt.NDArray[np.float64], source: np.ndarray, weight: float) -> None: ...
+    def weighted_sum_quantized(
+        self,
+        packed: list[npt.NDArray[np.uint8]],
+        bits: int,
+        scales: npt.NDArray[np.float32],
+        offset: float,
+        divisor: float,
+        out: np.ndarray,
+        checksums: npt.NDArray[np.uint32],
+    ) -> None: ...
 
 class _Quantize(ModuleType):
     def min_max(self, x: np.ndarray) -> tuple[float, float]: ...
@@ -41,18 +51,11 @@ class _Quantize(ModuleType):
         weight: float,
         acc: npt.NDArray[np.float64],
     ) -> None: ...
-    def weighted_sum_quantized(
-        self,
-        packed: list[npt.NDArray[np.uint8]],
-        bits: int,
-        scales: npt.NDArray[np.float32],
-        offset: float,
-        divisor: float,
-        out: np.ndarray,
-        checksums: npt.NDArray[np.uint32],
-    ) -> None: ...
+
+class _Rotate(ModuleType):
     def rotate(self, x: np.ndarray, chunk: int, key: int, out: npt.NDArray[np.float64]) -> None: ...
     def unrotate(self, y: npt.NDArray[np.float64], chunk: int, key: int, out: np.ndarray) -> None: ...
 
 aggregate: _Aggregate
 quantize: _Quantize
+rotate: _Rotate

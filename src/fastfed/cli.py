@@ -143,7 +143,7 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     import tensorflow as tf
     from tqdm import tqdm
 
-    from . import AdaptiveBound, FedAvg, enable_determinism, evaluate, mean, optimizers, save_checkpoint
+    from . import AdaptiveBound, FedAvg, enable_determinism, evaluate, mean_aggregator, optimizers, save_checkpoint
     from .compression import UniformQuantizer
 
     args, checkpoint = _resumed_arguments(args)
@@ -158,8 +158,8 @@ def train(args: argparse.Namespace) -> dict[str, float]:
         _model_fn(args, input_shape),
         client_optimizer=lambda: keras.optimizers.SGD(learning_rate=args.client_lr),
         server_optimizer=optimizers.SGD(learning_rate=args.server_lr),
-        aggregator=mean(compression=codec, clipping=clipping, zeroing=args.zeroing),
-        broadcast_compression=codec,
+        aggregator=mean_aggregator(codec=codec, clipping=clipping, zeroing=args.zeroing),
+        broadcast_codec=codec,
         batch_size=args.batch_size,
         local_epochs=args.local_epochs,
         min_clients=args.min_clients,
@@ -246,38 +246,6 @@ class _Progress(list):  # type: ignore[type-arg]
             self._bar.update(1)
 
 
-def plot(args: argparse.Namespace) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (accuracy_axis, loss_axis, bits_axis) = plt.subplots(1, 3, figsize=(15, 4))
-    for run in args.runs:
-        with open(Path(run) / "metrics.csv") as handle:
-            rows = list(csv.DictReader(handle))
-        if not rows:
-            raise SystemExit(f"{run}: metrics.csv has no rounds")
-        label = Path(run).name
-        rounds = [float(r["round"]) for r in rows]
-        accuracy = [float(r["eval_accuracy"]) for r in rows]
-        accuracy_axis.plot(rounds, accuracy, label=label)
-        loss_axis.plot(rounds, [float(r["train_loss"]) for r in rows], label=label)
-        sent = [(float(r["broadcast_bits_total"]) + float(r["aggregate_bits_total"])) / 2**20 for r in rows]
-        bits_axis.plot(sent, accuracy, label=label)
-    accuracy_axis.set(xlabel="round", ylabel="held-out accuracy", title="Accuracy per round")
-    loss_axis.set(xlabel="round", ylabel="training loss", title="Loss per round")
-    bits_axis.set(xlabel="cumulative Mibit sent", ylabel="held-out accuracy", title="Accuracy vs bits sent")
-    for axis in (accuracy_axis, loss_axis, bits_axis):
-        axis.grid(alpha=0.3)
-        axis.legend()
-    figure.tight_layout()
-    output = Path(args.output) if args.output else Path(args.runs[0]) / "metrics.png"
-    figure.savefig(output, dpi=100)
-    print(f"wrote {output}")
-    return output
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     started = time.perf_counter()
@@ -285,7 +253,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         train(args)
         print(f"done in {time.perf_counter() - started:.1f}s")
     else:
-        plot(args)
+        from .plot import plot_runs
+
+        plot_runs(args.runs, args.output)
     return 0
 
 

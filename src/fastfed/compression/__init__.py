@@ -8,7 +8,7 @@ the float32 update.
 from __future__ import annotations
 
 from ..errors import DecodeError
-from .quantizer import UniformQuantizer
+from .quantizer import Codec, UniformQuantizer
 from .wire import decode, encode, parse, raw_size_bits, size_bits
 
-__all__ = ["DecodeError", "UniformQuantizer", "decode", "encode", "parse", "raw_size_bits", "size_bits"]
+__all__ = ["Codec", "DecodeError", "UniformQuantizer", "decode", "encode", "parse", "raw_size_bits", "size_bits"]

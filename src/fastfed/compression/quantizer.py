@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 
 from .._backend import kernels
-from ..kernels.quantize_numpy import GOLDEN, MIX1, MIX2
+from ..kernels.random_numpy import GOLDEN, MIX1, MIX2
 
-__all__ = ["UniformQuantizer"]
+__all__ = ["Codec", "UniformQuantizer"]
 
 _MASK64 = (1 << 64) - 1
 STREAM_ROUNDING = 0x6A09E667F3BCC909
@@ -85,6 +85,10 @@ class UniformQuantizer:
         return array.dtype.kind == "f" and array.size >= max(self.min_size, 1)
 
 
+#: What compresses an update's tensors; :func:`fastfed.compression.encode` takes any codec.
+Codec = UniformQuantizer
+
+
 @dataclass(frozen=True)
 class QuantizedTensor:
     """One quantized tensor: the packed levels and what is needed to decode them."""
@@ -104,7 +108,7 @@ def quantize_tensor(values: np.ndarray, codec: UniformQuantizer, seed: int) -> Q
     if codec.rotate:
         block, padded = rotation_shape(count, codec.rotation_chunk)
         source = np.empty(padded, dtype=np.float64)
-        kernels().quantize.rotate(values, block, stream_key(seed, STREAM_SIGNS), source)
+        kernels().rotate.rotate(values, block, stream_key(seed, STREAM_SIGNS), source)
     quantize = kernels().quantize
     # + 0.0 turns -0.0 into +0.0: SIMD and NumPy reductions may pick either zero, the header may not.
     minimum, maximum = (value + 0.0 for value in quantize.min_max(source))
@@ -133,7 +137,7 @@ def dequantize_tensor(
         return out
     rotated = np.empty(padded, dtype=np.float64)
     quantize.unpack_dequantize(packed, bits, minimum, step, rotated)
-    quantize.unrotate(rotated, block, stream_key(seed, STREAM_SIGNS), out)
+    kernels().rotate.unrotate(rotated, block, stream_key(seed, STREAM_SIGNS), out)
     return out
 
 

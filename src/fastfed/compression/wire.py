@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import DecodeError
 from .quantizer import (
-    UniformQuantizer,
+    Codec,
     as_float_source,
     dequantize_tensor,
     quantize_tensor,
@@ -27,15 +27,17 @@ from .quantizer import (
 
 __all__ = [
     "Entry",
-    "SharedLayout",
+    "TableLayout",
+    "checksummed_length",
     "decode",
     "encode",
-    "match_layout",
     "parse",
     "parse_structure",
     "raw_size_bits",
     "raw_view",
     "size_bits",
+    "stored_checksum",
+    "table_layout",
 ]
 
 MAGIC = b"FFUP"
@@ -111,7 +113,7 @@ def _random_seed() -> int:
     return int.from_bytes(os.urandom(8), "little")
 
 
-def encode(update: Sequence[Any], codec: UniformQuantizer | None = None, *, seed: int | None = None) -> bytes:
+def encode(update: Sequence[Any], codec: Codec | None = None, *, seed: int | None = None) -> bytes:
     """Encodes a model update (a list of arrays) into one self-describing payload.
 
     Args:
@@ -306,54 +308,55 @@ def parse_structure(payload: bytes | bytearray | memoryview) -> list[Entry]:
     return entries
 
 
+@dataclass(frozen=True)
+class TableLayout:
+    """The header and table of payloads laid out like one template, as a NumPy byte mask.
+
+    Payloads of one model encoded with one codec differ in their tables only in each tensor's seed
+    and, for quantized tensors, its range. A payload whose other header and table bytes equal the
+    template's passes every structural check the template passed, so only its checksum and its
+    ranges are left to verify; :func:`fastfed.weighted_mean_encoded` compares K tables at once this way.
+    """
+
+    size: int  # payload bytes
+    table_end: int  # where the first tensor's data starts
+    varying: np.ndarray  # bool (table_end,): bytes that may differ between payloads of this layout
+    range_bytes: np.ndarray  # intp (tensors, 16): the bytes of each entry's float64 min, then max
+    quantized: np.ndarray  # bool (tensors,)
+
+    def ranges(self, tables: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each payload's (min, max) per tensor, float64 (payloads, tensors), from its table bytes
+        (uint8, one row of ``table_end`` bytes per payload)."""
+        values = np.ascontiguousarray(tables[:, self.range_bytes]).view("<f8").astype(np.float64)
+        pairs = values.reshape(len(tables), -1, 2)
+        return pairs[:, :, 0], pairs[:, :, 1]
+
+
 # Offsets of a table entry's min, max and seed fields from the start of its ENTRY_TAIL.
 _TAIL_MINIMUM, _TAIL_MAXIMUM, _TAIL_SEED = 16, 24, 32
 
 
-@dataclass(frozen=True)
-class SharedLayout:
-    """Which payloads are laid out exactly like a validated template, and their quantization ranges.
-
-    A payload matches when its size and every byte of its header and table equal the template's,
-    except each tensor's seed and, for quantized tensors, a finite ``min <= max``. Such a payload
-    passes every structural check the template passed, so only its checksum is left to verify.
-    """
-
-    matches: np.ndarray  # bool, one per payload
-    minimums: np.ndarray  # float64 (payloads, tensors); rows of non-matching payloads are undefined
-    maximums: np.ndarray
-
-
-def match_layout(buffers: Sequence[memoryview], template: list[Entry]) -> SharedLayout:
-    """Compares K payloads with the template's table in a few vectorized passes (no per-entry Python)."""
-    size = buffers[0].nbytes
+def table_layout(template: list[Entry], size: int) -> TableLayout:
+    """The :class:`TableLayout` of a validated payload of ``size`` bytes with these entries."""
     table_end = template[0].offset if template else HEADER.size
-    variable: list[int] = []
+    varying = np.zeros(table_end, dtype=bool)
     minimum_at: list[int] = []
     tail = HEADER.size
     for entry in template:
         tail += ENTRY.size + 8 * len(entry.shape)
         minimum_at.append(tail + _TAIL_MINIMUM)
-        variable.append(tail + _TAIL_SEED)
+        varying[tail + _TAIL_SEED : tail + _TAIL_SEED + 8] = True
         if entry.codec == CODEC_UNIFORM:
-            variable += [tail + _TAIL_MINIMUM, tail + _TAIL_MAXIMUM]
+            varying[tail + _TAIL_MINIMUM : tail + _TAIL_MAXIMUM + 8] = True
         tail += ENTRY_TAIL.size
-    same_size = np.array([buffer.nbytes == size for buffer in buffers])
-    # Every payload of the template's size holds a full table prefix; others get a zero row.
-    prefixes = [buffer[:table_end] if same else bytes(table_end) for buffer, same in zip(buffers, same_size)]
-    heads = np.frombuffer(b"".join(prefixes), dtype=np.uint8).reshape(len(buffers), table_end)
-    fixed = np.ones(table_end, dtype=bool)
-    for start in variable:
-        fixed[start : start + 8] = False
-    matches = same_size & (heads[:, fixed] == heads[0, fixed]).all(axis=1)
-    fields = np.array(minimum_at, dtype=np.intp).reshape(-1, 1) + np.arange(16)  # min then max, 16 bytes
-    ranges = np.ascontiguousarray(heads[:, fields]).view("<f8").astype(np.float64).reshape(len(buffers), -1, 2)
-    minimums, maximums = ranges[:, :, 0], ranges[:, :, 1]
+    range_bytes = np.array(minimum_at, dtype=np.intp).reshape(-1, 1) + np.arange(16)
     quantized = np.array([entry.codec == CODEC_UNIFORM for entry in template], dtype=bool)
-    with np.errstate(invalid="ignore"):
-        valid = np.isfinite(minimums) & np.isfinite(maximums) & (minimums <= maximums)
-    matches &= (valid | ~quantized).all(axis=1)
-    return SharedLayout(matches, minimums, maximums)
+    return TableLayout(size, table_end, varying, range_bytes, quantized)
+
+
+def checksummed_length(size: int) -> int:
+    """How many leading bytes of a ``size``-byte payload its CRC-32 covers: all but the checksum."""
+    return size - CHECKSUM.size
 
 
 def decode(payload: bytes | bytearray | memoryview) -> list[np.ndarray]:

@@ -1,4 +1,5 @@
-"""NumPy reference for ``cpp/aggregate``: weighted sums accumulated in float64.
+"""NumPy reference for ``cpp/aggregate``: weighted sums accumulated in float64, of float buffers
+or of packed quantized levels.
 
 Every element is summed in client order, ``acc = ((0 + w0*x0) + w1*x1) + ...``, then divided once;
 the native and Numba kernels follow exactly this order, so all three agree bit for bit.
@@ -6,11 +7,13 @@ the native and Numba kernels follow exactly this order, so all three agree bit f
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
 
-from ._checks import check_accumulate, check_weighted_sum
+from ._checks import check_accumulate, check_weighted_sum, check_weighted_sum_quantized
+from .quantize_numpy import unpack
 
 
 def weighted_sum_layer(sources: Sequence[np.ndarray], weights: np.ndarray, divisor: float, out: np.ndarray) -> None:
@@ -26,3 +29,39 @@ def accumulate(acc: np.ndarray, source: np.ndarray, weight: float) -> None:
     """``acc += weight * source`` in float64."""
     check_accumulate(acc, source)
     acc += weight * source.astype(np.float64)
+
+
+CLIENT_BLOCK = 8
+
+
+def continue_checksums(packed: list[np.ndarray], checksums: np.ndarray) -> None:
+    """``checksums[k] = crc32(packed[k], checksums[k])``: zlib's CRC-32, continued (zlib releases the GIL)."""
+    for k, data in enumerate(packed):
+        checksums[k] = zlib.crc32(data.data, int(checksums[k]))
+
+
+def weighted_sum_quantized(
+    packed: list[np.ndarray],
+    bits: int,
+    scales: np.ndarray,
+    offset: float,
+    divisor: float,
+    out: np.ndarray,
+    checksums: np.ndarray,
+) -> None:
+    """``out = (sum_k scales[k] * unpack(packed[k]) + offset) / divisor``, and
+    ``checksums[k] = crc32(packed[k], checksums[k])`` (zlib's CRC-32, continued).
+
+    The level sums run in float32 over blocks of eight clients, in client order, each block sum
+    added to a float64 accumulator that starts at zero; ``offset`` is added last.
+    """
+    scales = check_weighted_sum_quantized(packed, bits, scales, out, checksums)
+    continue_checksums(packed, checksums)
+    n = out.shape[0]
+    acc = np.zeros(n, dtype=np.float64)
+    for first in range(0, len(packed), CLIENT_BLOCK):
+        block_sum = np.zeros(n, dtype=np.float32)
+        for k in range(first, min(len(packed), first + CLIENT_BLOCK)):
+            block_sum += scales[k] * unpack(packed[k], n, bits).astype(np.float32)
+        acc += block_sum.astype(np.float64)
+    out[:] = (acc + offset) / divisor

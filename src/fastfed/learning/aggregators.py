@@ -11,15 +11,16 @@ geometric update of Andrew et al. 2021, "Differentially Private Learning with Ad
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..aggregation import Accumulator
-from ..compression import UniformQuantizer, encode, raw_size_bits, size_bits
+from ..compression import Codec, encode, raw_size_bits, size_bits
 
-__all__ = ["AdaptiveBound", "MeanAggregator", "RoundTally", "mean"]
+__all__ = ["AdaptiveBound", "MeanAggregator", "RoundTally", "mean", "mean_aggregator"]
 
 
 @dataclass(frozen=True)
@@ -90,9 +91,9 @@ class RoundTally:
 
 @dataclass(frozen=True)
 class MeanAggregator:
-    """The weighted mean of client deltas; see :func:`mean`."""
+    """The weighted mean of client deltas; see :func:`mean_aggregator`."""
 
-    compression: UniformQuantizer | None = None
+    codec: Codec | None = None
     clipping: Bound | None = None
     zeroing: Bound | None = None
 
@@ -148,8 +149,8 @@ class MeanAggregator:
             scale = clip_bound / norm
             delta = [(d * scale).astype(d.dtype, copy=False) for d in delta]
             tally.clipped += 1
-        if self.compression is not None:
-            payload = encode(delta, self.compression, seed=seed)
+        if self.codec is not None:
+            payload = encode(delta, self.codec, seed=seed)
             tally.aggregate_bits += size_bits(payload)
             accumulator.add_encoded(payload, weight)
         else:
@@ -158,17 +159,33 @@ class MeanAggregator:
         tally.aggregated += 1
 
 
-def mean(
+def mean_aggregator(
     *,
-    compression: UniformQuantizer | None = None,
+    codec: Codec | None = None,
     clipping: Bound | None = None,
     zeroing: Bound | None = None,
 ) -> MeanAggregator:
-    """Weighted mean aggregation of client deltas.
+    """Weighted mean aggregation of client deltas, TFF's ``MeanFactory`` with its robust wrappers.
 
     Args:
-      compression: quantize every client upload with fastfed's codec (after clipping).
+      codec: compress every client upload with this codec (after clipping), e.g.
+        :class:`fastfed.compression.UniformQuantizer`; ``None`` sends updates exactly.
       clipping: scale any update whose L2 norm exceeds this bound down to it.
       zeroing: replace any update whose L2 norm exceeds this bound by zeros (checked first).
     """
+    return MeanAggregator(codec, clipping, zeroing)
+
+
+def mean(
+    *,
+    compression: Codec | None = None,
+    clipping: Bound | None = None,
+    zeroing: Bound | None = None,
+) -> MeanAggregator:
+    """Deprecated alias of :func:`mean_aggregator` (``compression`` is now ``codec``); removed in 0.3."""
+    warnings.warn(
+        "fastfed.mean(compression=...) is now fastfed.mean_aggregator(codec=...); the old name goes in 0.3",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     return MeanAggregator(compression, clipping, zeroing)

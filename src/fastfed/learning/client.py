@@ -14,6 +14,13 @@ from typing import Any
 import numpy as np
 
 
+def enable_determinism() -> None:
+    """Deterministic TensorFlow kernels: with a fixed seed, runs (and resumed runs) repeat bit for bit."""
+    import tensorflow as tf
+
+    tf.config.experimental.enable_op_determinism()
+
+
 @dataclass
 class ClientResult:
     weights: list[np.ndarray]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,9 +19,9 @@ from typing import Any
 import numpy as np
 
 from ..aggregation import Accumulator, LayerSpec
-from ..compression import UniformQuantizer, encode, raw_size_bits, size_bits
-from .aggregators import MeanAggregator, RoundTally, mean
-from .client import ClientTrainer, resolve_metrics
+from ..compression import Codec, encode, raw_size_bits, size_bits
+from .aggregators import MeanAggregator, RoundTally, mean_aggregator
+from .client import ClientTrainer, enable_determinism, resolve_metrics
 from .optimizers import SGD, ServerOptimizer
 from .rounds import GroupResult, RoundSpec, WorkerConfig, derived_seed, split_groups
 
@@ -54,8 +55,9 @@ class FedAvg:
       model_fn: builds the Keras model (called once per worker, then reused).
       client_optimizer: a factory of Keras optimizers, e.g. ``lambda: keras.optimizers.SGD(0.1)``.
       server_optimizer: a :mod:`fastfed.optimizers` optimizer; default ``SGD(learning_rate=1.0)``.
-      aggregator: :func:`fastfed.mean`, optionally with upload compression.
-      broadcast_compression: a codec for the server-to-client model, or ``None`` (exact).
+      aggregator: :func:`fastfed.mean_aggregator`, optionally with a codec for the uploads.
+      broadcast_codec: a codec for the server-to-client model, or ``None`` (exact).
+      broadcast_compression: deprecated name of ``broadcast_codec``, removed in 0.3.
       loss: a Keras loss; default sparse categorical cross-entropy on probabilities.
       metrics: Keras metrics (objects, classes or names) measured during local training and reported
         as ``train_<name>``; default ``["accuracy"]`` (sparse categorical accuracy).
@@ -80,7 +82,7 @@ class FedAvg:
         client_optimizer: Callable[[], Any],
         server_optimizer: ServerOptimizer | None = None,
         aggregator: MeanAggregator | None = None,
-        broadcast_compression: UniformQuantizer | None = None,
+        broadcast_codec: Codec | None = None,
         loss: Any = None,
         metrics: Sequence[Any] | None = None,
         batch_size: int = 32,
@@ -91,7 +93,15 @@ class FedAvg:
         deterministic: bool = False,
         min_clients: int = 1,
         seed: int = 0,
+        broadcast_compression: Codec | None = None,
     ) -> None:
+        if broadcast_compression is not None:
+            warnings.warn(
+                "FedAvg(broadcast_compression=...) is now broadcast_codec=...; the old name goes in 0.3",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            broadcast_codec = broadcast_compression
         if weighting not in ("num_examples", "uniform"):
             raise ValueError(f"weighting must be 'num_examples' or 'uniform', got {weighting!r}")
         if batch_size < 1 or local_epochs < 1 or min_clients < 1:
@@ -101,8 +111,8 @@ class FedAvg:
         self.model_fn = model_fn
         self.client_optimizer = client_optimizer
         self.server_optimizer = server_optimizer or SGD(learning_rate=1.0)
-        self.aggregator = aggregator or mean()
-        self.broadcast_compression = broadcast_compression
+        self.aggregator = aggregator or mean_aggregator()
+        self.broadcast_codec = broadcast_codec
         self.loss = loss
         self.metrics = metrics
         self.batch_size = batch_size
@@ -113,7 +123,7 @@ class FedAvg:
         self.clients_per_partial_sum = clients_per_partial_sum
         self.deterministic = deterministic
         if executor is None:
-            from ..executors import LocalExecutor
+            from .executors import LocalExecutor
 
             executor = LocalExecutor()
         self.executor = executor
@@ -156,8 +166,6 @@ class FedAvg:
         import keras
 
         if self.deterministic:
-            from ..checkpoint import enable_determinism
-
             enable_determinism()
         keras.utils.set_random_seed(self.seed)
         weights = [np.array(w) for w in self.model_fn().get_weights()]
@@ -180,8 +188,8 @@ class FedAvg:
         round_seed = derived_seed(self.seed, state.round)
 
         start: list[np.ndarray] | bytes
-        if self.broadcast_compression is not None:
-            start = encode(state.weights, self.broadcast_compression, seed=round_seed)
+        if self.broadcast_codec is not None:
+            start = encode(state.weights, self.broadcast_codec, seed=round_seed)
             broadcast_bits = size_bits(start) * len(clients)
         else:
             start = state.weights

@@ -16,9 +16,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from ..compression import decode, encode
-from ..learning.rounds import GroupResult, IndexedClient, RoundSpec, WorkerConfig, train_group
-from . import Executor
+from ...compression import decode, encode
+from ..client import enable_determinism
+from ..rounds import GroupResult, IndexedClient, RoundSpec, WorkerConfig, train_group
+from .base import Executor
 
 log = logging.getLogger("fastfed")
 
@@ -32,8 +33,12 @@ class _Worker:
         # Several actors may share a GPU: let TensorFlow grow into memory instead of taking it all.
         for gpu in tf.config.list_physical_devices("GPU"):
             tf.config.experimental.set_memory_growth(gpu, True)
+        self.configure(config)
+
+    def configure(self, config: WorkerConfig) -> None:
+        """Builds the trainer for a new configuration; the process, and TensorFlow in it, stay."""
         if config.deterministic:
-            tf.config.experimental.enable_op_determinism()
+            enable_determinism()
         self.config = config
         self.trainer = config.build_trainer()
 
@@ -108,11 +113,13 @@ class RayExecutor(Executor):
 
         if not ray.is_initialized():
             ray.init(address=self.address, include_dashboard=False, **self.init_kwargs)
-        if self._actors and self._config is config:
+        if self._config is config and self._actors:
             return
-        self.shutdown_actors()
         self._config = config
-        self._actors = [self._new_actor() for _ in range(self.num_actors)]
+        if self._actors:  # a new process or new settings: the running actors rebuild their trainers
+            ray.get([actor.configure.remote(config) for actor in self._actors])
+        else:
+            self._actors = [self._new_actor() for _ in range(self.num_actors)]
 
     def actor_pids(self) -> list[int]:
         """Process ids of the current actors (for monitoring, or for fault-injection tests)."""

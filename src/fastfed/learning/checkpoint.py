@@ -8,7 +8,7 @@ the directory is renamed into place, so a crash leaves either the whole checkpoi
 
 Every random choice of a run derives from (seed, round, client index), so (seed, round) is the
 complete RNG state: a resumed run is bitwise identical to an uninterrupted one as long as the
-arithmetic is deterministic (see ``enable_determinism``).
+arithmetic is deterministic (see :func:`fastfed.learning.client.enable_determinism`).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from .learning.fedavg import FedAvgState
+from .fedavg import FedAvgState
 
-__all__ = ["Checkpoint", "CheckpointError", "enable_determinism", "load_checkpoint", "save_checkpoint"]
+__all__ = ["Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint"]
 
 FORMAT = "fastfed-checkpoint"
 VERSION = 1
@@ -56,13 +56,6 @@ class Checkpoint:
     @property
     def round(self) -> int:
         return self.state.round
-
-
-def enable_determinism() -> None:
-    """Deterministic TensorFlow kernels: with a fixed seed, runs (and resumed runs) repeat bit for bit."""
-    import tensorflow as tf
-
-    tf.config.experimental.enable_op_determinism()
 
 
 def _sha256(data: bytes) -> str:

@@ -1,0 +1,38 @@
+"""NumPy reference for ``cpp/common/random.hpp``: counter-based random numbers.
+
+Element ``i`` of the stream ``key`` is splitmix64's output function (Steele et al. 2014, "Fast
+Splittable Pseudorandom Number Generators") applied to ``key + (i + 1) * golden``, so every backend
+reproduces every value and none depends on threading.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["GOLDEN", "MIX1", "MIX2", "random_bits", "random_signs", "random_uniform"]
+
+# splitmix64's increment and multipliers (Steele et al. 2014); every backend and the seed
+# derivation in fastfed.compression use these.
+GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    z = (z ^ (z >> np.uint64(30))) * MIX1
+    z = (z ^ (z >> np.uint64(27))) * MIX2
+    return np.asarray(z ^ (z >> np.uint64(31)))
+
+
+def random_bits(key: int, start: int, count: int) -> np.ndarray:
+    """splitmix64 outputs for indices ``start .. start+count-1`` of the stream ``key``."""
+    index = np.arange(start + 1, start + count + 1, dtype=np.uint64)
+    return _mix64(np.uint64(key) + index * GOLDEN)
+
+
+def random_uniform(key: int, count: int) -> np.ndarray:
+    return (random_bits(key, 0, count) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def random_signs(key: int, count: int) -> np.ndarray:
+    return np.where(random_bits(key, 0, count) >> np.uint64(63) == 1, 1.0, -1.0)

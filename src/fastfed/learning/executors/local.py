@@ -1,0 +1,33 @@
+"""Client training in this process, the default executor."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ..rounds import GroupResult, IndexedClient, RoundSpec, WorkerConfig, train_group
+from .base import Executor
+
+__all__ = ["LocalExecutor"]
+
+
+class LocalExecutor(Executor):
+    """Trains every client in this process with one reused Keras model."""
+
+    def __init__(self) -> None:
+        self._trainer: Any = None
+        self._config: WorkerConfig | None = None
+
+    def trainer(self, config: WorkerConfig) -> Any:
+        if self._trainer is None or self._config is not config:
+            self._trainer, self._config = config.build_trainer(), config
+        return self._trainer
+
+    def run(
+        self, config: WorkerConfig, spec: RoundSpec, groups: Sequence[Sequence[IndexedClient]]
+    ) -> list[GroupResult]:
+        trainer = self.trainer(config)
+        return [train_group(trainer, config, spec, group) for group in groups]
+
+    def shutdown(self) -> None:
+        self._trainer = self._config = None
