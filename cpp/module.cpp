@@ -19,7 +19,7 @@ namespace {
 
 // A contiguous buffer borrowed from any bytes-like object; non-contiguous exporters are refused.
 class borrowed_bytes {
-   public:
+ public:
     explicit borrowed_bytes(const py::object& object) {
         if (PyObject_GetBuffer(object.ptr(), &view_, PyBUF_SIMPLE) != 0) throw py::error_already_set();
     }
@@ -29,7 +29,7 @@ class borrowed_bytes {
     const std::uint8_t* data() const { return static_cast<const std::uint8_t*>(view_.buf); }
     std::size_t size() const { return static_cast<std::size_t>(view_.len); }
 
-   private:
+ private:
     Py_buffer view_{};
 };
 
@@ -50,8 +50,9 @@ PYBIND11_MODULE(_core, m) {
           "Sets the threads the native kernels use; 0 restores the default (FASTFED_NUM_THREADS or all cores).");
     m.def("isa", [] { return fastfed::isa_name(fastfed::active_isa()); }, "The instruction set level the kernels use.");
     m.def("best_isa", [] { return fastfed::isa_name(fastfed::best_isa()); }, "The highest instruction set level this CPU supports.");
-    m.def("set_isa", [](const std::string& name) { fastfed::set_isa(fastfed::isa_from_name(name)); }, py::arg("name"),
-          "Sets the instruction set level: 'baseline', 'avx2' or 'avx512' (at most best_isa()); results do not depend on it.");
+    m.def(
+        "set_isa", [](const std::string& name) { fastfed::set_isa(fastfed::isa_from_name(name)); }, py::arg("name"),
+        "Sets the instruction set level: 'baseline', 'avx2' or 'avx512' (at most best_isa()); results do not depend on it.");
     m.def("crc32", &fastfed::crc32, py::arg("data"), py::arg("value") = 0,
           "zlib-compatible CRC-32 of a bytes-like object, continued from value; folded with carry-less multiplication.");
     auto aggregate = m.def_submodule("aggregate");

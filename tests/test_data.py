@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lzma
 import sqlite3
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -104,7 +105,9 @@ def test_emnist_download_streams_lzma_into_the_cache(tmp_path: Path) -> None:
     assert not (tmp_path / "cache2" / "emnist_all.sqlite").exists()
 
 
-def test_emnist_rejects_other_files(tmp_path: Path) -> None:
+def test_emnist_rejects_other_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for module in ("tensorflow", "tensorflow.core.example"):  # neither check needs TensorFlow
+        monkeypatch.setitem(sys.modules, module, None)
     sqlite3.connect(tmp_path / "other.sqlite").execute("CREATE TABLE t (x)").connection.close()
     with pytest.raises(ValueError, match="no 'examples' table"):
         data.load_emnist(tmp_path / "other.sqlite")

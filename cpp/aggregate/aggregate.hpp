@@ -20,47 +20,48 @@ inline constexpr std::size_t kTile = 2048;  // 16 KiB of float64 accumulator
 
 // out[i] = (sum_k weights[k] * sources[k][i]) / divisor, for i in [0, n).
 template <class Source, class Output>
-void weighted_sum(const std::vector<const Source*>& sources, const double* weights, double divisor, Output* out,
-                  std::size_t n) {
+void weighted_sum(const std::vector<const Source*>& sources, const double* weights, double divisor, Output* out, std::size_t n) {
     const std::size_t n_sources = sources.size();
     const std::size_t n_tiles = (n + kTile - 1) / kTile;
-    parallel_for(n_tiles, 8, n_sources * kTile, [&](std::size_t first_tile, std::size_t end_tile) { run_vectorized([&] {
-        double acc[kTile];
-        for (std::size_t tile = first_tile; tile < end_tile; ++tile) {
-            const std::size_t begin = tile * kTile;
-            const std::size_t length = std::min(kTile, n - begin);
-            for (std::size_t i = 0; i < length; ++i) acc[i] = 0.0;
-            std::size_t k = 0;
-            // Eight clients per sweep: the accumulator is loaded and stored once per eight inputs
-            // instead of once per input, while each element still adds clients in order 0, 1, 2...
-            for (; k + 8 <= n_sources; k += 8) {
-                const Source* s[8];
-                double w[8];
-                for (std::size_t j = 0; j < 8; ++j) {
-                    s[j] = sources[k + j] + begin;
-                    w[j] = weights[k + j];
+    parallel_for(n_tiles, 8, n_sources * kTile, [&](std::size_t first_tile, std::size_t end_tile) {
+        run_vectorized([&] {
+            double acc[kTile];
+            for (std::size_t tile = first_tile; tile < end_tile; ++tile) {
+                const std::size_t begin = tile * kTile;
+                const std::size_t length = std::min(kTile, n - begin);
+                for (std::size_t i = 0; i < length; ++i) acc[i] = 0.0;
+                std::size_t k = 0;
+                // Eight clients per sweep: the accumulator is loaded and stored once per eight inputs
+                // instead of once per input, while each element still adds clients in order 0, 1, 2...
+                for (; k + 8 <= n_sources; k += 8) {
+                    const Source* s[8];
+                    double w[8];
+                    for (std::size_t j = 0; j < 8; ++j) {
+                        s[j] = sources[k + j] + begin;
+                        w[j] = weights[k + j];
+                    }
+                    for (std::size_t i = 0; i < length; ++i) {
+                        double sum = acc[i];
+                        sum += w[0] * to_double(s[0][i]);
+                        sum += w[1] * to_double(s[1][i]);
+                        sum += w[2] * to_double(s[2][i]);
+                        sum += w[3] * to_double(s[3][i]);
+                        sum += w[4] * to_double(s[4][i]);
+                        sum += w[5] * to_double(s[5][i]);
+                        sum += w[6] * to_double(s[6][i]);
+                        sum += w[7] * to_double(s[7][i]);
+                        acc[i] = sum;
+                    }
                 }
-                for (std::size_t i = 0; i < length; ++i) {
-                    double sum = acc[i];
-                    sum += w[0] * to_double(s[0][i]);
-                    sum += w[1] * to_double(s[1][i]);
-                    sum += w[2] * to_double(s[2][i]);
-                    sum += w[3] * to_double(s[3][i]);
-                    sum += w[4] * to_double(s[4][i]);
-                    sum += w[5] * to_double(s[5][i]);
-                    sum += w[6] * to_double(s[6][i]);
-                    sum += w[7] * to_double(s[7][i]);
-                    acc[i] = sum;
+                for (; k < n_sources; ++k) {
+                    const double weight = weights[k];
+                    const Source* source = sources[k] + begin;
+                    for (std::size_t i = 0; i < length; ++i) acc[i] += weight * to_double(source[i]);
                 }
+                for (std::size_t i = 0; i < length; ++i) out[begin + i] = static_cast<Output>(acc[i] / divisor);
             }
-            for (; k < n_sources; ++k) {
-                const double weight = weights[k];
-                const Source* source = sources[k] + begin;
-                for (std::size_t i = 0; i < length; ++i) acc[i] += weight * to_double(source[i]);
-            }
-            for (std::size_t i = 0; i < length; ++i) out[begin + i] = static_cast<Output>(acc[i] / divisor);
-        }
-    }); });
+        });
+    });
 }
 
 // acc[i] += weight * source[i]: one client into a streaming accumulator.

@@ -7,8 +7,8 @@
 
 #include "../common/cpu.hpp"
 #include "../common/crc32.hpp"
-#include "../common/parallel.hpp"
 #include "../common/pack.hpp"
+#include "../common/parallel.hpp"
 
 #if defined(FASTFED_X86_DISPATCH)
 #include <immintrin.h>
@@ -46,8 +46,9 @@ FASTFED_TARGET("avx2") inline __m256 levels_avx2(const std::uint8_t* p) {
 // Meanwhile the next clients' bytes (`next`) are prefetched for their checksum. Returns how many
 // elements it did; the caller finishes the rest.
 template <std::size_t Clients>
-FASTFED_TARGET("avx2") std::size_t sum_clients_avx2(const std::uint8_t* const* q, const float* scales, double* acc, std::size_t length,
-                                                   const std::uint8_t* const* next, std::size_t n_next) {
+FASTFED_TARGET("avx2")
+std::size_t sum_clients_avx2(const std::uint8_t* const* q, const float* scales, double* acc, std::size_t length,
+                             const std::uint8_t* const* next, std::size_t n_next) {
     __m256 scale[Clients];
     for (std::size_t j = 0; j < Clients; ++j) scale[j] = _mm256_set1_ps(scales[j]);
     std::size_t i = 0;
@@ -68,8 +69,8 @@ FASTFED_TARGET("avx2") std::size_t sum_clients_avx2(const std::uint8_t* const* q
     return i;
 }
 
-inline std::size_t sum_clients_avx2(std::size_t clients, const std::uint8_t* const* q, const float* scales, double* acc,
-                                    std::size_t length, const std::uint8_t* const* next, std::size_t n_next) {
+inline std::size_t sum_clients_avx2(std::size_t clients, const std::uint8_t* const* q, const float* scales, double* acc, std::size_t length,
+                                    const std::uint8_t* const* next, std::size_t n_next) {
     switch (clients) {
         case 1: return sum_clients_avx2<1>(q, scales, acc, length, next, n_next);
         case 2: return sum_clients_avx2<2>(q, scales, acc, length, next, n_next);
@@ -84,9 +85,8 @@ inline std::size_t sum_clients_avx2(std::size_t clients, const std::uint8_t* con
 #endif
 
 template <class Output>
-void sum_quantized_tiles(const std::vector<const std::uint8_t*>& packed, unsigned bits, const float* scales, double offset,
-                         double divisor, Output* out, std::size_t n, std::size_t first_tile, std::size_t end_tile,
-                         std::uint32_t* checksums) {
+void sum_quantized_tiles(const std::vector<const std::uint8_t*>& packed, unsigned bits, const float* scales, double offset, double divisor,
+                         Output* out, std::size_t n, std::size_t first_tile, std::size_t end_tile, std::uint32_t* checksums) {
     const std::size_t n_clients = packed.size();
     const std::size_t total_bytes = packed_bytes(n, bits);
     std::vector<double> acc_storage(kQuantizedTile);
@@ -155,9 +155,8 @@ void sum_quantized_tiles(const std::vector<const std::uint8_t*>& packed, unsigne
                     const std::uint8_t* FASTFED_RESTRICT q = packed[k] + begin;
                     for (std::size_t i = 0; i < length; ++i) block_sum[i] += scale * static_cast<float>(q[i]);
                 } else {
-                    unpack_range(packed[k], begin, begin + length, bits, [&](std::size_t i, std::uint32_t level) {
-                        block_sum[i - begin] += scale * static_cast<float>(level);
-                    });
+                    unpack_range(packed[k], begin, begin + length, bits,
+                                 [&](std::size_t i, std::uint32_t level) { block_sum[i - begin] += scale * static_cast<float>(level); });
                 }
             }
             for (std::size_t i = 0; i < length; ++i) acc[i] += static_cast<double>(block_sum[i]);

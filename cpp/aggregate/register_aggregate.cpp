@@ -32,16 +32,15 @@ void weighted_sum_layer(const py::list& sources, const py::array_t<double, py::a
         const std::string name = "sources[" + std::to_string(k) + "]";
         require_flat_contiguous(arrays.back(), name.c_str());
         if (static_cast<std::size_t>(arrays.back().shape(0)) != n)
-            throw std::invalid_argument(name + ": expected " + std::to_string(n) + " elements, got " + std::to_string(arrays.back().shape(0)));
-        if (!arrays.back().dtype().equal(arrays.front().dtype()))
-            throw std::invalid_argument(name + ": dtype differs from sources[0]");
+            throw std::invalid_argument(name + ": expected " + std::to_string(n) + " elements, got " +
+                                        std::to_string(arrays.back().shape(0)));
+        if (!arrays.back().dtype().equal(arrays.front().dtype())) throw std::invalid_argument(name + ": dtype differs from sources[0]");
     }
     const scalar_type source_type = scalar_type_of(arrays.front().dtype(), "sources");
     const scalar_type out_type = scalar_type_of(out.dtype(), "out");
     if (out_type != scalar_type::f64 && out_type != source_type)
         throw std::invalid_argument("out: dtype must be float64 or the sources' dtype");
-    if (out_type != scalar_type::f64 && out_type != scalar_type::f32)
-        throw std::invalid_argument("out: dtype must be float32 or float64");
+    if (out_type != scalar_type::f64 && out_type != scalar_type::f32) throw std::invalid_argument("out: dtype must be float32 or float64");
 
     std::vector<const void*> pointers(n_sources);
     for (std::size_t k = 0; k < n_sources; ++k) pointers[k] = arrays[k].data();
@@ -55,7 +54,8 @@ void weighted_sum_layer(const py::list& sources, const py::array_t<double, py::a
         std::vector<const Source*> typed(n_sources);
         for (std::size_t k = 0; k < n_sources; ++k) typed[k] = static_cast<const Source*>(pointers[k]);
         if (out_type == scalar_type::f32) {
-            if constexpr (std::is_same_v<Source, float>) aggregate::weighted_sum(typed, weight_data, divisor, static_cast<float*>(out_data), n);
+            if constexpr (std::is_same_v<Source, float>)
+                aggregate::weighted_sum(typed, weight_data, divisor, static_cast<float*>(out_data), n);
         } else {
             aggregate::weighted_sum(typed, weight_data, divisor, static_cast<double*>(out_data), n);
         }
@@ -67,7 +67,8 @@ void accumulate(py::array_t<double, py::array::c_style>& acc, const py::array& s
     require_flat_contiguous(source, "source");
     if (!acc.writeable()) throw std::invalid_argument("acc: array is read-only");
     if (acc.shape(0) != source.shape(0))
-        throw std::invalid_argument("source: expected " + std::to_string(acc.shape(0)) + " elements, got " + std::to_string(source.shape(0)));
+        throw std::invalid_argument("source: expected " + std::to_string(acc.shape(0)) + " elements, got " +
+                                    std::to_string(source.shape(0)));
     const scalar_type source_type = scalar_type_of(source.dtype(), "source");
     const auto n = static_cast<std::size_t>(acc.shape(0));
     double* acc_data = acc.mutable_data();
@@ -91,7 +92,8 @@ void weighted_sum_quantized(const py::list& packed, unsigned bits, const py::arr
         throw std::invalid_argument("scales: expected shape (" + std::to_string(n_clients) + ",)");
     if (!checksums.dtype().is(py::dtype::of<std::uint32_t>()) || checksums.ndim() != 1 ||
         static_cast<std::size_t>(checksums.shape(0)) != n_clients || !checksums.writeable() || !(checksums.flags() & py::array::c_style))
-        throw std::invalid_argument("checksums: expected a writable, contiguous uint32 array of shape (" + std::to_string(n_clients) + ",)");
+        throw std::invalid_argument("checksums: expected a writable, contiguous uint32 array of shape (" + std::to_string(n_clients) +
+                                    ",)");
     const auto n = static_cast<std::size_t>(out.shape(0));
     std::vector<packed_array> arrays;
     arrays.reserve(n_clients);
@@ -121,8 +123,7 @@ void register_aggregate(py::module_& m) {
     m.doc() = "Weighted sums of client buffers, float or packed quantized levels (tiled, multi-threaded, GIL released).";
     m.def("weighted_sum_layer", &weighted_sum_layer, py::arg("sources"), py::arg("weights"), py::arg("divisor"), py::arg("out"),
           "out[:] = sum_k weights[k] * sources[k] / divisor, accumulated in float64.");
-    m.def("accumulate", &accumulate, py::arg("acc"), py::arg("source"), py::arg("weight"),
-          "acc += weight * source, in float64.");
+    m.def("accumulate", &accumulate, py::arg("acc"), py::arg("source"), py::arg("weight"), "acc += weight * source, in float64.");
     m.def("weighted_sum_quantized", &weighted_sum_quantized, py::arg("packed"), py::arg("bits"), py::arg("scales"), py::arg("offset"),
           py::arg("divisor"), py::arg("out"), py::arg("checksums"),
           "out = (sum_k scales[k] * unpack(packed[k]) + offset) / divisor: float32 blocks of eight clients, float64 tiles; "

@@ -39,7 +39,8 @@ inline scalar_type scalar_type_of(const py::dtype& dtype, const char* argument) 
 
 // A 1-D, C-contiguous, aligned view checked at the boundary so kernels never index out of bounds.
 inline void require_flat_contiguous(const py::array& array, const char* argument) {
-    if (array.ndim() != 1) throw std::invalid_argument(std::string(argument) + ": expected a 1-D array, got " + std::to_string(array.ndim()) + "-D");
+    if (array.ndim() != 1)
+        throw std::invalid_argument(std::string(argument) + ": expected a 1-D array, got " + std::to_string(array.ndim()) + "-D");
     if (!(array.flags() & py::array::c_style)) throw std::invalid_argument(std::string(argument) + ": expected a C-contiguous array");
     // Typed loads of a misaligned address are undefined behaviour (vector code may assume alignment).
     if (!(array.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_))

@@ -23,8 +23,8 @@ namespace fastfed {
 //   avx512:   additionally AVX-512 VPCLMULQDQ CRC-32 folding, 64 bytes per instruction.
 enum class isa { baseline = 0, avx2 = 1, avx512 = 2 };
 
-isa best_isa();    // the highest level this CPU and OS support
-isa active_isa();  // best_isa() unless lowered by set_isa
+isa best_isa();           // the highest level this CPU and OS support
+isa active_isa();         // best_isa() unless lowered by set_isa
 void set_isa(isa level);  // std::invalid_argument if the CPU lacks it
 
 std::string isa_name(isa level);
@@ -33,7 +33,8 @@ isa isa_from_name(const std::string& name);
 #if defined(FASTFED_X86_DISPATCH)
 // Runs body() compiled for AVX2: `flatten` inlines everything it calls into this AVX2 clone.
 template <class Body>
-FASTFED_TARGET("avx2") __attribute__((flatten)) void run_avx2(Body& body) {
+FASTFED_TARGET("avx2")
+__attribute__((flatten)) void run_avx2(Body& body) {
     body();
 }
 #endif

@@ -53,10 +53,10 @@ std::uint32_t update_tables(std::uint32_t state, const std::uint8_t* data, std::
 #if defined(FASTFED_X86_DISPATCH)
 // Folding constants for the reflected polynomial: a 128-bit block moved forward by D bits is
 // clmul(low half, k(D + 32)) ^ clmul(high half, k(D - 32)), with k(e) = reflect32(x^e mod P) << 1.
-constexpr long long kFold128Low = 0x1751997d0, kFold128High = 0x0ccaa009e;  // D = 128
-constexpr long long kFold256Low = 0x0f1da05aa, kFold256High = 0x15a546366;  // D = 256
-constexpr long long kFold384Low = 0x03db1ecdc, kFold384High = 0x174359406;  // D = 384
-constexpr long long kFold512Low = 0x154442bd4, kFold512High = 0x1c6e41596;  // D = 512
+constexpr long long kFold128Low = 0x1751997d0, kFold128High = 0x0ccaa009e;    // D = 128
+constexpr long long kFold256Low = 0x0f1da05aa, kFold256High = 0x15a546366;    // D = 256
+constexpr long long kFold384Low = 0x03db1ecdc, kFold384High = 0x174359406;    // D = 384
+constexpr long long kFold512Low = 0x154442bd4, kFold512High = 0x1c6e41596;    // D = 512
 constexpr long long kFold2048Low = 0x11542778a, kFold2048High = 0x1322d1430;  // D = 2048
 
 FASTFED_TARGET("pclmul") inline __m128i fold(__m128i block, __m128i constants, __m128i next) {
@@ -69,8 +69,7 @@ FASTFED_TARGET("pclmul") inline __m128i fold(__m128i block, __m128i constants, _
 // folding is congruent to the message, so the tables finish it from a zero register.
 FASTFED_TARGET("pclmul") std::uint32_t finish(__m128i folded, const std::uint8_t* data, std::size_t n) {
     const __m128i fold_by_128 = _mm_set_epi64x(kFold128High, kFold128Low);
-    for (; n >= 16; n -= 16, data += 16)
-        folded = fold(folded, fold_by_128, _mm_loadu_si128(reinterpret_cast<const __m128i*>(data)));
+    for (; n >= 16; n -= 16, data += 16) folded = fold(folded, fold_by_128, _mm_loadu_si128(reinterpret_cast<const __m128i*>(data)));
     alignas(16) std::uint8_t block[16];
     _mm_store_si128(reinterpret_cast<__m128i*>(block), folded);
     return update_tables(update_tables(0, block, 16), data, n);
@@ -103,14 +102,16 @@ FASTFED_TARGET("avx512f,vpclmulqdq,pclmul") inline __m512i fold(__m512i blocks, 
 FASTFED_TARGET("avx512f,vpclmulqdq,pclmul") std::uint32_t update_vpclmul(std::uint32_t state, const std::uint8_t* data, std::size_t n) {
     __m512i z0 = _mm512_xor_si512(_mm512_loadu_si512(data), _mm512_zextsi128_si512(_mm_cvtsi32_si128(static_cast<int>(state))));
     __m512i z1 = _mm512_loadu_si512(data + 64), z2 = _mm512_loadu_si512(data + 128), z3 = _mm512_loadu_si512(data + 192);
-    const __m512i fold_by_2048 = _mm512_set_epi64(kFold2048High, kFold2048Low, kFold2048High, kFold2048Low, kFold2048High, kFold2048Low, kFold2048High, kFold2048Low);
+    const __m512i fold_by_2048 = _mm512_set_epi64(kFold2048High, kFold2048Low, kFold2048High, kFold2048Low, kFold2048High, kFold2048Low,
+                                                  kFold2048High, kFold2048Low);
     for (data += 256, n -= 256; n >= 256; data += 256, n -= 256) {
         z0 = fold(z0, fold_by_2048, _mm512_loadu_si512(data));
         z1 = fold(z1, fold_by_2048, _mm512_loadu_si512(data + 64));
         z2 = fold(z2, fold_by_2048, _mm512_loadu_si512(data + 128));
         z3 = fold(z3, fold_by_2048, _mm512_loadu_si512(data + 192));
     }
-    const __m512i fold_by_512 = _mm512_set_epi64(kFold512High, kFold512Low, kFold512High, kFold512Low, kFold512High, kFold512Low, kFold512High, kFold512Low);
+    const __m512i fold_by_512 =
+        _mm512_set_epi64(kFold512High, kFold512Low, kFold512High, kFold512Low, kFold512High, kFold512Low, kFold512High, kFold512Low);
     const __m512i z = fold(fold(fold(z0, fold_by_512, z1), fold_by_512, z2), fold_by_512, z3);
     // The four lanes of z are consecutive blocks: move each to the position of the last.
     alignas(64) __m128i lanes[4];

@@ -19,9 +19,9 @@
 #include <emmintrin.h>
 #endif
 #include "../common/cpu.hpp"
+#include "../common/pack.hpp"
 #include "../common/parallel.hpp"
 #include "../common/random.hpp"
-#include "../common/pack.hpp"
 
 #if defined(FASTFED_X86_DISPATCH)
 #include <immintrin.h>
@@ -40,8 +40,8 @@ struct min_max_result {
 
 #if defined(FASTFED_X86_DISPATCH)
 // min_max_range's float loop eight lanes wide; returns where it stopped.
-FASTFED_TARGET("avx2") inline std::size_t min_max_avx2(const float* x, std::size_t begin, std::size_t end, float& lo, float& hi,
-                                                      int& nan_seen) {
+FASTFED_TARGET("avx2")
+inline std::size_t min_max_avx2(const float* x, std::size_t begin, std::size_t end, float& lo, float& hi, int& nan_seen) {
     __m256 vlo = _mm256_set1_ps(lo), vhi = vlo, vnan = _mm256_setzero_ps();
     std::size_t i = begin;
     for (; i + 8 <= end; i += 8) {
@@ -63,10 +63,10 @@ FASTFED_TARGET("avx2") inline std::size_t min_max_avx2(const float* x, std::size
 
 // quantize_pack_range for 8-bit nearest rounding of float32, eight values per step with the same
 // double-precision operations; min(q, 255) then truncation equals the scalar clamp.
-FASTFED_TARGET("avx2") inline std::size_t quantize_nearest_u8_avx2(const float* x, std::size_t begin, std::size_t end, double offset,
-                                                                  double scale, std::uint8_t* out) {
-    const __m256d origin = _mm256_set1_pd(offset), factor = _mm256_set1_pd(scale), half = _mm256_set1_pd(0.5),
-                  top = _mm256_set1_pd(255.0);
+FASTFED_TARGET("avx2")
+inline std::size_t quantize_nearest_u8_avx2(const float* x, std::size_t begin, std::size_t end, double offset, double scale,
+                                            std::uint8_t* out) {
+    const __m256d origin = _mm256_set1_pd(offset), factor = _mm256_set1_pd(scale), half = _mm256_set1_pd(0.5), top = _mm256_set1_pd(255.0);
     const __m128i low_bytes = _mm_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
     std::size_t i = begin;
     for (; i + 8 <= end; i += 8) {
@@ -184,8 +184,7 @@ void quantize_pack_range(const Source* FASTFED_RESTRICT x, std::size_t begin, st
         if constexpr (!Stochastic && std::is_same_v<Source, float>)
             if (active_isa() >= isa::avx2) i = quantize_nearest_u8_avx2(x, begin, end, offset, scale, out);
 #endif
-        for (; i < end; ++i)
-            out[i] = static_cast<std::uint8_t>(quantize_value<Stochastic>(x[i], i, offset, scale, levels, key));
+        for (; i < end; ++i) out[i] = static_cast<std::uint8_t>(quantize_value<Stochastic>(x[i], i, offset, scale, levels, key));
         return;
     }
     pack::pack_range(begin, end, bits, out, [&](std::size_t i) { return quantize_value<Stochastic>(x[i], i, offset, scale, levels, key); });
@@ -217,9 +216,8 @@ void unpack_dequantize(const std::uint8_t* FASTFED_RESTRICT packed, std::size_t 
                     out[i] = static_cast<Output>(offset + static_cast<double>(packed[i]) * step);
                 return;
             }
-            unpack_range(packed, first_group * 8, std::min(n, end_group * 8), bits, [&](std::size_t i, std::uint32_t q) {
-                out[i] = static_cast<Output>(offset + static_cast<double>(q) * step);
-            });
+            unpack_range(packed, first_group * 8, std::min(n, end_group * 8), bits,
+                         [&](std::size_t i, std::uint32_t q) { out[i] = static_cast<Output>(offset + static_cast<double>(q) * step); });
         });
     });
 }

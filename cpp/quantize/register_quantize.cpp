@@ -60,7 +60,8 @@ void unpack_dequantize(const packed_array& packed, unsigned bits, double offset,
     });
 }
 
-void unpack_dequantize_accumulate(const packed_array& packed, unsigned bits, double offset, double step, double weight, float64_array& acc) {
+void unpack_dequantize_accumulate(const packed_array& packed, unsigned bits, double offset, double step, double weight,
+                                  float64_array& acc) {
     require_bits(bits);
     require_flat_contiguous(acc, "acc");
     if (!acc.writeable()) throw std::invalid_argument("acc: array is read-only");

@@ -11,10 +11,11 @@ namespace fastfed {
 namespace {
 
 void require_rotation_shape(std::size_t n, std::size_t chunk, std::size_t padded) {
-    if (chunk == 0 || (chunk & (chunk - 1)) != 0) throw std::invalid_argument("chunk: expected a power of two, got " + std::to_string(chunk));
+    if (chunk == 0 || (chunk & (chunk - 1)) != 0)
+        throw std::invalid_argument("chunk: expected a power of two, got " + std::to_string(chunk));
     if (padded % chunk != 0 || padded < n || padded - n >= chunk)
-        throw std::invalid_argument("padded length " + std::to_string(padded) + " does not fit " + std::to_string(n) + " values in chunks of " +
-                                    std::to_string(chunk));
+        throw std::invalid_argument("padded length " + std::to_string(padded) + " does not fit " + std::to_string(n) +
+                                    " values in chunks of " + std::to_string(chunk));
 }
 
 void rotate_binding(const py::array& x, std::size_t chunk, std::uint64_t key, float64_array& out) {

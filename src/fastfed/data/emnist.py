@@ -58,13 +58,14 @@ def download_emnist(cache_dir: str | Path | None = None, *, origin: str = EMNIST
 
 
 def _from_sqlite(path: Path, split_name: str) -> dict[str, list[tuple[np.ndarray, int]]]:
-    from tensorflow.core.example import example_pb2
-
     connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         if "examples" not in tables:
             raise ValueError(f"{path}: no 'examples' table; not a TFF SQLite client-data file")
+        # Only a real TFF file needs TensorFlow, for its tf.train.Example protos.
+        from tensorflow.core.example import example_pb2
+
         rows = connection.execute(
             "SELECT client_id, serialized_example_proto FROM examples WHERE split_name = ? ORDER BY rowid",
             (split_name,),
