@@ -35,8 +35,8 @@ def _import_graph() -> dict[str, set[str]]:
                     anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                     base = ".".join([*anchor, *([base] if base else [])])
                 # `from package import module` imports the module; `from module import name`, the module.
-                names = [f"{base}.{alias.name}" for alias in node.names]
-                targets = [name if name in modules else base for name in names]
+                candidates = [f"{base}.{alias.name}" for alias in node.names]
+                targets = [candidate if candidate in modules else base for candidate in candidates]
             else:
                 continue
             graph[name] |= {target for target in targets if target in modules and target != name}
