@@ -148,3 +148,11 @@ def test_weighted_sum_quantized_rejects_bad_checksum_arrays(backend: str, checks
     out = np.empty(4, np.float32)
     with pytest.raises(ValueError, match="checksums"):
         _require(backend).aggregate.weighted_sum_quantized(packed, 8, np.ones(2, np.float32), 0.0, 1.0, out, checksums)
+
+
+def test_numba_kernels_read_every_kind_of_array_at_its_address() -> None:
+    numba_arrays = pytest.importorskip("fastfed.kernels.numba_arrays")
+    base = np.arange(40, dtype=np.float64)
+    arrays = [base, base[3:], base[::-1], base.reshape(5, 8).T, np.frombuffer(bytes(16), np.uint8), np.float32(2.0) * 1]
+    arrays = [np.asarray(array) for array in arrays]
+    assert numba_arrays.data_addresses(arrays).tolist() == [a.__array_interface__["data"][0] for a in arrays]

@@ -197,3 +197,24 @@ def test_accumulator_rejects_bad_update_without_losing_state() -> None:
     assert accumulator.count == 1
     for after, expected in zip(accumulator.result(), before):
         np.testing.assert_array_equal(after, expected)
+
+
+def test_out_arrays_receive_the_mean_and_are_returned() -> None:
+    updates = [[*layers, np.array([k, 2 * k], np.int64)] for k, layers in enumerate(_updates(9))]
+    weights = np.arange(1.0, 10.0)
+    expected = fastfed.weighted_mean(updates, weights)
+    out = [np.full_like(layer, 7) for layer in expected]
+    result = fastfed.weighted_mean(updates, weights, out=out)
+    assert all(got is destination for got, destination in zip(result, out, strict=True))
+    for got, want in zip(out, expected):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+    sums = [np.empty(layer.shape) for layer in expected]
+    for got, want in zip(fastfed.weighted_sum(updates, weights, out=sums), fastfed.weighted_sum(updates, weights)):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match=r"out\[1\]: expected a \(32,\) float32 array, got \(32,\) float64"):
+        fastfed.weighted_mean(updates, weights, out=[out[0], np.zeros(32), *out[2:]])
+    with pytest.raises(ValueError, match=r"out: 2 arrays for 5 layers"):
+        fastfed.weighted_mean(updates, weights, out=out[:2])
+    with pytest.raises(ValueError, match=r"out\[0\]: expected a writable"):
+        fastfed.weighted_mean(updates, weights, out=[np.asfortranarray(out[0]), *out[1:]])

@@ -23,7 +23,7 @@ template <class Source, class Output>
 void weighted_sum(const std::vector<const Source*>& sources, const double* weights, double divisor, Output* out, std::size_t n) {
     const std::size_t n_sources = sources.size();
     const std::size_t n_tiles = (n + kTile - 1) / kTile;
-    parallel_for(n_tiles, 8, n_sources * kTile, [&](std::size_t first_tile, std::size_t end_tile) {
+    parallel_for(n_tiles, 1, n_sources * kTile, [&](std::size_t first_tile, std::size_t end_tile) {
         run_vectorized([&] {
             double acc[kTile];
             for (std::size_t tile = first_tile; tile < end_tile; ++tile) {

@@ -29,7 +29,25 @@ from .layers import (
 __all__ = ["Accumulator", "weighted_mean", "weighted_sum"]
 
 
-def _combine(updates: object, weights: Sequence[float] | np.ndarray | None, as_sum: bool) -> list[np.ndarray]:
+def _checked_out(out: object, specs: list[LayerSpec], as_sum: bool) -> list[np.ndarray]:
+    """The caller's output arrays, one per layer, each writable, contiguous and shaped like the layer."""
+    if isinstance(out, np.ndarray) or not isinstance(out, Sequence):
+        raise TypeError(f"out: expected a list of arrays (one per layer), got {type(out).__name__}")
+    if len(out) != len(specs):
+        raise ValueError(f"out: {len(out)} arrays for {len(specs)} layers")
+    for j, (array, spec) in enumerate(zip(out, specs)):
+        dtype = np.dtype(np.float64) if as_sum else spec.dtype
+        if not isinstance(array, np.ndarray) or array.shape != spec.shape or array.dtype != dtype:
+            found = f"{array.shape} {array.dtype}" if isinstance(array, np.ndarray) else type(array).__name__
+            raise ValueError(f"out[{j}]: expected a {spec.shape} {dtype} array, got {found}")
+        if not (array.flags.writeable and array.flags.c_contiguous and array.flags.aligned):
+            raise ValueError(f"out[{j}]: expected a writable, C-contiguous, aligned array")
+    return list(out)
+
+
+def _combine(
+    updates: object, weights: Sequence[float] | np.ndarray | None, as_sum: bool, out: object = None
+) -> list[np.ndarray]:
     # Typed as object: this is the boundary where anything a user passes is checked.
     if isinstance(updates, np.ndarray) or not isinstance(updates, Sequence):
         raise TypeError(f"updates: expected a sequence of client updates, got {type(updates).__name__}")
@@ -57,38 +75,61 @@ def _combine(updates: object, weights: Sequence[float] | np.ndarray | None, as_s
     active_weights = np.array([weight_values[k] for k in active], dtype=np.float64)
     kernel = kernels().aggregate
     divisor = 1.0 if as_sum else total
+    destinations = None if out is None else _checked_out(out, specs, as_sum)
     result = []
     for j, spec in enumerate(specs):
-        out = kernel_output(spec, as_sum)
-        if active:
-            kernel.weighted_sum_layer([clients[k][j] for k in active], active_weights, divisor, out)
+        destination = None if destinations is None else destinations[j]
+        # Float means and sums are written by the kernel straight into a caller's array.
+        if destination is not None and (as_sum or spec.dtype in (np.float32, np.float64)):
+            values, direct = destination.reshape(-1), True
         else:
-            out[:] = 0.0
-        result.append(out.reshape(spec.shape) if as_sum else cast_to_layer(out, spec))
+            values, direct = kernel_output(spec, as_sum), False
+        if active:
+            kernel.weighted_sum_layer([clients[k][j] for k in active], active_weights, divisor, values)
+        else:
+            values[:] = 0.0
+        layer = values.reshape(spec.shape) if as_sum else cast_to_layer(values, spec)
+        if destination is not None and not direct:
+            destination[...] = layer
+        result.append(layer if destination is None else destination)
     return result
 
 
-def weighted_sum(updates: Sequence[Update], weights: Sequence[float] | np.ndarray | None = None) -> list[np.ndarray]:
+def weighted_sum(
+    updates: Sequence[Update],
+    weights: Sequence[float] | np.ndarray | None = None,
+    *,
+    out: Sequence[np.ndarray] | None = None,
+) -> list[np.ndarray]:
     """``sum_k weights[k] * updates[k]`` layer by layer, as float64 arrays.
 
     The result stays float64 whatever the input dtypes, so partial sums from several workers can be
-    added together and divided by their total weight without losing precision.
+    added together and divided by their total weight without losing precision. ``out``: float64
+    arrays shaped like the layers to write the sums into, as for :func:`weighted_mean`.
     """
-    return _combine(updates, weights, as_sum=True)
+    return _combine(updates, weights, as_sum=True, out=out)
 
 
-def weighted_mean(updates: Sequence[Update], weights: Sequence[float] | np.ndarray | None = None) -> list[np.ndarray]:
+def weighted_mean(
+    updates: Sequence[Update],
+    weights: Sequence[float] | np.ndarray | None = None,
+    *,
+    out: Sequence[np.ndarray] | None = None,
+) -> list[np.ndarray]:
     """The weighted mean of K client updates, layer by layer.
 
     Args:
       updates: K client updates, each a list of arrays with the same shapes and dtypes.
       weights: K finite, non-negative numbers (e.g. example counts) with a positive sum;
         ``None`` (the default) weighs clients equally.
+      out: optional arrays, one per layer with the clients' shape and dtype, that receive the mean
+        and are returned (e.g. last round's global model). Reusing them saves the operating system
+        zeroing fresh pages for every result, which costs as much as reading several clients.
 
     Returns:
       One array per layer with the clients' shape and dtype. Integer layers are rounded to nearest.
     """
-    return _combine(updates, weights, as_sum=False)
+    return _combine(updates, weights, as_sum=False, out=out)
 
 
 class Accumulator:
