@@ -61,4 +61,6 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
             peak_text = f"{peak:>10.1f}" if peak is not None else f"{'':>10s}"
             first = bench.extra_info.get("first_round_ratio")
             first_text = f"{first:>14.2f}" if first is not None else ""
-            terminalreporter.write_line(f"{label:34s}{median * 1e3:>11.2f}{ratios}{peak_text}{first_text}")
+            moved = bench.extra_info.get("bytes_per_element")
+            moved_text = f"  {moved:.1f} bytes moved per element (cache simulator)" if moved is not None else ""
+            terminalreporter.write_line(f"{label:34s}{median * 1e3:>11.2f}{ratios}{peak_text}{first_text}{moved_text}")

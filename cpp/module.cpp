@@ -48,6 +48,8 @@ PYBIND11_MODULE(_core, m) {
     m.def("num_threads", &fastfed::num_threads, "Threads the native kernels use.");
     m.def("set_num_threads", &fastfed::set_num_threads, py::arg("n"),
           "Sets the threads the native kernels use; 0 restores the default (FASTFED_NUM_THREADS or all cores).");
+    m.def("pool_threads", &fastfed::started_threads,
+          "Threads the kernels can run on now, the caller included: num_threads() unless the system refused to start more.");
     m.def("isa", [] { return fastfed::isa_name(fastfed::active_isa()); }, "The instruction set level the kernels use.");
     m.def("best_isa", [] { return fastfed::isa_name(fastfed::best_isa()); }, "The highest instruction set level this CPU supports.");
     m.def(
