@@ -6,15 +6,23 @@ from __future__ import annotations
 from . import optimizers
 from .aggregators import AdaptiveBound, MeanAggregator, mean, mean_aggregator
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
-from .client import enable_determinism
-from .fedavg import FedAvg, FedAvgState, RoundFailedError, evaluate
+from .client import ClientStep, FedProx, enable_determinism
+from .evaluation import Evaluation, evaluate
+from .fedavg import FedAvg, FedAvgState, RoundFailedError
+from .inputs import ClientDataError
+from .rounds import ClientReport
 
 __all__ = [
     "AdaptiveBound",
     "Checkpoint",
     "CheckpointError",
+    "ClientDataError",
+    "ClientReport",
+    "ClientStep",
+    "Evaluation",
     "FedAvg",
     "FedAvgState",
+    "FedProx",
     "MeanAggregator",
     "RoundFailedError",
     "enable_determinism",

@@ -1,17 +1,34 @@
-"""Client training: one Keras model per worker, reused across clients and rounds.
+"""Client training: one Keras model per worker, reused across clients and rounds, and a client's
+local epochs in one compiled call.
 
-The training step is one ``tf.function`` with a batch dimension of ``None``, traced once on the
-first batch and never again, whatever the clients' sizes. Metrics are updated inside the step, so,
-as in TFF, training metrics are measured during local training and weighted by examples.
+Each call trains one client on all its local epochs inside a single ``tf.function``: a
+``tf.while_loop`` over batches gathered from the client's arrays by index, with the shuffle order
+(derived from the seed, the round and the client) passed in as a tensor. Python is involved once
+per client, not once per batch. With ``jit_compile=True`` the loop is compiled by XLA: every batch
+then has ``batch_size`` rows, the last one padded and masked, and clients are padded to a few
+bucket sizes so that clients of different sizes share compilations. Without XLA the last batch is
+simply shorter, as in a per-step loop. Metrics are updated inside the loop, so, as in TFF, training
+metrics are measured during local training and weighted by examples.
+
+How a client trains can be changed with a :class:`ClientStep`: FedProx (Li et al. 2020,
+"Federated Optimization in Heterogeneous Networks") is one, adding a proximal term to the loss.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from .inputs import ClientDataError, DataSpec
+
+__all__ = ["ClientResult", "ClientStep", "ClientTrainer", "FedProx", "enable_determinism", "resolve_metrics"]
+
+log = logging.getLogger("fastfed")
 
 
 def enable_determinism() -> None:
@@ -29,15 +46,61 @@ class ClientResult:
     loss_sum: float
 
 
-def resolve_metrics(metrics: Sequence[Any] | None) -> list[Any]:
-    """Keras metric objects from objects, factories or names; default: sparse categorical accuracy."""
+class ClientStep:
+    """What a client minimises and how its gradients are used; the default is plain local SGD.
+
+    Subclass it and pass an instance as ``FedAvg(client_step=...)`` to change local training. Both
+    methods run inside the compiled training loop, once per batch, so they must use TensorFlow or
+    ``keras.ops`` operations on their tensor arguments. The instance is pickled to Ray workers.
+    """
+
+    def objective(self, batch_loss: Any, trainable: Sequence[Any], start: Sequence[Any]) -> Any:
+        """The scalar to minimise for one batch.
+
+        Args:
+          batch_loss: the model's loss on the batch (mean over its examples, plus the model's own
+            regularization losses).
+          trainable: the model's trainable variables.
+          start: the values they had when the client started, i.e. the global model of the round.
+        """
+        return batch_loss
+
+    def gradients(self, gradients: Sequence[Any], trainable: Sequence[Any], start: Sequence[Any]) -> Sequence[Any]:
+        """The gradients to apply, given those of :meth:`objective` (e.g. to clip them)."""
+        return gradients
+
+
+@dataclass(frozen=True)
+class FedProx(ClientStep):
+    """FedProx's local objective (Li et al. 2020): the loss plus ``mu / 2 * ||w - w_global||^2``,
+    which keeps heterogeneous clients close to the global model."""
+
+    mu: float
+
+    def __post_init__(self) -> None:
+        if not (self.mu >= 0 and math.isfinite(self.mu)):
+            raise ValueError(f"mu must be a non-negative number, got {self.mu!r}")
+
+    def objective(self, batch_loss: Any, trainable: Sequence[Any], start: Sequence[Any]) -> Any:
+        import tensorflow as tf
+
+        distance = tf.add_n([tf.reduce_sum(tf.square(w - w0)) for w, w0 in zip(trainable, start)])
+        return batch_loss + 0.5 * self.mu * distance
+
+
+def resolve_metrics(metrics: Sequence[Any] | None, one_hot_labels: bool = False) -> list[Any]:
+    """Keras metric objects from objects, factories or names; default: accuracy.
+
+    ``"accuracy"`` means sparse categorical accuracy for integer labels and categorical accuracy for
+    one-hot labels, as it does in Keras's ``compile``.
+    """
     import keras
 
     resolved = []
     for metric in ("accuracy",) if metrics is None else metrics:
         if metric in ("accuracy", "acc"):
-            # With integer labels and the default loss, "accuracy" means sparse categorical accuracy.
-            metric = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+            kind = keras.metrics.CategoricalAccuracy if one_hot_labels else keras.metrics.SparseCategoricalAccuracy
+            metric = kind(name="accuracy")
         elif isinstance(metric, str):
             found = keras.metrics.get(metric)
             metric = (
@@ -53,7 +116,38 @@ def resolve_metrics(metrics: Sequence[Any] | None) -> list[Any]:
     return resolved
 
 
+def per_example_loss(loss: Any, y: Any, predictions: Any) -> Any:
+    """One loss value per example, whether ``loss`` is a Keras ``Loss`` (unreduced through its
+    ``call``) or a function returning per-example (or per-element) values."""
+    import keras
+    import tensorflow as tf
+
+    values = loss.call(y, predictions) if isinstance(loss, keras.losses.Loss) else loss(y, predictions)
+    values = tf.convert_to_tensor(values)
+    if values.shape.rank == 0:
+        raise TypeError("loss: got a scalar; a training loss must return one value per example")
+    if values.shape.rank > 1:  # per time step or per pixel: averaged within each example
+        values = tf.reduce_mean(values, axis=list(range(1, values.shape.rank)))
+    return tf.cast(values, tf.float32)
+
+
+def _bucket(rows: int, batch_size: int) -> int:
+    """Rows a client is padded to under XLA: a whole number of batches, rounded up to a power of two
+    of batches, so that clients of any size share a handful of compiled shapes."""
+    batches = -(-rows // batch_size)
+    return batch_size * (1 << (batches - 1).bit_length())
+
+
 class ClientTrainer:
+    """Trains clients one after another on one Keras model.
+
+    Args:
+      jit_compile: compile the local-training loop with XLA. ``None`` (the default) decides by
+        device: XLA on GPUs, where it fuses the many small kernels of a step, and a plain graph on
+        CPUs, where TensorFlow's own kernels are as fast and XLA would compile each new client size.
+        A model that XLA cannot compile falls back to a plain graph, with a log line.
+    """
+
     def __init__(
         self,
         model_fn: Callable[[], Any],
@@ -62,6 +156,8 @@ class ClientTrainer:
         batch_size: int,
         local_epochs: int,
         metrics: Sequence[Any] | None = None,
+        step: ClientStep | None = None,
+        jit_compile: bool | None = None,
     ) -> None:
         import keras
         import tensorflow as tf
@@ -72,12 +168,21 @@ class ClientTrainer:
         self.optimizer.build(self.model.trainable_variables)
         # Keras 3 keeps the learning rate among the variables, so a reset restores values, not zeros.
         self._fresh_optimizer = [keras.ops.convert_to_numpy(v) for v in self.optimizer.variables]
-        # Per-example losses, so that batch losses add up to an example-weighted total.
-        self.loss = keras.losses.get(loss) if not callable(loss) else loss
+        self.loss = keras.losses.get(loss) if isinstance(loss, str) else loss
         self.batch_size = batch_size
         self.local_epochs = local_epochs
-        self.metrics = resolve_metrics(metrics)
-        self._step: Any = None
+        self.step = step or ClientStep()
+        self.spec = DataSpec.of_model(self.model)
+        self._metric_names = metrics
+        self.metrics: list[Any] = []
+        self._start = [
+            tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, name=f"start_{i}")
+            for i, v in enumerate(self.model.trainable_variables)
+        ]
+        if jit_compile is None:
+            jit_compile = bool(tf.config.list_physical_devices("GPU"))
+        self.jit_compile = jit_compile
+        self._loop: Any = None
 
     def reset_metrics(self) -> None:
         for metric in self.metrics:
@@ -91,46 +196,101 @@ class ClientTrainer:
 
         return [[keras.ops.convert_to_numpy(v) for v in metric.variables] for metric in self.metrics]
 
-    def _build_step(self, x: np.ndarray, y: np.ndarray) -> Any:
-        tf = self._tf
-        model, optimizer, loss_fn, metrics = self.model, self.optimizer, self.loss, self.metrics
-
-        @tf.function(  # type: ignore[untyped-decorator]
-            input_signature=[
-                tf.TensorSpec((None, *x.shape[1:]), tf.as_dtype(x.dtype)),
-                tf.TensorSpec((None, *y.shape[1:]), tf.as_dtype(y.dtype)),
-            ]
-        )
-        def step(batch_x: Any, batch_y: Any) -> Any:
-            with tf.GradientTape() as tape:
-                predictions = model(batch_x, training=True)
-                # Mean over the batch whether the loss returns per-example values or a reduced scalar.
-                loss = tf.reduce_mean(loss_fn(batch_y, predictions))
-            gradients = tape.gradient(loss, model.trainable_variables)
-            optimizer.apply_gradients(zip(gradients, model.trainable_variables))
-            for metric in metrics:
-                metric.update_state(batch_y, predictions)
-            return tf.cast(loss, tf.float32) * tf.cast(tf.shape(batch_x)[0], tf.float32)
-
-        return step
-
     @property
     def traces(self) -> int:
-        """How many times the training step has been traced (1 after the first batch)."""
-        return 0 if self._step is None else int(self._step.experimental_get_tracing_count())
+        """How many times the training loop has been traced (1 once a client has trained)."""
+        return 0 if self._loop is None else int(self._loop.experimental_get_tracing_count())
+
+    def prepare(self, index: int, x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
+        """A client's arrays in the dtypes and shapes the compiled loop was built for, or
+        :class:`ClientDataError` naming the client and the mismatch."""
+        x, y = self.spec.conform(index, x, y)
+        if not self.metrics:  # fixed by the first client: the meaning of "accuracy" follows its labels
+            self.metrics = resolve_metrics(self._metric_names, one_hot_labels=self.spec.one_hot)
+        return x, y
+
+    def _build_loop(self, padded: bool) -> Any:
+        tf = self._tf
+        model, optimizer, step, metrics = self.model, self.optimizer, self.step, self.metrics
+        loss, batch_size, start = self.loss, self.batch_size, self._start
+        trainable = model.trainable_variables
+
+        def loop(x: Any, y: Any, order: Any, n: Any, epochs: Any) -> Any:
+            batches = (n + batch_size - 1) // batch_size
+
+            def train_batch(position: Any, loss_sum: Any) -> Any:
+                epoch, first = position // batches, (position % batches) * batch_size
+                # Under XLA every batch has batch_size rows (the last padded, then masked out).
+                size = batch_size if padded else tf.minimum(batch_size, n - first)
+                index = tf.slice(order, [epoch, first], [1, size])[0]
+                mask = tf.cast(first + tf.range(size) < n, tf.float32)
+                batch_x, batch_y = tf.gather(x, index), tf.gather(y, index)
+                with tf.GradientTape() as tape:
+                    predictions = model(batch_x, training=True)
+                    losses = per_example_loss(loss, batch_y, predictions) * mask
+                    batch_loss = tf.reduce_sum(losses) / tf.reduce_sum(mask)
+                    if model.losses:
+                        batch_loss += tf.add_n([tf.cast(term, tf.float32) for term in model.losses])
+                    objective = step.objective(batch_loss, trainable, start)
+                gradients = step.gradients(tape.gradient(objective, trainable), trainable, start)
+                optimizer.apply_gradients(zip(gradients, trainable))
+                for metric in metrics:
+                    metric.update_state(batch_y, predictions, sample_weight=mask)
+                return position + 1, loss_sum + tf.reduce_sum(losses)
+
+            _, loss_sum = tf.while_loop(
+                lambda position, _: position < epochs * batches, train_batch, (tf.constant(0), tf.constant(0.0))
+            )
+            return loss_sum
+
+        signature = [
+            *self.spec.tensor_specs(),
+            tf.TensorSpec((None, None), tf.int32),
+            tf.TensorSpec((), tf.int32),
+            tf.TensorSpec((), tf.int32),
+        ]
+        return tf.function(loop, input_signature=signature, jit_compile=padded)
 
     def train(self, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> ClientResult:
-        if self._step is None:
-            self._step = self._build_step(x, y)
+        """Trains on one client's prepared arrays (see :meth:`prepare`) from ``weights``."""
+        orders = [rng.permutation(len(x)) for _ in range(self.local_epochs)]
+        try:
+            loss_sum = self._run(weights, x, y, orders)
+        except (self._tf.errors.InvalidArgumentError, self._tf.errors.UnimplementedError) as error:
+            if not self.jit_compile or "XLA" not in str(error):
+                raise
+            log.warning("XLA cannot compile this model's training loop; training without XLA (%s)", _first_line(error))
+            self.jit_compile, self._loop = False, None
+            loss_sum = self._run(weights, x, y, orders)
+        batches = self.local_epochs * -(-len(x) // self.batch_size)
+        return ClientResult(self.model.get_weights(), len(x) * self.local_epochs, batches, loss_sum)
+
+    def _run(self, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray, orders: list[np.ndarray]) -> float:
+        if self._loop is None:
+            self._loop = self._build_loop(padded=self.jit_compile)
         self.model.set_weights(weights)
+        for variable, value in zip(self._start, self.model.trainable_variables):
+            variable.assign(value)
         # Each client starts from a fresh optimizer state, as in FedAvg.
         for variable, value in zip(self.optimizer.variables, self._fresh_optimizer):
             variable.assign(value)
-        loss_sum, batches = 0.0, 0
-        for _ in range(self.local_epochs):
-            order = rng.permutation(len(x))
-            for start in range(0, len(x), self.batch_size):
-                index = order[start : start + self.batch_size]
-                loss_sum += float(self._step(x[index], y[index]))
-                batches += 1
-        return ClientResult(self.model.get_weights(), len(x) * self.local_epochs, batches, loss_sum)
+        n = len(x)
+        rows = _bucket(n, self.batch_size) if self.jit_compile else n
+        order = np.zeros((len(orders), rows), np.int32)
+        order[:, :n] = orders
+        if rows > n:  # padding rows, never counted: the mask drops them
+            x = np.concatenate([x, np.zeros((rows - n, *x.shape[1:]), x.dtype)])
+            y = np.concatenate([y, np.zeros((rows - n, *y.shape[1:]), y.dtype)])
+        return float(self._loop(x, y, order, np.int32(n), np.int32(len(orders))))
+
+
+def _first_line(error: BaseException, limit: int = 300) -> str:
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:limit]
+
+
+def describe_failure(error: BaseException) -> str:
+    """One line for a client's failure: the error's kind and the first line of its message."""
+    if isinstance(error, ClientDataError):
+        return error.reason
+    return f"{type(error).__name__}: {_first_line(error)}"

@@ -21,15 +21,15 @@ import numpy as np
 from ..aggregation import Accumulator, LayerSpec
 from ..compression import Codec, encode, raw_size_bits, size_bits
 from .aggregators import MeanAggregator, RoundTally, mean_aggregator
-from .client import ClientTrainer, enable_determinism, resolve_metrics
+from .client import ClientStep, ClientTrainer, FedProx, enable_determinism, resolve_metrics
+from .evaluation import Evaluation, Evaluator
+from .inputs import client_arrays, one_hot_labels
 from .optimizers import SGD, ServerOptimizer
-from .rounds import GroupResult, RoundSpec, WorkerConfig, derived_seed, split_groups
+from .rounds import ClientReport, GroupResult, RoundSpec, WorkerConfig, derived_seed, split_groups
 
-__all__ = ["FedAvg", "FedAvgState", "RoundFailedError", "evaluate"]
+__all__ = ["FedAvg", "FedAvgState", "RoundFailedError"]
 
 log = logging.getLogger("fastfed")
-
-ClientArrays = tuple[np.ndarray, np.ndarray]
 
 
 @dataclass
@@ -58,11 +58,21 @@ class FedAvg:
       aggregator: :func:`fastfed.mean_aggregator`, optionally with a codec for the uploads.
       broadcast_codec: a codec for the server-to-client model, or ``None`` (exact).
       broadcast_compression: deprecated name of ``broadcast_codec``, removed in 0.3.
-      loss: a Keras loss; default sparse categorical cross-entropy on probabilities.
+      loss: a Keras loss (object, function or name); default sparse categorical cross-entropy on
+        probabilities. A model that outputs logits needs e.g.
+        ``keras.losses.SparseCategoricalCrossentropy(from_logits=True)``.
       metrics: Keras metrics (objects, classes or names) measured during local training and reported
-        as ``train_<name>``; default ``["accuracy"]`` (sparse categorical accuracy).
+        as ``train_<name>``; default ``["accuracy"]`` (sparse or categorical accuracy, following the labels).
       batch_size, local_epochs: local training settings.
-      weighting: ``"num_examples"`` (default) or ``"uniform"``.
+      proximal_mu: FedProx's proximal term (Li et al. 2020, "Federated Optimization in Heterogeneous
+        Networks"); 0 (the default) is FedAvg. Shorthand for ``client_step=FedProx(mu)``.
+      client_step: a :class:`fastfed.learning.ClientStep` that changes what clients minimise or how
+        they apply gradients.
+      weighting: how much each client's update counts in the mean: ``"num_examples"`` (default),
+        ``"uniform"``, or a callable taking a :class:`fastfed.learning.ClientReport` (the client's
+        index, examples and mean training loss) and returning a non-negative number.
+      jit_compile: compile local training with XLA; ``None`` decides by device (see
+        :class:`fastfed.learning.client.ClientTrainer`).
       executor: where clients train: :class:`fastfed.executors.LocalExecutor` (default) or
         :class:`fastfed.executors.RayExecutor`.
       clients_per_partial_sum: clients are summed in contiguous groups of this many, one partial sum
@@ -87,7 +97,10 @@ class FedAvg:
         metrics: Sequence[Any] | None = None,
         batch_size: int = 32,
         local_epochs: int = 1,
-        weighting: str = "num_examples",
+        weighting: str | Callable[[ClientReport], float] = "num_examples",
+        proximal_mu: float = 0.0,
+        client_step: ClientStep | None = None,
+        jit_compile: bool | None = None,
         executor: Any = None,
         clients_per_partial_sum: int | None = None,
         deterministic: bool = False,
@@ -102,10 +115,16 @@ class FedAvg:
                 stacklevel=2,
             )
             broadcast_codec = broadcast_compression
-        if weighting not in ("num_examples", "uniform"):
-            raise ValueError(f"weighting must be 'num_examples' or 'uniform', got {weighting!r}")
-        if batch_size < 1 or local_epochs < 1 or min_clients < 1:
-            raise ValueError("batch_size, local_epochs and min_clients must be positive")
+        if not callable(weighting) and weighting not in ("num_examples", "uniform"):
+            raise ValueError(f"weighting must be 'num_examples', 'uniform' or a callable, got {weighting!r}")
+        for name, value in (("batch_size", batch_size), ("local_epochs", local_epochs), ("min_clients", min_clients)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        resolve_metrics(metrics)  # a bad metric fails here, not in every client of the first round
+        if proximal_mu:
+            if client_step is not None:
+                raise ValueError("give either proximal_mu or client_step, not both")
+            client_step = FedProx(proximal_mu)
         if clients_per_partial_sum is not None and clients_per_partial_sum < 1:
             raise ValueError(f"clients_per_partial_sum must be positive, got {clients_per_partial_sum}")
         self.model_fn = model_fn
@@ -118,6 +137,8 @@ class FedAvg:
         self.batch_size = batch_size
         self.local_epochs = local_epochs
         self.weighting = weighting
+        self.client_step = client_step
+        self.jit_compile = jit_compile
         self.min_clients = min_clients
         self.seed = seed
         self.clients_per_partial_sum = clients_per_partial_sum
@@ -130,6 +151,7 @@ class FedAvg:
         self.last_failures: list[tuple[int, str]] = []
         self._worker_config: WorkerConfig | None = None
         self._metric_templates: list[Any] | None = None
+        self._evaluator: Evaluator | None = None
 
     @property
     def worker_config(self) -> WorkerConfig:
@@ -138,6 +160,7 @@ class FedAvg:
             self._worker_config = WorkerConfig(
                 self.model_fn, self.client_optimizer, self.loss, self.metrics, self.batch_size,
                 self.local_epochs, self.aggregator, self.weighting, self.deterministic,
+                self.client_step, self.jit_compile,
             )  # fmt: skip
         return self._worker_config
 
@@ -149,11 +172,11 @@ class FedAvg:
             raise AttributeError(f"{type(self.executor).__name__} trains in other processes; it has no local trainer")
         return trainer(self.worker_config)  # type: ignore[no-any-return]
 
-    def _metric_results(self, states: list[list[np.ndarray]] | None) -> dict[str, float]:
+    def _metric_results(self, states: list[list[np.ndarray]] | None, one_hot: bool) -> dict[str, float]:
         import keras
 
         if self._metric_templates is None:
-            self._metric_templates = resolve_metrics(self.metrics)
+            self._metric_templates = resolve_metrics(self.metrics, one_hot_labels=one_hot)
         results = {}
         for metric, state in zip(self._metric_templates, states or []):
             for variable, value in zip(metric.variables, state):
@@ -175,41 +198,47 @@ class FedAvg:
             aggregator_state=self.aggregator.initial_state(),
         )
 
-    def next(self, state: FedAvgState, clients: Sequence[ClientArrays]) -> tuple[FedAvgState, dict[str, float]]:
-        """Runs one round over ``clients`` (a list of ``(x, y)`` arrays); the input state is not modified.
+    def next(self, state: FedAvgState, clients: object) -> tuple[FedAvgState, dict[str, float]]:
+        """Runs one round over ``clients``; the input state is not modified.
 
-        A client whose training raises is dropped and counted (``clients_failed``; the errors are in
-        ``last_failures``). Raises :class:`RoundFailedError` if fewer than ``min_clients`` updates
-        were aggregated.
+        ``clients``: a list of clients, each ``(x, y)`` arrays, a ``{"x", "y"}`` dict or a
+        ``tf.data.Dataset`` (see :mod:`fastfed.learning.inputs`), or a :class:`fastfed.data.ClientData`
+        (all of its clients). A client whose training raises, or whose data does not fit the model,
+        is dropped and counted (``clients_failed``; one line per client in ``last_failures`` and the
+        log). Raises :class:`RoundFailedError` if fewer than ``min_clients`` updates were aggregated.
         """
-        if len(clients) == 0:
-            raise ValueError("clients: a round needs at least one client")
+        arrays = client_arrays(clients)
         started = time.perf_counter()
         round_seed = derived_seed(self.seed, state.round)
 
         start: list[np.ndarray] | bytes
         if self.broadcast_codec is not None:
             start = encode(state.weights, self.broadcast_codec, seed=round_seed)
-            broadcast_bits = size_bits(start) * len(clients)
+            broadcast_bits = size_bits(start) * len(arrays)
         else:
             start = state.weights
-            broadcast_bits = raw_size_bits(state.weights) * len(clients)
-
-        indexed = []
-        for index, (x, y) in enumerate(clients):
-            x, y = np.asarray(x), np.asarray(y)
-            if len(x) != len(y):
-                raise ValueError(f"client {index}: {len(x)} inputs but {len(y)} labels")
-            if len(x) == 0:
-                raise ValueError(f"client {index}: has no examples")
-            indexed.append((index, x, y))
+            broadcast_bits = raw_size_bits(state.weights) * len(arrays)
+        indexed = [(index, x, y) for index, (x, y) in enumerate(arrays)]
         spec = RoundSpec(state.round, self.seed, start, self.aggregator.bounds(state.aggregator_state))
         positions = split_groups(len(indexed), self.clients_per_partial_sum, self.executor.default_groups)
         results = self.executor.run(self.worker_config, spec, [[indexed[i] for i in group] for group in positions])
-        return self._merge(state, started, len(clients), results, broadcast_bits)
+        return self._merge(state, started, len(arrays), results, broadcast_bits, one_hot_labels(arrays[0][1]))
+
+    def evaluate(self, state: FedAvgState, clients: object, *, batch_size: int = 1000) -> Evaluation:
+        """The loss, every metric and ``num_examples`` of ``state``'s weights over ``clients``,
+        with this process's loss and metrics; per client in ``.per_client`` (see :func:`fastfed.evaluate`)."""
+        if self._evaluator is None:
+            self._evaluator = Evaluator(self.model_fn, self.loss, self.metrics)
+        return self._evaluator(state.weights, clients, batch_size)
 
     def _merge(
-        self, state: FedAvgState, started: float, num_clients: int, results: list[GroupResult], broadcast_bits: int
+        self,
+        state: FedAvgState,
+        started: float,
+        num_clients: int,
+        results: list[GroupResult],
+        broadcast_bits: int,
+        one_hot: bool,
     ) -> tuple[FedAvgState, dict[str, float]]:
         """Merges the groups' partial sums in group order (the order fixes the arithmetic)."""
         accumulator = Accumulator.from_specs([LayerSpec(w.shape, np.dtype(np.float32)) for w in state.weights])
@@ -232,7 +261,7 @@ class FedAvg:
         for index, reason in self.last_failures:
             log.warning("round %d: client %d failed and is dropped: %s", state.round + 1, index, reason)
         return self._finish_round(state, started, num_clients, accumulator, tally, broadcast_bits,
-                                  (loss_sum, examples, batches), self._metric_results(states))  # fmt: skip
+                                  (loss_sum, examples, batches), self._metric_results(states, one_hot))  # fmt: skip
 
     def _finish_round(
         self,
@@ -287,29 +316,3 @@ class FedAvg:
             metrics["zeroing_bound"] = zeroing_bound
         metrics["round_seconds"] = time.perf_counter() - started
         return new_state, metrics
-
-
-def evaluate(
-    model_fn: Callable[[], Any],
-    weights: Sequence[np.ndarray],
-    clients: Sequence[ClientArrays],
-    *,
-    batch_size: int = 1000,
-) -> dict[str, float]:
-    """Example-weighted loss and accuracy of ``weights`` over clients' data (one client = centralized)."""
-    import keras
-
-    model = model_fn()
-    model.set_weights(list(weights))
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(reduction="sum")
-    loss_sum, correct, examples = 0.0, 0, 0
-    for x, y in clients:
-        for start in range(0, len(x), batch_size):
-            batch_x, batch_y = x[start : start + batch_size], y[start : start + batch_size]
-            predictions = keras.ops.convert_to_numpy(model(batch_x, training=False))
-            loss_sum += float(loss_fn(batch_y, predictions))
-            correct += int(np.sum(np.argmax(predictions, axis=-1) == np.reshape(batch_y, -1)))
-            examples += len(batch_x)
-    if examples == 0:
-        raise ValueError("evaluate: the clients hold no examples")
-    return {"loss": loss_sum / examples, "accuracy": correct / examples, "num_examples": float(examples)}

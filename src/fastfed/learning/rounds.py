@@ -18,7 +18,7 @@ import numpy as np
 from ..aggregation import Accumulator
 from ..compression import decode
 from .aggregators import MeanAggregator, RoundTally
-from .client import ClientTrainer
+from .client import ClientStep, ClientTrainer, describe_failure
 
 ClientArrays = tuple[np.ndarray, np.ndarray]
 IndexedClient = tuple[int, np.ndarray, np.ndarray]
@@ -40,16 +40,54 @@ class WorkerConfig:
     batch_size: int
     local_epochs: int
     aggregator: MeanAggregator
-    weighting: str
+    weighting: str | Callable[[ClientReport], float]
     deterministic: bool = False
+    client_step: ClientStep | None = None
+    jit_compile: bool | None = None
 
     def build_trainer(self) -> ClientTrainer:
-        import keras
-
-        loss = self.loss or keras.losses.SparseCategoricalCrossentropy()
         return ClientTrainer(
-            self.model_fn, self.client_optimizer, loss, self.batch_size, self.local_epochs, self.metrics
-        )
+            self.model_fn, self.client_optimizer, default_loss(self.loss), self.batch_size, self.local_epochs,
+            self.metrics, self.client_step, self.jit_compile,
+        )  # fmt: skip
+
+    def client_weight(self, report: ClientReport) -> float:
+        """The weight of a client's update in the round's mean."""
+        if self.weighting == "num_examples":
+            return float(report.num_examples)
+        if self.weighting == "uniform":
+            return 1.0
+        assert callable(self.weighting)
+        weight = self.weighting(report)
+        try:
+            value = float(weight)
+        except (TypeError, ValueError):
+            raise TypeError(f"weighting returned {weight!r} for client {report.index}; expected a number") from None
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"weighting returned {value} for client {report.index}; expected a finite number >= 0")
+        return value
+
+
+def default_loss(loss: Any) -> Any:
+    """The loss clients train with: ``loss``, or sparse categorical cross-entropy on probabilities."""
+    import keras
+
+    return loss or keras.losses.SparseCategoricalCrossentropy()
+
+
+@dataclass(frozen=True)
+class ClientReport:
+    """What a weighting callable learns of a client after its local training.
+
+    Attributes:
+      index: the client's position in the round's list of clients.
+      num_examples: examples trained on (times local epochs).
+      loss: the client's mean training loss.
+    """
+
+    index: int
+    num_examples: int
+    loss: float
 
 
 @dataclass(frozen=True)
@@ -115,15 +153,17 @@ def train_group(
     for index, x, y in clients:
         client_seed = derived_seed(spec.seed, spec.round, index)
         try:
+            x, y = trainer.prepare(index, x, y)
             result = trainer.train(spec.start_weights(), x, y, np.random.default_rng(client_seed))
+            report = ClientReport(index, result.num_examples, result.loss_sum / max(1, result.num_examples))
+            weight = config.client_weight(report)
         except Exception as error:  # a faulty client must not stop the round
             tally.failed += 1
-            failures.append((index, repr(error)))
+            failures.append((index, describe_failure(error)))
             continue
         delta = [
             new.astype(np.float32) - old.astype(np.float32) for new, old in zip(result.weights, spec.start_weights())
         ]
-        weight = float(result.num_examples) if config.weighting == "num_examples" else 1.0
         loss_sum += result.loss_sum
         examples += result.num_examples
         batches += result.num_batches

@@ -1,0 +1,174 @@
+"""Client data as fastfed trains and evaluates on it: one pair of NumPy arrays ``(x, y)`` per client.
+
+Accepted for each client: an ``(x, y)`` pair of arrays; a ``{"x": ..., "y": ...}`` dict; or a
+``tf.data.Dataset`` whose elements are ``(x, y)`` tuples or ``{"x", "y"}`` dicts, as TFF's
+``ClientData.create_tf_dataset_for_client`` gives after a ``map``. A dataset is read into memory
+once; if it is already batched (``.batch(...)``), its batches are joined back into examples, and
+fastfed batches them with its own ``batch_size`` and reshuffles them every round, as TFF's
+tutorials do with ``.shuffle().batch()``. A :class:`fastfed.data.ClientData` stands for all of its
+clients, in the order of its ids.
+
+Each client is then conformed to the model: inputs to the model's input dtype, integer labels of
+any width (or of shape ``(n, 1)``) to flat int64 labels, float labels to float32. A client that
+cannot be conformed raises :class:`ClientDataError` with one line naming the client and the mismatch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["ClientDataError", "DataSpec", "client_arrays", "one_hot_labels"]
+
+ClientArrays = tuple[np.ndarray, np.ndarray]
+
+
+class ClientDataError(ValueError):
+    """A client's data cannot be used with the model; the message names the client and the mismatch."""
+
+    def __init__(self, client: int, reason: str) -> None:
+        super().__init__(f"client {client}: {reason}")
+        self.client, self.reason = client, reason
+
+
+def _is_dataset(value: object) -> bool:
+    return type(value).__module__.startswith("tensorflow") and hasattr(value, "element_spec")
+
+
+def _from_dataset(index: int, dataset: Any) -> ClientArrays:
+
+    spec = dataset.element_spec
+    if isinstance(spec, Mapping):
+        if not {"x", "y"} <= set(spec):
+            raise ClientDataError(
+                index,
+                f"dataset elements are dicts with keys {sorted(spec)}; expected 'x' and 'y' "
+                "(map them, e.g. dataset.map(lambda e: (e['pixels'], e['label'])))",
+            )
+        dataset, spec = dataset.map(lambda element: (element["x"], element["y"])), (spec["x"], spec["y"])
+    if not (isinstance(spec, tuple) and len(spec) == 2):
+        raise ClientDataError(index, "dataset elements must be (x, y) pairs or dicts with 'x' and 'y'")
+    batched = spec[0].shape.rank is not None and spec[0].shape.rank > 0 and spec[0].shape[0] is None
+    if batched or type(dataset).__name__ == "_BatchDataset":
+        dataset = dataset.unbatch()
+    chunks = list(dataset.batch(4096).as_numpy_iterator())  # read in large batches: per element is slow
+    if not chunks:
+        raise ClientDataError(index, "the dataset is empty")
+    return np.concatenate([x for x, _ in chunks]), np.concatenate([y for _, y in chunks])
+
+
+def _one_client(index: int, client: object) -> ClientArrays:
+    if _is_dataset(client):
+        return _from_dataset(index, client)
+    if isinstance(client, Mapping):
+        if not {"x", "y"} <= set(client):
+            raise ClientDataError(index, f"a dict client needs 'x' and 'y', got keys {sorted(client)}")
+        client = (client["x"], client["y"])
+    if not (isinstance(client, Sequence) and len(client) == 2):
+        raise ClientDataError(
+            index, f"expected (x, y) arrays, a dict with 'x' and 'y', or a tf.data.Dataset; got {type(client).__name__}"
+        )
+    x, y = np.asarray(client[0]), np.asarray(client[1])
+    if x.ndim == 0 or y.ndim == 0:
+        raise ClientDataError(index, "x and y must hold one row per example")
+    if len(x) != len(y):
+        raise ClientDataError(index, f"{len(x)} inputs but {len(y)} labels")
+    if len(x) == 0:
+        raise ClientDataError(index, "has no examples")
+    return x, y
+
+
+def client_arrays(clients: object) -> list[ClientArrays]:
+    """Every client's ``(x, y)`` arrays, from any accepted form (see the module documentation)."""
+    from ..data import ClientData
+
+    if isinstance(clients, ClientData):
+        clients = clients.all()
+    if _is_dataset(clients) or isinstance(clients, (Mapping, np.ndarray)) or not isinstance(clients, Sequence):
+        raise TypeError(
+            f"clients: expected a list of clients (each (x, y), a dict or a tf.data.Dataset) or a ClientData, "
+            f"got {type(clients).__name__}"
+        )
+    if len(clients) == 0:
+        raise ValueError("clients: a round needs at least one client")
+    return [_one_client(index, client) for index, client in enumerate(clients)]
+
+
+def one_hot_labels(y: np.ndarray) -> bool:
+    """Whether labels are one-hot (or soft) class vectors rather than class indices."""
+    return y.dtype.kind == "f" and y.ndim == 2 and y.shape[1] > 1
+
+
+def _describe(shape: tuple[int, ...], dtype: np.dtype[Any]) -> str:
+    return f"shape {shape} {dtype}" if shape else f"scalar {dtype}"
+
+
+class DataSpec:
+    """The per-example shapes and dtypes the model is trained on: inputs from the model where it
+    declares them, labels from the first client; later clients are converted to them."""
+
+    def __init__(self, x_shape: tuple[int | None, ...] | None, x_dtype: np.dtype[Any] | None) -> None:
+        self.x_shape, self.x_dtype = x_shape, x_dtype
+        self.y_shape: tuple[int, ...] | None = None
+        self.y_dtype: np.dtype[Any] | None = None
+
+    @classmethod
+    def of_model(cls, model: Any) -> DataSpec:
+        inputs = getattr(model, "inputs", None)
+        if inputs and len(inputs) == 1:
+            return cls(tuple(inputs[0].shape[1:]), np.dtype(inputs[0].dtype))
+        return cls(None, None)  # a subclassed model: the first client decides
+
+    def tensor_specs(self) -> tuple[Any, Any]:
+        """``tf.TensorSpec`` of a batch of inputs and of labels (known once a client was conformed)."""
+        import tensorflow as tf
+
+        if self.x_shape is None or self.y_shape is None:
+            raise RuntimeError("the data spec is fixed by the first client; conform one first")
+        return (
+            tf.TensorSpec((None, *self.x_shape), self.x_dtype),
+            tf.TensorSpec((None, *self.y_shape), self.y_dtype),
+        )
+
+    @property
+    def one_hot(self) -> bool:
+        return self.y_dtype is not None and one_hot_labels(np.empty((0, *(self.y_shape or ())), self.y_dtype))
+
+    def conform(self, index: int, x: Any, y: Any) -> ClientArrays:
+        x, y = np.asarray(x), np.asarray(y)
+        if self.x_shape is None:
+            self.x_shape = x.shape[1:]
+            self.x_dtype = np.dtype(np.float32) if x.dtype.kind in "fiub" else x.dtype
+        expected = self.x_shape
+        if len(x.shape) - 1 != len(expected) or any(w is not None and w != d for w, d in zip(expected, x.shape[1:])):
+            wanted = tuple("?" if w is None else w for w in expected)
+            raise ClientDataError(
+                index, f"inputs have {_describe(x.shape[1:], x.dtype)} per example; the model takes {wanted}"
+            )
+        if x.dtype.kind not in "fiub":
+            raise ClientDataError(index, f"inputs of dtype {x.dtype} cannot be converted to {self.x_dtype}")
+        y = self._labels(index, y)
+        return np.ascontiguousarray(x, dtype=self.x_dtype), y
+
+    def _labels(self, index: int, y: np.ndarray) -> np.ndarray:
+        if y.dtype.kind in "iub" or (y.dtype.kind == "f" and self.y_dtype is not None and self.y_dtype.kind == "i"):
+            if y.ndim == 2 and y.shape[1] == 1:
+                y = y.reshape(-1)  # (n, 1) class labels, as Keras's sparse losses accept them
+            if y.dtype.kind == "f" and not np.array_equal(y, np.round(y)):
+                raise ClientDataError(index, "labels are fractional floats; the first client's are integers")
+            y = y.astype(np.int64)
+        elif y.dtype.kind == "f":
+            y = y.astype(np.float32)
+        else:
+            raise ClientDataError(index, f"labels of dtype {y.dtype} are not numbers")
+        if self.y_dtype is None:
+            self.y_shape, self.y_dtype = y.shape[1:], y.dtype
+        elif (y.shape[1:], y.dtype) != (self.y_shape, self.y_dtype):
+            raise ClientDataError(
+                index,
+                f"labels have {_describe(y.shape[1:], y.dtype)} per example; "
+                f"the first client's have {_describe(self.y_shape or (), self.y_dtype)}",
+            )
+        return np.ascontiguousarray(y)
