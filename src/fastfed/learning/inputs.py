@@ -153,14 +153,14 @@ class DataSpec:
         return np.ascontiguousarray(x, dtype=self.x_dtype), y
 
     def _labels(self, index: int, y: np.ndarray) -> np.ndarray:
-        if y.dtype.kind in "iub" or (y.dtype.kind == "f" and self.y_dtype is not None and self.y_dtype.kind == "i"):
-            if y.ndim == 2 and y.shape[1] == 1:
-                y = y.reshape(-1)  # (n, 1) class labels, as Keras's sparse losses accept them
-            if y.dtype.kind == "f" and not np.array_equal(y, np.round(y)):
-                raise ClientDataError(index, "labels are fractional floats; the first client's are integers")
+        original = y
+        if y.ndim == 2 and y.shape[1] == 1 and y.dtype.kind in "iubf":
+            y = y.reshape(-1)  # (n, 1) labels, as Keras's losses accept them
+        integer_spec = self.y_dtype is not None and self.y_dtype.kind == "i"
+        if y.dtype.kind in "iub" or (y.dtype.kind == "f" and integer_spec and y.ndim == 1 and _integral(y)):
             y = y.astype(np.int64)
         elif y.dtype.kind == "f":
-            y = y.astype(np.float32)
+            y = y.astype(np.float32) if original.ndim != 2 or original.shape[1] != 1 else original.astype(np.float32)
         else:
             raise ClientDataError(index, f"labels of dtype {y.dtype} are not numbers")
         if self.y_dtype is None:
@@ -168,7 +168,11 @@ class DataSpec:
         elif (y.shape[1:], y.dtype) != (self.y_shape, self.y_dtype):
             raise ClientDataError(
                 index,
-                f"labels have {_describe(y.shape[1:], y.dtype)} per example; "
+                f"labels have {_describe(original.shape[1:], original.dtype)} per example; "
                 f"the first client's have {_describe(self.y_shape or (), self.y_dtype)}",
             )
         return np.ascontiguousarray(y)
+
+
+def _integral(values: np.ndarray) -> bool:
+    return bool(np.all(np.isfinite(values)) and np.array_equal(values, np.round(values)))

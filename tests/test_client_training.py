@@ -1,0 +1,171 @@
+"""Bring your own data and model: client forms, conversions, one-line failures, evaluation that agrees
+with Keras, FedProx, a custom client step, weighting callables, and the XLA-compiled loop."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+tf = pytest.importorskip("tensorflow")
+
+import fastfed
+from fastfed import data, models
+from fastfed.learning import ClientStep, FedProx
+
+
+def _clients(count: int = 4) -> list[tuple[np.ndarray, np.ndarray]]:
+    (x, y), _ = data.load_digits(seed=0)
+    return data.partition_iid(x, y, count, seed=0).all()
+
+
+def _process(**options: Any) -> fastfed.FedAvg:
+    settings: dict[str, Any] = {
+        "client_optimizer": lambda: keras.optimizers.SGD(learning_rate=0.1),
+        "batch_size": 16,
+        "seed": 2,
+    }
+    settings.update(options)
+    model_fn = settings.pop("model_fn", lambda: models.mlp((64,), hidden=16))
+    return fastfed.FedAvg(model_fn, **settings)
+
+
+def _round(process: fastfed.FedAvg, clients: object) -> tuple[list[np.ndarray], dict[str, float]]:
+    state, metrics = process.next(process.initialize(), clients)
+    return state.weights, metrics
+
+
+def _assert_same_weights(a: list[np.ndarray], b: list[np.ndarray]) -> None:
+    for left, right in zip(a, b, strict=True):
+        np.testing.assert_array_equal(left, right)
+
+
+def test_datasets_dicts_and_client_data_train_like_arrays() -> None:
+    clients = _clients()
+    expected, _ = _round(_process(), clients)
+    forms = [
+        [tf.data.Dataset.from_tensor_slices((x, y)) for x, y in clients],  # unbatched tuples
+        [tf.data.Dataset.from_tensor_slices({"x": x, "y": y}).batch(7) for x, y in clients],  # batched dicts
+        [{"x": x, "y": y} for x, y in clients],
+        data.ClientData({str(k): client for k, client in enumerate(clients)}),
+    ]
+    for form in forms:
+        weights, metrics = _round(_process(), form)
+        _assert_same_weights(weights, expected)
+        assert metrics["clients_failed"] == 0
+
+
+def test_clients_in_other_dtypes_and_label_shapes_are_converted() -> None:
+    clients = _clients()
+    expected, _ = _round(_process(), clients)
+    (x0, y0), (x1, y1), (x2, y2), (x3, y3) = clients
+    mixed = [(x0, y0), (x1.astype(np.float64), y1.astype(np.uint8)), (x2, y2.reshape(-1, 1)), (x3, y3.astype(float))]
+    process = _process()
+    weights, metrics = _round(process, mixed)
+    assert metrics["clients_failed"] == 0 and process.trainer.traces == 1
+    _assert_same_weights(weights, expected)
+
+
+def test_a_client_that_cannot_be_used_fails_with_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    clients = _clients()
+    images = (np.ones((5, 8, 8), np.float32), np.zeros(5, np.int64))  # 8x8 images for a model of 64 features
+    one_hot = (clients[1][0], np.eye(10, dtype=np.float32)[clients[1][1]])  # one-hot beside integer labels
+    process = _process()
+    with caplog.at_level(logging.WARNING, logger="fastfed"):
+        _, metrics = process.next(process.initialize(), [clients[0], images, one_hot])
+    assert metrics["clients_failed"] == 2
+    assert process.last_failures == [
+        (1, "inputs have shape (8, 8) float32 per example; the model takes (64,)"),
+        (2, "labels have shape (10,) float32 per example; the first client's have scalar int64"),
+    ]
+    assert all("\n" not in record.getMessage() and "[[" not in record.getMessage() for record in caplog.records)
+    with pytest.raises(fastfed.learning.ClientDataError, match=r"client 1: 3 inputs but 2 labels"):
+        process.next(process.initialize(), [clients[0], (np.ones((3, 64)), np.zeros(2))])
+
+
+def _logits_model() -> Any:
+    return keras.Sequential([keras.Input((64,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(10)])
+
+
+def test_evaluation_agrees_with_keras_for_logits_and_one_hot_labels() -> None:
+    clients = [(x, np.eye(10, dtype=np.float32)[y]) for x, y in _clients(3)]
+    loss = keras.losses.CategoricalCrossentropy(from_logits=True)
+    metrics = ["accuracy", keras.metrics.TopKCategoricalAccuracy(k=3, name="top3")]
+    process = _process(model_fn=_logits_model, loss=loss, metrics=metrics)
+    state, train = process.next(process.initialize(), clients)
+    assert 0 < train["train_accuracy"] <= train["train_top3"] <= 1
+    result = process.evaluate(state, clients)
+    model = _logits_model()
+    model.compile(loss=loss, metrics=["categorical_accuracy", keras.metrics.TopKCategoricalAccuracy(k=3)])
+    model.set_weights(state.weights)
+    x, y = np.concatenate([c[0] for c in clients]), np.concatenate([c[1] for c in clients])
+    keras_loss, keras_accuracy, keras_top3 = model.evaluate(x, y, batch_size=64, verbose=0)
+    assert result["loss"] == pytest.approx(keras_loss, abs=1e-4)
+    assert result["accuracy"] == pytest.approx(keras_accuracy, abs=1e-4)
+    assert result["top3"] == pytest.approx(keras_top3, abs=1e-4)
+    assert result["num_examples"] == len(x) and len(result.per_client) == 3
+    alone = fastfed.evaluate(_logits_model, state.weights, clients[1:2], loss=loss, metrics=metrics)
+    assert result.per_client[1] == pytest.approx(dict(alone))
+    assert np.average([c["loss"] for c in result.per_client], weights=[len(c[0]) for c in clients]) == pytest.approx(
+        result["loss"], rel=1e-6
+    )
+
+
+def _distance(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    return float(np.sqrt(sum(np.sum((x.astype(np.float64) - y) ** 2) for x, y in zip(a, b))))
+
+
+def test_fedprox_keeps_clients_near_the_global_model() -> None:
+    clients = _clients()
+    start = _process().initialize().weights
+    trained = {mu: _round(_process(proximal_mu=mu, local_epochs=3), clients)[0] for mu in (0.0, 1.0, 10.0)}
+    moved = {mu: _distance(start, weights) for mu, weights in trained.items()}
+    assert moved[10.0] < moved[1.0] < moved[0.0]
+    _assert_same_weights(_round(_process(client_step=FedProx(0.0)), clients)[0], _round(_process(), clients)[0])
+    with pytest.raises(ValueError, match="mu must be a non-negative number"):
+        FedProx(-1.0)
+    with pytest.raises(ValueError, match="either proximal_mu or client_step"):
+        _process(proximal_mu=0.1, client_step=ClientStep())
+
+
+class ClippedSteps(ClientStep):
+    """A custom client step: every gradient step is clipped to a global norm of 1e-3."""
+
+    def gradients(self, gradients: Any, trainable: Any, start: Any) -> Any:
+        clipped, _ = tf.clip_by_global_norm(gradients, 1e-3)
+        return clipped
+
+
+def test_a_custom_client_step_changes_local_training() -> None:
+    clients = _clients()
+    process = _process(client_step=ClippedSteps())
+    start = process.initialize().weights
+    weights, metrics = _round(process, clients)
+    steps = metrics["num_batches"] / len(clients)  # the mean delta is a mean of clients' deltas
+    assert 0 < _distance(start, weights) <= 0.1 * 1e-3 * steps * (1 + 1e-4)
+
+
+def test_weighting_by_a_callable() -> None:
+    clients = _clients()
+    only_first = _process(weighting=lambda report: 1.0 if report.index == 0 else 0.0)
+    _assert_same_weights(_round(only_first, clients)[0], _round(_process(), clients[:1])[0])
+    by_loss = _process(weighting=lambda report: report.loss * report.num_examples)
+    assert _round(by_loss, clients)[1]["clients_failed"] == 0
+    broken = _process(weighting=lambda report: "heavy")
+    with pytest.raises(fastfed.RoundFailedError, match="0 of 4 client updates aggregated"):
+        _round(broken, clients)
+    assert broken.last_failures[0][1] == "TypeError: weighting returned 'heavy' for client 0; expected a number"
+
+
+def test_xla_compiled_loop_matches_the_graph_loop() -> None:
+    clients = _clients(5)  # 288 or 289 examples each: one bucket of 18 batches of 16
+    graph, _ = _round(_process(jit_compile=False), clients)
+    process = _process(jit_compile=True)
+    compiled, metrics = _round(process, clients)
+    assert process.trainer.jit_compile and process.trainer.traces == 1
+    assert metrics["num_batches"] == sum(-(-len(c[1]) // 16) for c in clients)
+    for a, b in zip(compiled, graph):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
