@@ -10,50 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from emnist_files import make_writers, write_h5, write_sqlite
 from fastfed import data
 
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
-
-
-def _writers(seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Three writers in TFF's convention: background 1.0, ink 0.0."""
-    rng = np.random.default_rng(seed)
-    return {
-        f"f{k:04d}_{k}": (1.0 - rng.uniform(0, 1, (n, 28, 28)).astype(np.float32), rng.integers(0, 10, n))
-        for k, n in enumerate([3, 1, 5])
-    }
-
-
-def _write_h5(path: Path, writers: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
-    h5py = pytest.importorskip("h5py")
-    with h5py.File(path, "w") as handle:
-        for client_id, (pixels, labels) in writers.items():
-            handle.create_dataset(f"examples/{client_id}/pixels", data=pixels)
-            handle.create_dataset(f"examples/{client_id}/label", data=labels.astype(np.int32))
-
-
-def _write_sqlite(path: Path, splits: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]) -> None:
-    tf = pytest.importorskip("tensorflow")
-    connection = sqlite3.connect(path)
-    connection.execute("CREATE TABLE examples (split_name TEXT, client_id TEXT, serialized_example_proto BLOB)")
-    connection.execute("CREATE TABLE client_metadata (client_id TEXT, split_name TEXT, num_examples INTEGER)")
-    for split_name, writers in splits.items():
-        for client_id, (pixels, labels) in writers.items():
-            connection.execute("INSERT INTO client_metadata VALUES (?, ?, ?)", (client_id, split_name, len(labels)))
-            for image, label in zip(pixels, labels):
-                example = tf.train.Example(
-                    features=tf.train.Features(
-                        feature={
-                            "pixels": tf.train.Feature(float_list=tf.train.FloatList(value=image.reshape(-1))),
-                            "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
-                        }
-                    )
-                )
-                connection.execute(
-                    "INSERT INTO examples VALUES (?, ?, ?)", (split_name, client_id, example.SerializeToString())
-                )
-    connection.commit()
-    connection.close()
 
 
 def _assert_same(loaded: data.ClientData, writers: dict[str, tuple[np.ndarray, np.ndarray]], invert: bool) -> None:
@@ -66,8 +26,8 @@ def _assert_same(loaded: data.ClientData, writers: dict[str, tuple[np.ndarray, n
 
 
 def test_emnist_h5_layout(tmp_path: Path) -> None:
-    writers = _writers()
-    _write_h5(tmp_path / "fed_emnist_digitsonly_train.h5", writers)
+    writers = make_writers()
+    write_h5(tmp_path / "fed_emnist_digitsonly_train.h5", writers)
     _assert_same(data.load_emnist(tmp_path, split="train"), writers, invert=True)
     _assert_same(data.load_emnist(tmp_path / "fed_emnist_digitsonly_train.h5", invert=False), writers, invert=False)
     with pytest.raises(FileNotFoundError, match="fed_emnist_digitsonly_test.h5"):
@@ -75,9 +35,9 @@ def test_emnist_h5_layout(tmp_path: Path) -> None:
 
 
 def test_emnist_sqlite_layout_and_splits(tmp_path: Path) -> None:
-    train, test, everything = _writers(1), _writers(2), _writers(3)
+    train, test, everything = make_writers(1), make_writers(2), make_writers(3)
     path = tmp_path / "emnist_all.sqlite"
-    _write_sqlite(path, {"digits_only_train": train, "digits_only_test": test, "all_train": everything})
+    write_sqlite(path, {"digits_only_train": train, "digits_only_test": test, "all_train": everything})
     _assert_same(data.load_emnist(path), train, invert=True)
     _assert_same(data.load_emnist(path, split="test", invert=False), test, invert=False)
     _assert_same(data.load_emnist(path, only_digits=False), everything, invert=True)
@@ -88,8 +48,8 @@ def test_emnist_sqlite_layout_and_splits(tmp_path: Path) -> None:
 def test_emnist_download_streams_lzma_into_the_cache(tmp_path: Path) -> None:
     # The real download code, fed by a local file URL: no network.
     source = tmp_path / "source.sqlite"
-    writers = _writers(4)
-    _write_sqlite(source, {"digits_only_train": writers})
+    writers = make_writers(4)
+    write_sqlite(source, {"digits_only_train": writers})
     archive = tmp_path / "emnist_all.sqlite.lzma"
     archive.write_bytes(lzma.compress(source.read_bytes()))
     cache = tmp_path / "cache"
@@ -149,18 +109,3 @@ def test_mnist_idx_loader_rejects_bad_files(tmp_path: Path) -> None:
         data.load_mnist_idx(tmp_path)
     with pytest.raises(FileNotFoundError, match="train-images-idx3"):
         data.load_mnist_idx(tmp_path, split="train")
-
-
-def test_cli_trains_on_a_local_emnist_file(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
-    path = tmp_path / "emnist_all.sqlite"
-    _write_sqlite(path, {"digits_only_train": _writers(5), "digits_only_test": _writers(6)})
-    run = tmp_path / "run"
-    arguments = f"train --dataset emnist --rounds 2 --clients-per-round 2 --no-progress --output-dir {run}".split()
-    command = [sys.executable, "-m", "fastfed.cli", *arguments, "--data-dir", str(path)]
-    completed = subprocess.run(command, capture_output=True, text=True, check=False, timeout=300)
-    assert completed.returncode == 0, completed.stderr[-2000:]
-    assert "fastfed train: emnist, 3 clients, 2 per round" in completed.stdout
-    assert "held-out evaluation: accuracy" in completed.stdout and "(9 examples)" in completed.stdout

@@ -1,63 +1,209 @@
-"""The ``fastfed`` command: ``fastfed train`` runs FedAvg; ``fastfed plot`` draws runs' metrics."""
+"""The ``fastfed`` command: ``fastfed train`` runs FedAvg, ``fastfed plot`` draws runs' metrics,
+``fastfed bench`` measures fastfed against its baselines.
+
+Every argument is checked before TensorFlow is imported: a bad one prints one line on stderr and
+exits with status 2 (``--debug`` shows tracebacks of unexpected errors). Ctrl-C during training
+saves the last completed round and exits with status 130.
+"""
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
-import shutil
 import sys
 import time
-import warnings
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
+DATASETS = ("digits", "mnist", "emnist")
 MODELS = ("mlp", "softmax", "cnn")
+# What a resumed run may change; every other setting is the saved run's.
+RESUMABLE = ("rounds", "no_progress", "debug", "checkpoint_every", "keep_checkpoints")
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastfed", description="Fast federated averaging.")
-    commands = parser.add_subparsers(dest="command", required=True)
+class UsageError(Exception):
+    """A bad command line: reported in one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line, without the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _number(kind: type, minimum: float | None = None, maximum: float | None = None, above: float | None = None) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            expected = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if kind is float and not np.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+            bounds = f"from {minimum} to {maximum}" if maximum is not None else f"at least {minimum}"
+            raise argparse.ArgumentTypeError(f"expected {bounds}, got {text}")
+        if above is not None and value <= above:
+            raise argparse.ArgumentTypeError(f"expected a number above {above}, got {text}")
+        return value
+
+    return parse
+
+
+POSITIVE_INT = _number(int, minimum=1)
+NON_NEGATIVE_INT = _number(int, minimum=0)
+POSITIVE = _number(float, above=0.0)
+
+
+def _parser(defaults: bool = True) -> _Parser:
+    """The command line; ``defaults=False`` leaves out every default, to see what a user typed."""
+    from . import __version__
+
+    parser = _Parser(prog="fastfed", description="Fast federated averaging and update compression.")
+    parser.add_argument("--version", action="version", version=f"fastfed {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     train = commands.add_parser("train", help="run FedAvg", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    train.add_argument(
-        "--dataset", choices=["digits", "mnist", "emnist"], default="digits", help="digits is bundled (offline)"
+    data = train.add_argument_group("data")
+    data.add_argument("--dataset", choices=DATASETS, default="digits", help="digits is bundled with scikit-learn")
+    data.add_argument("--data-dir", default=None, help="MNIST IDX folder, or TFF's EMNIST .sqlite file or h5 folder")
+    data.add_argument("--download", action="store_true", help="download TFF's federated EMNIST if needed")
+    data.add_argument(
+        "--partition", choices=["iid", "dirichlet", "label"], default="dirichlet", help="split (EMNIST: by writer)"
     )
-    train.add_argument("--data-dir", default=None, help="MNIST IDX folder, or TFF's EMNIST .sqlite file or h5 folder")
-    train.add_argument("--download", action="store_true", help="download TFF's federated EMNIST if needed")
-    train.add_argument("--partition", choices=["iid", "dirichlet", "label"], default="dirichlet")
-    train.add_argument("--alpha", type=float, default=1.0, help="Dirichlet concentration")
-    train.add_argument("--num-clients", type=int, default=20)
-    train.add_argument("--model", choices=MODELS, default="mlp")
-    train.add_argument("--hidden", type=int, default=128, help="hidden units of the MLP")
-    train.add_argument("--rounds", type=int, default=30)
-    train.add_argument("--clients-per-round", type=int, default=10)
-    train.add_argument("--local-epochs", type=int, default=2)
-    train.add_argument("--batch-size", type=int, default=20)
-    train.add_argument("--client-lr", type=float, default=0.1)
-    train.add_argument("--server-lr", type=float, default=1.0)
-    train.add_argument("--bits", type=int, default=None, help="quantize uploads and broadcast to this many bits")
-    train.add_argument("--min-size", type=int, default=1000, help="smallest tensor that is quantized")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--output-dir", default="runs/fastfed", help="CSV and TensorBoard logs go here")
-    train.add_argument("--no-progress", action="store_true", help="hide the per-round progress bar")
-    train.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N rounds (0: never)")
-    train.add_argument("--keep-checkpoints", type=int, default=3, help="how many recent checkpoints to keep")
-    train.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a checkpointed run")
-    train.add_argument("--deterministic", action="store_true", help="deterministic TensorFlow kernels")
-    train.add_argument("--clip", type=float, default=None, help="clip client updates to this L2 norm")
-    train.add_argument(
-        "--adaptive-clip", type=float, default=None, metavar="QUANTILE", help="adapt --clip to this norm quantile"
+    data.add_argument("--alpha", type=POSITIVE, default=1.0, help="Dirichlet concentration (label skew)")
+    data.add_argument("--num-clients", type=POSITIVE_INT, default=20, help="clients to split digits/MNIST into")
+    model = train.add_argument_group("model and training")
+    model.add_argument("--model", choices=MODELS, default="mlp", help="Keras model")
+    model.add_argument("--hidden", type=POSITIVE_INT, default=128, help="hidden units of the MLP")
+    model.add_argument("--rounds", type=POSITIVE_INT, default=30, help="rounds in total (with --resume: extend to)")
+    model.add_argument("--clients-per-round", type=POSITIVE_INT, default=10, help="clients sampled per round")
+    model.add_argument("--local-epochs", type=POSITIVE_INT, default=2, help="client epochs per round")
+    model.add_argument("--batch-size", type=POSITIVE_INT, default=20, help="client batch size")
+    model.add_argument("--client-lr", type=POSITIVE, default=0.1, help="client SGD learning rate")
+    model.add_argument("--server-lr", type=POSITIVE, default=1.0, help="server SGD learning rate")
+    model.add_argument("--proximal-mu", type=_number(float, minimum=0.0), default=0.0, help="FedProx mu (0: FedAvg)")
+    model.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="seed of everything random")
+    model.add_argument("--deterministic", action="store_true", help="deterministic TensorFlow kernels")
+    codec = train.add_argument_group("compression")
+    codec.add_argument(
+        "--bits", type=_number(int, 1, 16), default=None, help="quantize uploads and broadcast to 1..16 bits"
     )
-    train.add_argument("--zeroing", type=float, default=None, help="zero client updates above this L2 norm")
-    train.add_argument("--min-clients", type=int, default=1, help="fewest updates a round must aggregate")
+    codec.add_argument("--min-size", type=NON_NEGATIVE_INT, default=1000, help="smallest tensor that is quantized")
+    robust = train.add_argument_group("robustness")
+    robust.add_argument("--clip", type=POSITIVE, default=None, help="clip client updates to this L2 norm")
+    robust.add_argument(
+        "--adaptive-clip",
+        type=_number(float, above=0.0, maximum=1.0),
+        default=None,
+        metavar="QUANTILE",
+        help="adapt the clipping bound to this quantile of update norms",
+    )
+    robust.add_argument("--zeroing", type=POSITIVE, default=None, help="zero client updates above this L2 norm")
+    robust.add_argument("--min-clients", type=POSITIVE_INT, default=1, help="fewest updates a round must aggregate")
+    run = train.add_argument_group("run folder")
+    run.add_argument("--output-dir", default=None, help="run folder (default: a new runs/<dataset>-<model>-<time>)")
+    run.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
+    run.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run; --rounds extends it")
+    run.add_argument("--evaluate-every", type=POSITIVE_INT, default=1, help="evaluate held-out data every N rounds")
+    run.add_argument("--checkpoint-every", type=NON_NEGATIVE_INT, default=1, help="checkpoint every N rounds, 0: never")
+    run.add_argument("--keep-checkpoints", type=POSITIVE_INT, default=3, help="recent checkpoints kept")
+    run.add_argument("--no-progress", action="store_true", help="hide the per-round progress bar")
+    run.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
     plot = commands.add_parser("plot", help="plot metrics of one or more runs")
-    plot.add_argument("runs", nargs="+", help="run directories written by fastfed train")
+    plot.add_argument("runs", nargs="+", help="run folders written by fastfed train")
     plot.add_argument("--output", default=None, help="PNG path (default: metrics.png in the first run)")
+    plot.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
+    bench = commands.add_parser("bench", help="benchmark fastfed against its baselines")
+    bench.add_argument("--quick", action="store_true", help="smaller workloads: about 5 minutes on 2 cores")
+    bench.add_argument("--output", default="fastfed-bench", help="folder for the JSON and PNG results")
+    bench.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
+    if not defaults:
+        for command in (train, plot, bench):
+            for action in command._actions:
+                action.default = argparse.SUPPRESS
     return parser
+
+
+def _fail(message: str) -> NoReturn:
+    raise UsageError(f"fastfed train: {message}")
+
+
+def _check_writable(folder: Path) -> None:
+    """Creates ``folder`` if needed and proves it writable, before hours of training depend on it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".fastfed-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        _fail(f"cannot write to {folder}: {error.strerror or error}")
+
+
+def _default_run_dir(args: argparse.Namespace) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path("runs") / f"{args.dataset}-{args.model}-{stamp}"
+    folder, suffix = base, 1
+    while folder.exists():
+        suffix += 1
+        folder = base.with_name(f"{base.name}-{suffix}")
+    return folder
+
+
+def _check_train(args: argparse.Namespace) -> None:
+    """Everything that can be checked without TensorFlow; raises UsageError."""
+    from .learning.training import holds_run
+
+    if args.clients_per_round > args.num_clients and args.dataset != "emnist":
+        _fail(f"--clients-per-round {args.clients_per_round} is more than --num-clients {args.num_clients}")
+    if args.min_clients > args.clients_per_round:
+        _fail(f"--min-clients {args.min_clients} is more than --clients-per-round {args.clients_per_round}")
+    if args.dataset == "mnist" and not args.data_dir:
+        _fail("--dataset mnist needs --data-dir with the IDX files")
+    if args.dataset == "emnist" and not (args.data_dir or args.download):
+        _fail("--dataset emnist needs --data-dir (the .sqlite file or h5 folder) or --download")
+    if args.data_dir and not args.download and not Path(args.data_dir).exists():
+        _fail(f"--data-dir {args.data_dir} does not exist")
+    if args.dataset == "mnist" and not any(Path(args.data_dir).glob("*-images-idx3-ubyte*")):
+        _fail(f"--data-dir {args.data_dir} holds no MNIST IDX files (train- or t10k-images-idx3-ubyte[.gz])")
+    if args.output_dir is not None and holds_run(Path(args.output_dir)) and not args.overwrite:
+        _fail(f"{args.output_dir} already holds a run; resume it with --resume {args.output_dir}, or add --overwrite")
+
+
+def _resumed(args: argparse.Namespace, given: argparse.Namespace) -> argparse.Namespace:
+    """The saved run's settings, with the few a resumed run may change; raises UsageError on conflicts."""
+    from .learning.checkpoint import CheckpointError, load_checkpoint
+
+    folder = Path(args.resume)
+    if not folder.is_dir():
+        _fail(f"--resume {args.resume}: no such folder")
+    if not (folder / "checkpoints").is_dir():
+        _fail(f"--resume {args.resume}: the folder holds no checkpoints to resume from")
+    try:
+        saved = load_checkpoint(folder)
+    except CheckpointError as error:
+        _fail(f"--resume {args.resume}: {error}")
+    config = dict(saved.config)
+    conflicts = [
+        f"--{name.replace('_', '-')} {value} (the run has {config.get(name)})"
+        for name, value in vars(given).items()
+        if name not in (*RESUMABLE, "resume", "command") and config.get(name, value) != value
+    ]
+    if conflicts:
+        _fail(f"--resume {args.resume}: {', '.join(conflicts)}; a resumed run keeps its settings")
+    resumed = argparse.Namespace(**{**vars(args), **config})
+    for name in RESUMABLE:
+        if name in vars(given):
+            setattr(resumed, name, getattr(args, name))
+    if "rounds" in vars(given) and args.rounds < saved.round:
+        _fail(f"--resume {args.resume}: the run has {saved.round} rounds; --rounds {args.rounds} cannot extend it")
+    resumed.output_dir, resumed.resume = args.resume, args.resume
+    return resumed
 
 
 def _load_dataset(args: argparse.Namespace) -> tuple[Any, tuple[np.ndarray, np.ndarray], tuple[int, ...]]:
@@ -65,25 +211,27 @@ def _load_dataset(args: argparse.Namespace) -> tuple[Any, tuple[np.ndarray, np.n
 
     if args.dataset == "emnist":
         # Federated by construction: one client per writer; the test split, pooled, is held out.
-        if args.download:
-            path = data.download_emnist(args.data_dir)
-        elif args.data_dir:
-            path = Path(args.data_dir)
-        else:
-            raise SystemExit("--dataset emnist needs --data-dir (the .sqlite file or h5 folder) or --download")
+        path = data.download_emnist(args.data_dir) if args.download else Path(args.data_dir)
         clients = data.load_emnist(path, split="train")
         x_test, y_test = data.stack_clients(data.load_emnist(path, split="test").all())
         return clients, (x_test, y_test), (28, 28)
     if args.dataset == "digits":
         (x, y), test = data.load_digits(seed=args.seed)
     else:
-        if not args.data_dir:
-            raise SystemExit("--dataset mnist needs --data-dir with the IDX files")
-        has_train = any(Path(args.data_dir).glob("train-labels-idx1-ubyte*"))
+        has_train = any(Path(args.data_dir).glob("train-images-idx3-ubyte*"))
+        if not has_train:
+            print(
+                f"note: {args.data_dir} holds only MNIST's test set; training on 80% of it, evaluating on the rest",
+                file=sys.stderr,
+            )
         x, y = data.load_mnist_idx(args.data_dir, "train" if has_train else "t10k")
         x = x.reshape(len(x), -1)
-        split = int(0.8 * len(x))
-        (x, y), test = (x[:split], y[:split]), (x[split:], y[split:])
+        if has_train:
+            test = data.load_mnist_idx(args.data_dir, "t10k")
+            test = (test[0].reshape(len(test[0]), -1), test[1])
+        else:
+            split = int(0.8 * len(x))
+            (x, y), test = (x[:split], y[:split]), (x[split:], y[split:])
     if args.partition == "iid":
         clients = data.partition_iid(x, y, args.num_clients, seed=args.seed)
     elif args.partition == "dirichlet":
@@ -94,59 +242,40 @@ def _load_dataset(args: argparse.Namespace) -> tuple[Any, tuple[np.ndarray, np.n
 
 
 def _model_fn(args: argparse.Namespace, input_shape: tuple[int, ...]) -> Any:
+    import functools
+
     from . import models
 
     if args.model == "mlp":
-        return lambda: models.mlp(input_shape, hidden=args.hidden)
+        return functools.partial(models.mlp, input_shape, hidden=args.hidden)
     if args.model == "softmax":
-        return lambda: models.softmax_regression(input_shape)
-    if input_shape not in ((784,), (28, 28)):
-        raise SystemExit(f"--model cnn needs 28x28 images (mnist or emnist); {args.dataset} has shape {input_shape}")
-    return lambda: models.cnn((28, 28))
+        return functools.partial(models.softmax_regression, input_shape)
+    return functools.partial(models.cnn, input_shape)
 
 
-SAMPLING_STREAM = 0x5A4D504C  # distinguishes client sampling from the training seeds of a round
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What the run saves in its checkpoints and config.json: every setting but how to show it."""
+    return {k: v for k, v in vars(args).items() if k not in ("resume", "no_progress", "debug", "overwrite", "command")}
 
 
-def _resumed_arguments(args: argparse.Namespace) -> tuple[argparse.Namespace, Any]:
-    """The saved run's arguments and its newest good checkpoint (or ``None`` for a new run)."""
-    from . import load_checkpoint
-
-    if not args.resume:
-        return args, None
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        checkpoint = load_checkpoint(args.resume)
-    for warning in caught:
-        print(f"warning: {warning.message}", file=sys.stderr)
-    saved = argparse.Namespace(**checkpoint.config)
-    saved.output_dir, saved.resume, saved.no_progress = args.resume, args.resume, args.no_progress
-    where = checkpoint.path.name if checkpoint.path is not None else args.resume
-    print(f"resuming {args.resume} from round {checkpoint.round} ({where})")
-    return saved, checkpoint
-
-
-def _write_csv(path: Path, history: list[dict[str, float]]) -> None:
-    """Rewrites the whole metrics CSV atomically (used when a resumed run restores its history)."""
-    temporary = path.with_suffix(".csv.tmp")
-    with open(temporary, "w", newline="") as handle:
-        if history:
-            rows = csv.DictWriter(handle, fieldnames=list(history[0]), extrasaction="ignore")
-            rows.writeheader()
-            rows.writerows(history)
-    os.replace(temporary, path)
-
-
-def train(args: argparse.Namespace) -> dict[str, float]:
+def train(args: argparse.Namespace, given: argparse.Namespace) -> int:
+    if args.resume:
+        args = _resumed(args, given)
+    else:
+        _check_train(args)
+    folder = Path(args.output_dir) if args.output_dir else _default_run_dir(args)
+    _check_writable(folder)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    print(f"run folder: {folder}", flush=True)
+    from ._extras import import_tensorflow_quietly
+
+    import_tensorflow_quietly("fastfed train")
     import keras
-    import tensorflow as tf
-    from tqdm import tqdm
 
-    from . import AdaptiveBound, FedAvg, enable_determinism, evaluate, mean_aggregator, optimizers, save_checkpoint
+    from . import AdaptiveBound, FedAvg, backend, enable_determinism, mean_aggregator, optimizers
     from .compression import UniformQuantizer
+    from .learning.training import TrainingInterrupted, run_training
 
-    args, checkpoint = _resumed_arguments(args)
     if args.deterministic:
         enable_determinism()
     clients, test, input_shape = _load_dataset(args)
@@ -162,101 +291,86 @@ def train(args: argparse.Namespace) -> dict[str, float]:
         broadcast_codec=codec,
         batch_size=args.batch_size,
         local_epochs=args.local_epochs,
+        proximal_mu=args.proximal_mu,
         min_clients=args.min_clients,
         seed=args.seed,
     )
-    output = Path(args.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    config = {k: v for k, v in vars(args).items() if k not in ("resume", "no_progress")}
-    (output / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    if checkpoint is None:
-        state, history = process.initialize(), []
-    else:
-        state, history = checkpoint.state, list(checkpoint.metrics_history)
-    # The history is the record: the logs are rewritten from it, so rounds logged after the
-    # checkpoint are redone rather than duplicated.
-    shutil.rmtree(output / "tensorboard", ignore_errors=True)
-    _write_csv(output / "metrics.csv", history)
-    writer = tf.summary.create_file_writer(str(output / "tensorboard"))
-    for row in history:
-        with writer.as_default(step=int(row["round"])):
-            for name, value in row.items():
-                tf.summary.scalar(name, value)
+    settings = _settings(args)
+    settings["output_dir"] = str(folder)
+    (folder / "config.json").write_text(json.dumps(settings, indent=2, sort_keys=True))
     per_round = min(args.clients_per_round, len(clients))
     print(
         f"fastfed train: {args.dataset}, {len(clients)} clients, {per_round} per round, model {args.model}, "
-        f"{'uncompressed' if codec is None else f'{args.bits}-bit'}, backend {__import__('fastfed').backend()}"
+        f"{'uncompressed' if codec is None else f'{args.bits}-bit'}, backend {backend()}",
+        flush=True,
     )
-    with open(output / "metrics.csv", "a", newline="") as csv_file:
-        rows = csv.DictWriter(csv_file, fieldnames=list(history[0]), extrasaction="ignore") if history else None
-        while state.round < args.rounds:
-            selected = clients.sample(per_round, np.random.default_rng([args.seed, state.round, SAMPLING_STREAM]))
-            progress = tqdm(
-                total=len(selected),
-                desc=f"round {state.round + 1}",
-                leave=False,
-                disable=args.no_progress,
-                unit="client",
-            )
-            state, metrics = process.next(state, _Progress(selected, progress))
-            progress.close()
-            evaluation = evaluate(process.model_fn, state.weights, [test])
-            metrics.update({f"eval_{k}": v for k, v in evaluation.items() if k != "num_examples"})
-            history.append(metrics)
-            if rows is None:
-                rows = csv.DictWriter(csv_file, fieldnames=list(metrics), extrasaction="ignore")
-                rows.writeheader()
-            rows.writerow(metrics)
-            csv_file.flush()
-            with writer.as_default(step=state.round):
-                for name, value in metrics.items():
-                    tf.summary.scalar(name, value)
-            writer.flush()
-            if args.checkpoint_every and (state.round % args.checkpoint_every == 0 or state.round == args.rounds):
-                save_checkpoint(
-                    output, state, seed=args.seed, metrics_history=history, config=config, keep=args.keep_checkpoints
-                )
-            print(
-                f"round {state.round:3d}  train_loss {metrics['train_loss']:.4f}  "
-                f"train_accuracy {metrics['train_accuracy']:.4f}  eval_accuracy {metrics['eval_accuracy']:.4f}  "
-                f"sent {(metrics['broadcast_bits'] + metrics['aggregate_bits']) / 2**20:.2f} Mibit  "
-                f"{metrics['round_seconds']:.2f}s",
-                flush=True,
-            )
-    writer.close()
-    final = evaluate(process.model_fn, state.weights, [test])
+
+    def report(_: Any, metrics: dict[str, float]) -> None:
+        evaluated = f"  eval_accuracy {metrics['eval_accuracy']:.4f}" if "eval_accuracy" in metrics else ""
+        print(
+            f"round {metrics['round']:3d}  train_loss {metrics['train_loss']:.4f}  "
+            f"train_accuracy {metrics['train_accuracy']:.4f}{evaluated}  "
+            f"sent {(metrics['broadcast_bits'] + metrics['aggregate_bits']) / 2**20:.2f} Mibit  "
+            f"{metrics['round_seconds']:.2f}s",
+            flush=True,
+        )
+
+    try:
+        result = run_training(
+            process, clients, rounds=args.rounds, clients_per_round=per_round, evaluation_clients=[test],
+            evaluate_every=args.evaluate_every, run_dir=folder, checkpoint_every=args.checkpoint_every,
+            keep_checkpoints=args.keep_checkpoints, resume=bool(args.resume), overwrite=args.overwrite,
+            config=settings, callbacks=[report], progress=False if args.no_progress else None,
+        )  # fmt: skip
+    except TrainingInterrupted as interrupted:
+        saved = " (saved)" if args.checkpoint_every else " (not saved: --checkpoint-every 0)"
+        print(
+            f"interrupted at round {interrupted.state.round}{saved}; resume with: fastfed train --resume {folder}",
+            file=sys.stderr,
+        )
+        return 130
+    final = process.evaluate(result.state, [test])
     print(
         f"held-out evaluation: accuracy {final['accuracy']:.4f}  loss {final['loss']:.4f}  "
         f"({int(final['num_examples'])} examples)"
     )
-    np.savez(output / "weights.npz", *state.weights)
-    return final
-
-
-class _Progress(list):  # type: ignore[type-arg]
-    """A client list whose iteration advances a progress bar."""
-
-    def __init__(self, clients: Sequence[Any], bar: Any) -> None:
-        super().__init__(clients)
-        self._bar = bar
-
-    def __iter__(self) -> Any:
-        for client in super().__iter__():
-            yield client
-            self._bar.update(1)
+    np.savez(folder / "weights.npz", *result.state.weights)
+    print(f"run saved in {folder}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in arguments
     started = time.perf_counter()
-    if args.command == "train":
-        train(args)
-        print(f"done in {time.perf_counter() - started:.1f}s")
-    else:
-        from .plot import plot_runs
+    try:
+        args = _parser().parse_args(arguments)
+        given = _parser(defaults=False).parse_args(arguments)
+        if args.command == "train":
+            status = train(args, given)
+            if status == 0:
+                print(f"done in {time.perf_counter() - started:.1f}s")
+            return status
+        if args.command == "plot":
+            from .plot import plot_runs
 
-        plot_runs(args.runs, args.output)
-    return 0
+            plot_runs(args.runs, args.output)
+            return 0
+        from .bench import run_benchmarks
+
+        return run_benchmarks(quick=args.quick, output=Path(args.output))
+    except UsageError as error:
+        print(error, file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # anything else: one line, unless debugging
+        if debug:
+            traceback.print_exc()
+        else:
+            print(f"fastfed: {type(error).__name__}: {error} (--debug shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from .evaluation import Evaluation, evaluate
 from .fedavg import FedAvg, FedAvgState, RoundFailedError
 from .inputs import ClientDataError
 from .rounds import ClientReport
+from .training import RunExistsError, TrainingInterrupted, TrainingResult, run_training
 
 __all__ = [
     "AdaptiveBound",
@@ -25,11 +26,15 @@ __all__ = [
     "FedProx",
     "MeanAggregator",
     "RoundFailedError",
+    "RunExistsError",
+    "TrainingInterrupted",
+    "TrainingResult",
     "enable_determinism",
     "evaluate",
     "load_checkpoint",
     "mean",
     "mean_aggregator",
     "optimizers",
+    "run_training",
     "save_checkpoint",
 ]

@@ -112,8 +112,10 @@ def save_checkpoint(
         "config": config or {},
         "arrays_sha256": _sha256(array_bytes),
     }
+    # The checksum covers a canonical (key-sorted) form; the file keeps insertion order, so that a
+    # restored metrics history lists its columns in the order the run logged them.
     body = json.dumps(content, sort_keys=True)
-    document = json.dumps({"content": content, "sha256": _sha256(body.encode())}, sort_keys=True, indent=1)
+    document = json.dumps({"content": content, "sha256": _sha256(body.encode())}, indent=1)
     final = root / f"round-{state.round:06d}"
     staging = Path(tempfile.mkdtemp(prefix=f".round-{state.round:06d}-", dir=root))
     try:

@@ -158,12 +158,13 @@ class ClientTrainer:
         metrics: Sequence[Any] | None = None,
         step: ClientStep | None = None,
         jit_compile: bool | None = None,
+        model: Any = None,
     ) -> None:
         import keras
         import tensorflow as tf
 
         self._tf = tf
-        self.model = model_fn()
+        self.model = model_fn() if model is None else model
         self.optimizer = optimizer_fn()
         self.optimizer.build(self.model.trainable_variables)
         # Keras 3 keeps the learning rate among the variables, so a reset restores values, not zeros.
@@ -249,7 +250,7 @@ class ClientTrainer:
             tf.TensorSpec((), tf.int32),
             tf.TensorSpec((), tf.int32),
         ]
-        return tf.function(loop, input_signature=signature, jit_compile=padded)
+        return tf.function(loop, input_signature=signature, jit_compile=padded, autograph=False)
 
     def train(self, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> ClientResult:
         """Trains on one client's prepared arrays (see :meth:`prepare`) from ``weights``."""

@@ -99,7 +99,7 @@ class Evaluator:
         results = {"loss": loss}
         for metric in self.metrics:
             results[metric.name] = float(keras.ops.convert_to_numpy(metric.result()))
-        results["num_examples"] = float(examples)
+        results["num_examples"] = examples
         return results
 
 

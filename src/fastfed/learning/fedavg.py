@@ -191,14 +191,21 @@ class FedAvg:
         if self.deterministic:
             enable_determinism()
         keras.utils.set_random_seed(self.seed)
-        weights = [np.array(w) for w in self.model_fn().get_weights()]
+        model = self.model_fn()
+        weights = [np.array(w) for w in model.get_weights()]
+        # A local trainer can train on this model rather than build the same one again.
+        adopt = getattr(self.executor, "trainer", None)
+        if adopt is not None:
+            adopt(self.worker_config, model)
         return FedAvgState(
             weights=weights,
             optimizer_state=self.server_optimizer.init(weights),
             aggregator_state=self.aggregator.initial_state(),
         )
 
-    def next(self, state: FedAvgState, clients: object) -> tuple[FedAvgState, dict[str, float]]:
+    def next(
+        self, state: FedAvgState, clients: object, *, progress: Callable[[int], object] | None = None
+    ) -> tuple[FedAvgState, dict[str, float]]:
         """Runs one round over ``clients``; the input state is not modified.
 
         ``clients``: a list of clients, each ``(x, y)`` arrays, a ``{"x", "y"}`` dict or a
@@ -206,6 +213,7 @@ class FedAvg:
         (all of its clients). A client whose training raises, or whose data does not fit the model,
         is dropped and counted (``clients_failed``; one line per client in ``last_failures`` and the
         log). Raises :class:`RoundFailedError` if fewer than ``min_clients`` updates were aggregated.
+        ``progress(n)`` is called as clients finish, with how many just did (e.g. a progress bar's ``update``).
         """
         arrays = client_arrays(clients)
         started = time.perf_counter()
@@ -221,7 +229,8 @@ class FedAvg:
         indexed = [(index, x, y) for index, (x, y) in enumerate(arrays)]
         spec = RoundSpec(state.round, self.seed, start, self.aggregator.bounds(state.aggregator_state))
         positions = split_groups(len(indexed), self.clients_per_partial_sum, self.executor.default_groups)
-        results = self.executor.run(self.worker_config, spec, [[indexed[i] for i in group] for group in positions])
+        groups = [[indexed[i] for i in group] for group in positions]
+        results = self.executor.run(self.worker_config, spec, groups, progress)
         return self._merge(state, started, len(arrays), results, broadcast_bits, one_hot_labels(arrays[0][1]))
 
     def evaluate(self, state: FedAvgState, clients: object, *, batch_size: int = 1000) -> Evaluation:
@@ -294,21 +303,22 @@ class FedAvg:
         )
         loss_sum, examples, batches = totals
         clip_bound, zeroing_bound = self.aggregator.bounds(state.aggregator_state)
-        metrics = {
-            "round": float(new_state.round),
+        # Counts stay integers, so that logs and CSV files show them as such.
+        metrics: dict[str, float] = {
+            "round": new_state.round,
             "train_loss": loss_sum / examples if examples else float("nan"),
             **{f"train_{name}": value for name, value in train_metrics.items()},
-            "num_examples": float(examples),
-            "num_batches": float(batches),
-            "num_clients": float(num_clients),
-            "clients_failed": float(tally.failed),
-            "update_non_finite": float(tally.non_finite),
-            "updates_clipped": float(tally.clipped),
-            "updates_zeroed": float(tally.zeroed),
-            "broadcast_bits": float(broadcast_bits),
-            "aggregate_bits": float(tally.aggregate_bits),
-            "broadcast_bits_total": float(new_state.broadcast_bits_total),
-            "aggregate_bits_total": float(new_state.aggregate_bits_total),
+            "num_examples": examples,
+            "num_batches": batches,
+            "num_clients": num_clients,
+            "clients_failed": tally.failed,
+            "update_non_finite": tally.non_finite,
+            "updates_clipped": tally.clipped,
+            "updates_zeroed": tally.zeroed,
+            "broadcast_bits": broadcast_bits,
+            "aggregate_bits": tally.aggregate_bits,
+            "broadcast_bits_total": new_state.broadcast_bits_total,
+            "aggregate_bits_total": new_state.aggregate_bits_total,
         }
         if clip_bound is not None:
             metrics["clipping_bound"] = clip_bound

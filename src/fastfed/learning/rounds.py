@@ -45,10 +45,11 @@ class WorkerConfig:
     client_step: ClientStep | None = None
     jit_compile: bool | None = None
 
-    def build_trainer(self) -> ClientTrainer:
+    def build_trainer(self, model: Any = None) -> ClientTrainer:
+        """A trainer on a new model, or on ``model`` (built by ``model_fn``) if given."""
         return ClientTrainer(
             self.model_fn, self.client_optimizer, default_loss(self.loss), self.batch_size, self.local_epochs,
-            self.metrics, self.client_step, self.jit_compile,
+            self.metrics, self.client_step, self.jit_compile, model,
         )  # fmt: skip
 
     def client_weight(self, report: ClientReport) -> float:
@@ -142,9 +143,14 @@ def split_groups(num_clients: int, clients_per_group: int | None, default_groups
 
 
 def train_group(
-    trainer: ClientTrainer, config: WorkerConfig, spec: RoundSpec, clients: Sequence[IndexedClient]
+    trainer: ClientTrainer,
+    config: WorkerConfig,
+    spec: RoundSpec,
+    clients: Sequence[IndexedClient],
+    progress: Callable[[int], object] | None = None,
 ) -> GroupResult:
-    """Trains a group's clients one after another and folds their deltas into one partial sum."""
+    """Trains a group's clients one after another and folds their deltas into one partial sum;
+    ``progress(1)`` is called after each client."""
     accumulator = Accumulator()
     tally = RoundTally()
     trainer.reset_metrics()
@@ -160,14 +166,15 @@ def train_group(
         except Exception as error:  # a faulty client must not stop the round
             tally.failed += 1
             failures.append((index, describe_failure(error)))
-            continue
-        delta = [
-            new.astype(np.float32) - old.astype(np.float32) for new, old in zip(result.weights, spec.start_weights())
-        ]
-        loss_sum += result.loss_sum
-        examples += result.num_examples
-        batches += result.num_batches
-        config.aggregator.contribute(accumulator, delta, weight, spec.bounds, client_seed, tally)
+        else:
+            start = spec.start_weights()
+            delta = [new.astype(np.float32) - old.astype(np.float32) for new, old in zip(result.weights, start)]
+            loss_sum += result.loss_sum
+            examples += result.num_examples
+            batches += result.num_batches
+            config.aggregator.contribute(accumulator, delta, weight, spec.bounds, client_seed, tally)
+        if progress is not None:
+            progress(1)
     sums = accumulator.weighted_sums() if tally.aggregated else None
     return GroupResult(
         sums,

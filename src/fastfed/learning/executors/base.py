@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ..rounds import GroupResult, IndexedClient, RoundSpec, WorkerConfig
 
@@ -16,7 +16,11 @@ class Executor:
     default_groups: int = 1
 
     def run(
-        self, config: WorkerConfig, spec: RoundSpec, groups: Sequence[Sequence[IndexedClient]]
+        self,
+        config: WorkerConfig,
+        spec: RoundSpec,
+        groups: Sequence[Sequence[IndexedClient]],
+        progress: Callable[[int], object] | None = None,
     ) -> list[GroupResult]:
         raise NotImplementedError
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ...compression import decode, encode
@@ -136,7 +136,11 @@ class RayExecutor(Executor):
         log.warning("replaced Ray actor %d: %s", slot, reason)
 
     def run(
-        self, config: WorkerConfig, spec: RoundSpec, groups: Sequence[Sequence[IndexedClient]]
+        self,
+        config: WorkerConfig,
+        spec: RoundSpec,
+        groups: Sequence[Sequence[IndexedClient]],
+        progress: Callable[[int], object] | None = None,
     ) -> list[GroupResult]:
         import ray
         from ray.exceptions import RayError
@@ -173,6 +177,8 @@ class RayExecutor(Executor):
                     for g, fields in zip(share, ray.get(ready[0])):
                         self.last_round_bytes["from_actors"] += len(fields["sums"] or b"")
                         results[g] = _unpack(fields)
+                        if progress is not None:  # an actor reports its groups as a whole
+                            progress(len(groups[g]))
                 except RayError as error:  # the actor died (or its process was killed) mid-round
                     lose(slot, share, f"actor died: {type(error).__name__}")
                 continue
