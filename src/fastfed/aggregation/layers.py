@@ -19,6 +19,7 @@ __all__ = [
     "cast_to_layer",
     "check_non_finite_policy",
     "check_update",
+    "check_updates",
     "check_weight",
     "check_weights",
     "exact_integer_mean",
@@ -242,6 +243,25 @@ def check_update(
     specs = [LayerSpec(shape, values.dtype.newbyteorder("=")) for shape, values in zip(shapes, flat)]
     match_specs(specs, expected, client)
     return flat, specs
+
+
+def check_updates(updates: object) -> tuple[list[list[np.ndarray]], list[LayerSpec]]:
+    """K client updates, normalised and checked against the first one's layer specs.
+
+    Typed as object: this is the boundary where anything a user passes is checked.
+    """
+    if isinstance(updates, np.ndarray) or not isinstance(updates, Sequence):
+        raise TypeError(f"updates: expected a sequence of client updates, got {type(updates).__name__}")
+    if len(updates) == 0:
+        raise ValueError("updates: expected at least one client update, got none")
+    specs: list[LayerSpec] | None = None
+    clients: list[list[np.ndarray]] = []
+    for k, update in enumerate(updates):
+        flat, own = check_update(update, k, specs)
+        specs = specs or own
+        clients.append(flat)
+    assert specs is not None
+    return clients, specs
 
 
 def cast_to_layer(values: np.ndarray, spec: LayerSpec) -> np.ndarray:

@@ -26,6 +26,7 @@ from .layers import (
     cast_to_layer,
     check_non_finite_policy,
     check_update,
+    check_updates,
     check_weight,
     check_weights,
     exact_integer_mean,
@@ -58,22 +59,6 @@ def _checked_out(out: object, specs: list[LayerSpec], as_sum: bool) -> list[np.n
         if not (array.flags.writeable and array.flags.c_contiguous and array.flags.aligned):
             raise ValueError(f"out[{j}]: expected a writable, C-contiguous, aligned array")
     return list(out)
-
-
-def _checked_updates(updates: object) -> tuple[list[list[np.ndarray]], list[LayerSpec]]:
-    # Typed as object: this is the boundary where anything a user passes is checked.
-    if isinstance(updates, np.ndarray) or not isinstance(updates, Sequence):
-        raise TypeError(f"updates: expected a sequence of client updates, got {type(updates).__name__}")
-    if len(updates) == 0:
-        raise ValueError("updates: expected at least one client update, got none")
-    specs: list[LayerSpec] | None = None
-    clients: list[list[np.ndarray]] = []
-    for k, update in enumerate(updates):
-        flat, own = check_update(update, k, specs)
-        specs = specs or own
-        clients.append(flat)
-    assert specs is not None
-    return clients, specs
 
 
 def _weighted_layers(
@@ -129,7 +114,7 @@ def _combine(
     updates: object, weights: object, *, as_sum: bool, non_finite: NonFinite, out: object = None
 ) -> tuple[list[np.ndarray], list[int]]:
     non_finite = check_non_finite_policy(non_finite)
-    clients, specs = _checked_updates(updates)
+    clients, specs = check_updates(updates)
     destinations = None if out is None else _checked_out(out, specs, as_sum)
     weight_values = check_weights(weights, len(clients))
     if not as_sum and not any(weight_values):
