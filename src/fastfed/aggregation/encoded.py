@@ -32,6 +32,7 @@ from ..errors import DecodeError
 from .layers import (
     LayerSpec,
     NonFinite,
+    Screened,
     cast_to_layer,
     check_non_finite_policy,
     check_weights,
@@ -50,6 +51,7 @@ __all__ = [
     "match_layout",
     "parse_client",
     "raw_or_nothing",
+    "screened_mean_encoded",
     "weighted_mean_encoded",
 ]
 
@@ -253,6 +255,15 @@ def weighted_mean_encoded(
     Quantized tensors decode to finite values by construction; ``non_finite`` says what to do with
     a client whose raw float tensors hold NaN or infinity, as for :func:`fastfed.weighted_mean`.
     """
+    return screened_mean_encoded(payloads, weights, non_finite).layers
+
+
+def screened_mean_encoded(
+    payloads: Sequence[bytes | bytearray | memoryview],
+    weights: Sequence[float] | np.ndarray | None = None,
+    non_finite: NonFinite = "skip",
+) -> Screened:
+    """:func:`weighted_mean_encoded`, also saying which clients ``non_finite="skip"`` left out."""
     non_finite = check_non_finite_policy(non_finite)
     if isinstance(payloads, (bytes, bytearray, memoryview)) or not isinstance(payloads, Sequence):
         raise TypeError("payloads: expected a sequence of encoded updates")
@@ -271,7 +282,7 @@ def weighted_mean_encoded(
         # A finite mean proves every contributing raw value finite; clients are searched only otherwise.
         means = _mean_of_encoded(buffers, weight_values, template)
         if non_finite == "propagate":
-            return means
+            return Screened(means, skipped)
         bad_layers = [j for j, mean in enumerate(means) if mean.dtype.kind == "f" and not np.isfinite(mean).all()]
         culprits: dict[int, int] = {}  # client -> its first non-finite layer
         for k, weight in enumerate(weight_values):
@@ -281,13 +292,13 @@ def weighted_mean_encoded(
                 if layer is not None:
                     culprits[k] = bad_layers[layer]
         if not culprits:
-            return means
+            return Screened(means, skipped)
         if non_finite == "raise":
             client = min(culprits)
             raise non_finite_error(client, culprits[client])
         for k in culprits:
             weight_values[k] = 0.0
-        skipped += culprits
+        skipped += sorted(culprits)
         if not any(weight_values):
             raise ValueError(f"every client with a positive weight holds NaN or infinity (clients {sorted(skipped)})")
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
 __all__ = [
     "LayerSpec",
     "NonFinite",
+    "Screened",
     "cast_to_layer",
     "check_non_finite_policy",
     "check_update",
@@ -43,6 +44,13 @@ Update = Sequence[ArrayLike]
 #: values into the result as IEEE arithmetic does.
 NonFinite = Literal["raise", "skip", "propagate"]
 NON_FINITE_POLICIES = ("raise", "skip", "propagate")
+
+
+class Screened(NamedTuple):
+    """An aggregate and the clients that ``non_finite="skip"`` left out of it (by position)."""
+
+    layers: list[np.ndarray]
+    skipped: list[int]
 
 
 class LayerSpec:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
 
 import numpy as np
 
@@ -22,6 +21,7 @@ from .layers import (
     ArrayLike,
     LayerSpec,
     NonFinite,
+    Screened,
     Update,
     cast_to_layer,
     check_non_finite_policy,
@@ -42,7 +42,7 @@ from .layers import (
     rounded_quotient,
 )
 
-__all__ = ["Accumulator", "ScreenedMean", "screened_mean", "weighted_mean", "weighted_sum"]
+__all__ = ["Accumulator", "screened_mean", "weighted_mean", "weighted_sum"]
 
 
 def _checked_out(out: object, specs: list[LayerSpec], as_sum: bool) -> list[np.ndarray]:
@@ -101,13 +101,6 @@ def _weighted_layers(
             layer = destination
         result.append(layer)
     return result
-
-
-class ScreenedMean(NamedTuple):
-    """A weighted mean and the clients left out of it for holding NaN or infinity."""
-
-    layers: list[np.ndarray]
-    skipped: list[int]
 
 
 def _combine(
@@ -191,9 +184,11 @@ def weighted_mean(
     return _combine(updates, weights, as_sum=False, non_finite=non_finite, out=out)[0]
 
 
-def screened_mean(updates: Sequence[Update], weights: Sequence[float] | np.ndarray | None = None) -> ScreenedMean:
-    """:func:`weighted_mean` with ``non_finite="skip"``, also saying which clients were left out."""
-    return ScreenedMean(*_combine(updates, weights, as_sum=False, non_finite="skip"))
+def screened_mean(
+    updates: Sequence[Update], weights: Sequence[float] | np.ndarray | None = None, non_finite: NonFinite = "skip"
+) -> Screened:
+    """:func:`weighted_mean`, also saying which clients ``non_finite="skip"`` left out."""
+    return Screened(*_combine(updates, weights, as_sum=False, non_finite=non_finite))
 
 
 class Accumulator:

@@ -22,19 +22,20 @@ from .._backend import kernels
 from .layers import (
     LayerSpec,
     NonFinite,
+    Screened,
     Update,
     check_non_finite_policy,
     check_updates,
     non_finite_error,
 )
 
-__all__ = ["median", "trimmed_mean"]
+__all__ = ["median", "screened_median", "screened_trimmed_mean", "trimmed_mean"]
 
 # Runs one kernel over one layer's sources into out, flagging clients with non-finite values.
 _Kernel = Callable[[list[np.ndarray], np.ndarray, np.ndarray], None]
 
 
-def _robust(updates: object, kernel: Callable[[int], _Kernel], non_finite: NonFinite) -> list[np.ndarray]:
+def _robust(updates: object, kernel: Callable[[int], _Kernel], non_finite: NonFinite) -> Screened:
     """Runs ``kernel(k)`` (for k clients) on every layer, applying the non-finite policy."""
     non_finite = check_non_finite_policy(non_finite)
     clients, specs = check_updates(updates)
@@ -42,7 +43,7 @@ def _robust(updates: object, kernel: Callable[[int], _Kernel], non_finite: NonFi
     while True:
         result, first_bad_layer = _run(clients, specs, active, kernel(len(active)))
         if non_finite == "propagate" or not first_bad_layer:
-            return result
+            return Screened(result, sorted(set(range(len(clients))) - set(active)))
         if non_finite == "raise":
             client = min(first_bad_layer)
             raise non_finite_error(client, first_bad_layer[client])
@@ -82,6 +83,11 @@ def median(updates: Sequence[Update], *, non_finite: NonFinite = "raise") -> lis
     Returns:
       One array per layer with the clients' shape and dtype (see the module doc for integers).
     """
+    return screened_median(updates, non_finite).layers
+
+
+def screened_median(updates: Sequence[Update], non_finite: NonFinite = "skip") -> Screened:
+    """:func:`median`, also saying which clients ``non_finite="skip"`` left out."""
     return _robust(updates, lambda k: kernels().aggregate.median, non_finite)
 
 
@@ -99,6 +105,11 @@ def trimmed_mean(updates: Sequence[Update], beta: float, *, non_finite: NonFinit
     Returns:
       One array per layer with the clients' shape and dtype (see the module doc for integers).
     """
+    return screened_trimmed_mean(updates, beta, non_finite).layers
+
+
+def screened_trimmed_mean(updates: Sequence[Update], beta: float, non_finite: NonFinite = "skip") -> Screened:
+    """:func:`trimmed_mean`, also saying which clients ``non_finite="skip"`` left out."""
     if isinstance(beta, bool) or not isinstance(beta, (int, float, np.floating, np.integer)):
         raise TypeError(f"beta must be a number in [0, 0.5), got {beta!r}")
     if not (math.isfinite(beta) and 0.0 <= beta < 0.5):
