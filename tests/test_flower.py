@@ -217,7 +217,7 @@ def test_simulations_run_on_flowers_engine(tmp_path: Path) -> None:
 def test_npy_views_are_zero_copy_and_refuse_pickled_objects() -> None:
     import io
 
-    from fastfed.integrations.flower._averaging import npy_view
+    from fastfed._npy import npy_view
 
     for array in (np.arange(12, dtype=np.float32).reshape(3, 4), np.asfortranarray(np.ones((2, 3))), np.array(7)):
         view = npy_view(_npy(array))

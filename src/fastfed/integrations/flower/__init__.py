@@ -42,6 +42,7 @@ from flwr.server.strategy import (
     FedYogi,
 )
 
+from ..._npy import npy_view
 from ...aggregation.layers import NonFinite
 from ...aggregation.robust import screened_median, screened_trimmed_mean
 from ...compression import UniformQuantizer
@@ -52,7 +53,6 @@ from ._averaging import (
     ClientUpdate,
     aggregate_updates,
     encode_delta,
-    npy_view,
     refuse_other_aggregations,
 )
 
