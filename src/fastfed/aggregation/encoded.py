@@ -283,7 +283,7 @@ def screened_mean_encoded(
         means = _mean_of_encoded(buffers, weight_values, template)
         if non_finite == "propagate":
             return Screened(means, skipped)
-        bad_layers = [j for j, mean in enumerate(means) if mean.dtype.kind == "f" and not np.isfinite(mean).all()]
+        bad_layers = [j for j, mean in enumerate(means) if first_non_finite_layer([mean]) is not None]
         culprits: dict[int, int] = {}  # client -> its first non-finite layer
         for k, weight in enumerate(weight_values):
             if weight > 0.0 and bad_layers:

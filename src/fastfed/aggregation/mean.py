@@ -119,7 +119,7 @@ def _combine(
         result = _weighted_layers(clients, weight_values, specs, as_sum, destinations)
         if non_finite == "propagate":
             return result, skipped
-        bad_layers = [j for j, layer in enumerate(result) if layer.dtype.kind == "f" and not np.isfinite(layer).all()]
+        bad_layers = [j for j, layer in enumerate(result) if first_non_finite_layer([layer]) is not None]
         culprits = [
             k
             for k, w in enumerate(weight_values)
