@@ -144,3 +144,17 @@ def test_one_accumulator_shared_by_threads_loses_nothing() -> None:
         assert accumulator.count == 64 and accumulator.total_weight == 64.0
         for got, want in zip(accumulator.result(), expected, strict=True):
             np.testing.assert_array_equal(got, want)
+
+
+def test_out_arrays_are_left_as_they_were_when_non_finite_values_raise() -> None:
+    updates = _updates({2: np.nan})
+    global_model = [np.full(10, 7.0, np.float32), np.full(5, 7.0)]
+    with pytest.raises(ValueError, match="client 2, layer 1"):
+        fastfed.weighted_mean(updates, out=global_model)
+    assert all((layer == 7.0).all() for layer in global_model)
+    with pytest.raises(ValueError, match="every client with a positive weight"):
+        fastfed.weighted_mean([updates[2]], out=global_model, non_finite="skip")
+    assert all((layer == 7.0).all() for layer in global_model)
+    skipped = fastfed.weighted_mean(updates, out=global_model, non_finite="skip")
+    assert all(got is want for got, want in zip(skipped, global_model, strict=True))
+    np.testing.assert_array_equal(global_model[1], fastfed.weighted_mean([updates[k] for k in (0, 1, 3)])[1])

@@ -112,13 +112,14 @@ def _combine(
     weight_values = check_weights(weights, len(clients))
     if not as_sum and not any(weight_values):
         raise ValueError("the weights sum to zero; at least one client needs a positive weight")
+    if non_finite == "propagate":  # nothing to check: the kernels write straight into the caller's arrays
+        return _weighted_layers(clients, weight_values, specs, as_sum, destinations), []
     skipped: list[int] = []
     while True:
         # One pass over the updates: a result that is finite proves every contributing value finite,
-        # so the clients are searched only when it is not.
-        result = _weighted_layers(clients, weight_values, specs, as_sum, destinations)
-        if non_finite == "propagate":
-            return result, skipped
+        # so the clients are searched only when it is not. The result reaches the caller's arrays
+        # only once checked, so that an error leaves them as they were.
+        result = _weighted_layers(clients, weight_values, specs, as_sum, None)
         bad_layers = [j for j, layer in enumerate(result) if first_non_finite_layer([layer]) is not None]
         culprits = [
             k
@@ -126,7 +127,11 @@ def _combine(
             if w > 0.0 and first_non_finite_layer([clients[k][j] for j in bad_layers]) is not None
         ]
         if not culprits:  # finite, or an overflow of finite values (a weighted sum of huge numbers)
-            return result, skipped
+            if destinations is None:
+                return result, skipped
+            for destination, values in zip(destinations, result):
+                destination[...] = values
+            return destinations, skipped
         if non_finite == "raise":
             client = culprits[0]
             layer = bad_layers[first_non_finite_layer([clients[client][j] for j in bad_layers]) or 0]
@@ -169,8 +174,10 @@ def weighted_mean(
       weights: K finite, non-negative numbers (e.g. example counts) with a positive sum;
         ``None`` (the default) weighs clients equally.
       out: optional arrays, one per layer with the clients' shape and dtype, that receive the mean
-        and are returned (e.g. last round's global model). Reusing them saves the operating system
-        zeroing fresh pages for every result, which costs as much as reading several clients.
+        and are returned (e.g. last round's global model). With ``non_finite="propagate"`` the
+        kernels write straight into them, which saves the operating system zeroing fresh pages for
+        every result (as much as reading several clients); otherwise the mean is checked first and
+        then copied in, so that an error leaves them as they were.
       non_finite: what to do with a client whose update holds NaN or infinity. ``"raise"`` (the
         default) raises a ``ValueError`` naming the client and layer, so a poisoned mean is never
         returned silently; ``"skip"`` leaves such clients out, as if their weight were zero (the
