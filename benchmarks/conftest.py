@@ -18,6 +18,8 @@ BASELINES = (
     "flower aggregate",
     "flower aggregate (inplace, default)",
     "flower aggregate (FedAvg)",
+    "flower aggregate (FedMedian)",
+    "flower aggregate (FedTrimmedAvg)",
     "numpy reference",
     "compute floor",
     "float32 aggregation",

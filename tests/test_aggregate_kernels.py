@@ -156,3 +156,119 @@ def test_numba_kernels_read_every_kind_of_array_at_its_address() -> None:
     arrays = [base, base[3:], base[::-1], base.reshape(5, 8).T, np.frombuffer(bytes(16), np.uint8), np.float32(2.0) * 1]
     arrays = [np.asarray(array) for array in arrays]
     assert numba_arrays.data_addresses(arrays).tolist() == [a.__array_interface__["data"][0] for a in arrays]
+
+
+def _robust_sources(rng: np.random.Generator, k: int, n: int, dtype: str) -> list[np.ndarray]:
+    """Sources with many ties (few distinct values) and, for integers, values at the dtype's limits."""
+    kind = np.dtype(dtype).kind
+    if kind == "f":
+        pool = np.array([-np.inf, -3.5, -1.0, -0.0, 0.0, 0.25, 1.0, 7.0, np.inf], dtype)
+        pool = np.concatenate([pool, (rng.standard_normal(20) * 100).astype(dtype)])
+    else:
+        info = np.iinfo(dtype)
+        pool = np.array([info.min, info.min + 1, -1 if kind == "i" else 2, 0, 1, 3, info.max - 1, info.max], dtype)
+        pool = np.concatenate([pool, rng.integers(info.min, info.max, 20, dtype=dtype, endpoint=True)])
+    return [rng.choice(pool, n) for _ in range(k)]
+
+
+def _robust_out(sources: list[np.ndarray]) -> np.ndarray:
+    return np.empty(sources[0].shape[0], np.float64 if sources[0].dtype.kind == "f" else sources[0].dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [1, 2, 3, 8, 101])
+def test_median_and_trimmed_mean_match_reference(backend: str, dtype: str, k: int) -> None:
+    rng = np.random.default_rng(k)
+    n = 700  # three tiles, the last one partial
+    sources = _robust_sources(rng, k, n, dtype)
+    if np.dtype(dtype).kind == "f" and k > 2:
+        sources[1][5] = np.nan  # one NaN coordinate: NaN out, and client 1 flagged
+    expected_flags = np.array([int(not np.isfinite(s).all()) if s.dtype.kind == "f" else 0 for s in sources], np.uint8)
+    for cut in sorted({0, (k - 1) // 2, k // 5}):
+        runs = []
+        for name in ("numpy", backend):
+            out, flags = _robust_out(sources), np.zeros(k, np.uint8)
+            if cut == 0:
+                _require(name).aggregate.median(sources, out, flags)
+            else:
+                _require(name).aggregate.trimmed_mean(sources, cut, out, flags)
+            runs.append((out, flags))
+        (expected, want_flags), (actual, got_flags) = runs
+        assert actual.tobytes() == expected.tobytes(), (cut, np.flatnonzero(actual != expected)[:5])
+        assert got_flags.tolist() == want_flags.tolist() == expected_flags.tolist()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_median_and_trimmed_mean_follow_numpy_and_flower(backend: str, dtype: str) -> None:
+    rng = np.random.default_rng(3)
+    for k in (1, 2, 9, 10, 100):
+        sources = [(rng.standard_normal(3000) * 10).astype(dtype) for _ in range(k)]
+        stacked = np.stack(sources)
+        out, flags = _robust_out(sources), np.zeros(k, np.uint8)
+        _require(backend).aggregate.median(sources, out, flags)
+        np.testing.assert_array_equal(out.astype(dtype), np.median(stacked, axis=0))  # even k: mean of the middle two
+        for beta in (0.0, 0.1, 0.2, 0.45):
+            cut = int(beta * k)  # Flower's (and SciPy's) count of values cut from each end
+            _require(backend).aggregate.trimmed_mean(sources, cut, out, flags)
+            flower = np.mean(np.sort(stacked.astype(np.float64), axis=0)[cut : k - cut], axis=0)  # Flower's _trim_mean
+            np.testing.assert_allclose(out, flower, rtol=1e-12, atol=1e-12)
+        assert not flags.any()
+
+
+def test_robust_kernels_are_exact_at_integer_limits(backend: str) -> None:
+    kernel = _require(backend).aggregate
+    top, bottom = np.iinfo(np.int64).max, np.iinfo(np.int64).min
+    cases = [
+        ([top, top - 2], np.int64, top - 1),
+        ([bottom, bottom + 1], np.int64, bottom),  # -2**63 + 0.5 -> the even neighbour
+        ([top, bottom], np.int64, 0),  # -0.5 -> 0
+        ([2**64 - 1, 2**64 - 4], np.uint64, 2**64 - 2),  # 2**64 - 2.5 -> the even neighbour
+        ([top] * 5, np.int64, top),
+        ([bottom, bottom, top, top, top], np.int64, top),
+        ([2**64 - 1, 0, 7, 2**64 - 2], np.uint64, 2**63 + 2),  # (7 + 2**64 - 2) / 2, half to even
+    ]
+    for values, dtype, median in cases:
+        sources = [np.array([v], dtype) for v in values]
+        out, flags = np.empty(1, dtype), np.zeros(len(values), np.uint8)
+        kernel.median(sources, out, flags)
+        assert out.tolist() == [median], values
+        kernel.trimmed_mean(sources, 0, out, flags)
+        quotient, remainder = divmod(sum(values), len(values))  # the exact mean, rounded half to even
+        assert out.tolist() == [
+            quotient + (2 * remainder > len(values) or (2 * remainder == len(values) and quotient % 2))
+        ]
+
+
+def test_robust_kernel_boundary_rejects_bad_buffers(backend: str) -> None:
+    kernel = _require(backend).aggregate
+    sources = [np.ones(4), np.ones(4), np.ones(4)]
+    flags = np.zeros(3, np.uint8)
+    with pytest.raises(ValueError, match="sources"):
+        kernel.median([], np.empty(4), np.zeros(0, np.uint8))
+    with pytest.raises(ValueError, match=r"sources\[1\]"):
+        kernel.median([np.ones(4), np.ones(5)], np.empty(4), np.zeros(2, np.uint8))
+    with pytest.raises(ValueError, match="out: dtype"):
+        kernel.median(sources, np.empty(4, np.float32), flags)
+    with pytest.raises(ValueError, match="out: dtype"):
+        kernel.median([np.ones(4, np.int32)] * 3, np.empty(4), flags)
+    with pytest.raises(ValueError, match="non_finite"):
+        kernel.median(sources, np.empty(4), np.zeros(2, np.uint8))
+    with pytest.raises(ValueError, match="cut: expected fewer than half of the 3 sources, got 2"):
+        kernel.trimmed_mean(sources, 2, np.empty(4), flags)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int64"])
+def test_robust_kernels_past_the_sorting_network_limit(backend: str, dtype: str) -> None:
+    # Beyond 4096 clients each coordinate is sorted on its own: the same definition, other code.
+    rng = np.random.default_rng(11)
+    sources = _robust_sources(rng, 4097, 40, dtype)
+    for cut in (0, 1000):
+        runs = []
+        for name in ("numpy", backend):
+            out, flags = _robust_out(sources), np.zeros(4097, np.uint8)
+            if cut:
+                _require(name).aggregate.trimmed_mean(sources, cut, out, flags)
+            else:
+                _require(name).aggregate.median(sources, out, flags)
+            runs.append(out)
+        assert runs[0].tobytes() == runs[1].tobytes()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -218,3 +219,82 @@ def test_out_arrays_receive_the_mean_and_are_returned() -> None:
         fastfed.weighted_mean(updates, weights, out=out[:2])
     with pytest.raises(ValueError, match=r"out\[0\]: expected a writable"):
         fastfed.weighted_mean(updates, weights, out=[np.asfortranarray(out[0]), *out[1:]])
+
+
+def _rounded(value: Fraction) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # a sum beyond float64, which the float64 sum rightly gives as infinity
+        return float("inf") if value > 0 else float("-inf")
+
+
+def _exact_mean(values: list[float], weights: list[float]) -> float:
+    """The weighted mean in exact rational arithmetic, rounded once to float64."""
+    total = sum(Fraction(w) for w in weights)
+    return float(sum(Fraction(w) * Fraction(v) for w, v in zip(weights, values)) / total)
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [[1e-300, 3e-300], [1e308, 1e308], [1e38, 3e38], [5e-324, 1.5e-323], [1e308, 1e-300], [1e-40, 3e-40]],
+)
+def test_extreme_weights_give_the_right_mean_on_every_path(weights: list[float]) -> None:
+    from fastfed.compression import UniformQuantizer, encode
+
+    low, high = np.linspace(-1, 1, 2000, dtype=np.float32), np.linspace(2, 5, 2000, dtype=np.float32)
+    updates = [[low], [high]]
+    exact = np.array([_exact_mean([a, b], weights) for a, b in zip(low.tolist(), high.tolist())])
+    mean = fastfed.weighted_mean(updates, weights)[0]
+    np.testing.assert_allclose(mean, exact, rtol=1.2e-7, atol=0)  # within float32's rounding of the exact mean
+    accumulator, encoded_accumulator = fastfed.Accumulator(), fastfed.Accumulator()
+    for update, weight in zip(updates, weights):
+        accumulator.add(update, weight)
+        encoded_accumulator.add_encoded(encode(update), weight)
+    for same in (
+        accumulator.result()[0],
+        encoded_accumulator.result()[0],
+        fastfed.weighted_mean_encoded([encode(u) for u in updates], weights)[0],
+    ):
+        np.testing.assert_array_equal(same, mean)
+    # Quantized: within the float32 rounding of the level sums, far below a 16-bit step (5/65535).
+    payloads = [encode(u, UniformQuantizer(bits=16, stochastic=False, min_size=0), seed=0) for u in updates]
+    np.testing.assert_allclose(fastfed.weighted_mean_encoded(payloads, weights)[0], exact, rtol=0, atol=5e-5)
+    w0, w1 = Fraction(weights[0]), Fraction(weights[1])
+    exact_sums = [_rounded(w0 * Fraction(a) + w1 * Fraction(b)) for a, b in zip(low.tolist(), high.tolist())]
+    np.testing.assert_allclose(fastfed.weighted_sum(updates, weights)[0], exact_sums, rtol=1e-15)
+
+
+def test_64bit_integer_layers_average_exactly_at_their_limits() -> None:
+    from fastfed.compression import encode
+
+    top, bottom, utop = 2**63 - 1, -(2**63), 2**64 - 1
+    cases = [
+        ([top], [1.0], np.int64, top),
+        ([top, top - 2], [1.0, 1.0], np.int64, top - 1),
+        ([bottom, bottom + 2], [0.25, 0.25], np.int64, bottom + 1),
+        ([top, bottom], [1.0, 1.0], np.int64, 0),  # -0.5, half to even
+        ([utop] * 3, [0.1, 0.2, 0.3], np.uint64, utop),
+        ([utop, utop - 2], [1.0, 3.0], np.uint64, utop - 1),  # 2**64 - 2.5 -> the even neighbour
+        ([top, 0], [1e308, 1e-300], np.int64, top),
+    ]
+    for values, weights, dtype, expected in cases:
+        updates = [[np.array([v], dtype), np.array(v, dtype)] for v in values]
+        accumulator, encoded = fastfed.Accumulator(), fastfed.Accumulator()
+        for update, weight in zip(updates, weights):
+            accumulator.add(update, weight)
+            encoded.add_encoded(encode(update), weight)
+        merged = fastfed.Accumulator()
+        merged.merge(accumulator)
+        means = [
+            fastfed.weighted_mean(updates, weights),
+            fastfed.weighted_mean_encoded([encode(u) for u in updates], weights),
+            accumulator.result(),
+            encoded.result(),
+            merged.result(),
+        ]
+        for mean in means:
+            assert mean[0].dtype == dtype and mean[0].tolist() == [expected], (values, weights, mean)
+            assert mean[1].shape == () and int(mean[1]) == expected
+    # int32 at its limits goes through float64, which holds it exactly.
+    (mean,) = fastfed.weighted_mean([[np.array([2**31 - 1], np.int32)]] * 3, [0.1, 0.2, 0.7])
+    assert mean.tolist() == [2**31 - 1]

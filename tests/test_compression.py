@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import struct
+import time
 import zlib
 
 import numpy as np
@@ -284,12 +286,107 @@ def test_decode_errors_are_specific() -> None:
         decode(_rewrite_checksum(bad_bits))
     # A shape that does not hold the element count.
     bad_shape = bytearray(payload)
-    struct.pack_into("<Q", bad_shape, 20 + 8, 2**63)
+    struct.pack_into("<Q", bad_shape, 20 + 8, 19_999)
     with pytest.raises(DecodeError, match="does not hold"):
         decode(_rewrite_checksum(bad_shape))
     assert issubclass(DecodeError, ValueError)
     with pytest.raises(DecodeError):
         decode(b"")
+
+
+def _table_entry(shape: tuple[int, ...], dtype_code: int = 2, count: int = 0) -> bytes:
+    """A raw table entry (float32 by default) whose payload is ``count`` elements long."""
+    return (
+        wire.ENTRY.pack(wire.CODEC_RAW, 0, 0, dtype_code, len(shape))
+        + struct.pack(f"<{len(shape)}Q", *shape)
+        + wire.ENTRY_TAIL.pack(count, 0, 0, 0.0, 0.0, 0, 4 * count)
+    )
+
+
+def _payload(entries: list[bytes], data: bytes = b"") -> bytes:
+    """A payload with these table entries and a valid checksum: only field validation can refuse it."""
+    body = b"".join(entries) + data
+    length = wire.HEADER.size + len(body) + wire.CHECKSUM.size
+    return _rewrite_checksum(
+        bytearray(wire.HEADER.pack(wire.MAGIC, wire.VERSION, 0, len(entries), length) + body + b"\0" * 4)
+    )
+
+
+@pytest.mark.parametrize("shape", [(2**40, 2**40, 0), (0, 2**21, 2**21), (2**63, 0), (2**30, 2**11, 0, 1)])
+def test_empty_shapes_that_overflow_are_refused_at_parse(shape: tuple[int, ...]) -> None:
+    payload = _payload([_table_entry(shape)])
+    with pytest.raises(DecodeError, match=r"tensor 0: shape .* exceeds 1099511627776 elements"):
+        parse(payload)
+    accumulator = fastfed.Accumulator()
+    accumulator.add_encoded(encode([np.zeros((2, 0), np.float32)]))
+    with pytest.raises(DecodeError, match="client 1: .*exceeds"):
+        accumulator.add_encoded(payload)
+    assert accumulator.count == 1 and accumulator.result()[0].shape == (2, 0)
+    # An empty tensor whose shape NumPy can hold still round-trips.
+    assert decode(_payload([_table_entry((2**20, 2**20, 0))]))[0].shape == (2**20, 2**20, 0)
+
+
+def test_tensor_count_is_bounded_so_a_table_cannot_ask_for_minutes_of_work() -> None:
+    many = [np.zeros(0, np.float32)] * 200_000
+    with pytest.raises(ValueError, match="200000 tensors; the wire format holds at most 65536"):
+        encode(many)
+    hostile = _payload([_table_entry((0,))] * 200_000)
+    started = time.perf_counter()
+    with pytest.raises(DecodeError, match="200000 tensors exceed the limit of 65536"):
+        decode(hostile)
+    with pytest.raises(DecodeError, match="client 0: .*200000 tensors"):
+        fastfed.weighted_mean_encoded([hostile])
+    assert time.perf_counter() - started < 0.5
+    at_limit = [np.zeros(0, np.float32)] * wire.MAX_TENSORS
+    assert len(parse(encode(at_limit))) == wire.MAX_TENSORS
+
+
+def test_float64_ranges_beyond_float32_are_refused_at_encode() -> None:
+    huge = np.array([-1e308, 1e308, 0.0] * 10)
+    with pytest.raises(ValueError, match=r"layer 1: cannot quantize \(values reach 1e\+308, beyond the ±3.40282e\+38"):
+        encode([np.ones(3), huge], UniformQuantizer(min_size=0), seed=0)
+    rotated = UniformQuantizer(min_size=0, rotate=True, rotation_chunk=1024)
+    with pytest.raises(ValueError, match="beyond the ±2047 that quantized float16 values decode to"):
+        encode([np.full(1024, 6e4, np.float16)], rotated, seed=0)  # undoing a rotation may grow values 32-fold
+    # Just inside the limit: finite after the round trip.
+    edge = np.array([-3.4e38, 3.4e38, 1.0] * 10)
+    (decoded,) = decode(encode([edge], UniformQuantizer(bits=3, min_size=0), seed=0))
+    assert np.isfinite(decoded).all()
+    # A range far below float32's resolution quantizes as a constant instead of dividing by it.
+    (tiny,) = decode(encode([np.array([0.0, 5e-324] * 10)], UniformQuantizer(min_size=0), seed=0))
+    np.testing.assert_array_equal(tiny, 0.0)
+
+
+def _with_range(payload: bytes, minimum: float, maximum: float) -> bytes:
+    levels = next(e for e in parse(payload) if e.codec == wire.CODEC_UNIFORM)
+    corrupted = bytearray(payload)
+    position = payload.index(struct.pack("<dd", levels.minimum, levels.maximum))
+    struct.pack_into("<dd", corrupted, position, minimum, maximum)
+    return _rewrite_checksum(corrupted)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "rotate", "minimum", "maximum"),
+    [
+        (np.float64, False, -1e308, 1e308),
+        (np.float32, False, -1e39, 0.0),
+        (np.float64, False, 0.0, 3.5e38),
+        (np.float16, False, -7e4, 7e4),
+        (np.float32, True, -3e38, 3e38),  # an inverse rotation of 1024 values can grow them 32-fold
+    ],
+)
+def test_finite_headers_that_would_decode_to_infinity_are_refused(
+    dtype: type, rotate: bool, minimum: float, maximum: float
+) -> None:
+    codec = UniformQuantizer(bits=4, min_size=0, rotate=rotate, rotation_chunk=1024)
+    payloads = [encode([np.linspace(-1, 1, 3000).astype(dtype)], codec, seed=s) for s in range(3)]
+    payloads[1] = _with_range(payloads[1], minimum, maximum)
+    with pytest.raises(DecodeError, match=r"tensor 0: range .* \(decodes to infinity\)"):
+        decode(payloads[1])
+    with pytest.raises(DecodeError, match=r"client 1: .*tensor 0: range"):
+        fastfed.weighted_mean_encoded(payloads)
+    with pytest.raises(DecodeError, match=r"client 0: .*tensor 0: range"):
+        fastfed.Accumulator().add_encoded(payloads[1])
 
 
 VALID = [
@@ -323,16 +420,19 @@ def _mutations():  # type: ignore[no-untyped-def]
     return st.one_of(truncate, extend, flip, header, random_header, st.binary(max_size=300))
 
 
-@settings(max_examples=300, deadline=None)
+# FASTFED_FUZZ_EXAMPLES raises the count for a long run (the suite keeps it short).
+@settings(max_examples=int(os.environ.get("FASTFED_FUZZ_EXAMPLES", "300")), deadline=None)
 @given(_mutations())
 def test_fuzzed_payloads_only_raise_decode_error(data: bytes) -> None:
     try:
         decoded = decode(data)
     except DecodeError:
         return
-    # A mutation that still decodes must be structurally sound.
+    # A mutation that still decodes must be structurally sound, and quantized tensors finite.
     assert all(isinstance(array, np.ndarray) for array in decoded)
-    accumulator = fastfed.Accumulator()
+    for entry, array in zip(parse(data), decoded):
+        assert entry.codec == wire.CODEC_RAW or np.isfinite(array).all()
+    accumulator = fastfed.Accumulator(non_finite="propagate")  # raw NaN or infinity is valid content
     try:
         accumulator.add_encoded(data, 1.0)
     except DecodeError:

@@ -20,8 +20,8 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
-from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.common import Code, FitRes, Parameters, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server import strategy as legacy
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
@@ -217,7 +217,7 @@ def test_simulations_run_on_flowers_engine(tmp_path: Path) -> None:
 def test_npy_views_are_zero_copy_and_refuse_pickled_objects() -> None:
     import io
 
-    from fastfed.integrations.flower._averaging import npy_view
+    from fastfed._npy import npy_view
 
     for array in (np.arange(12, dtype=np.float32).reshape(3, 4), np.asfortranarray(np.ones((2, 3))), np.array(7)):
         view = npy_view(_npy(array))
@@ -271,11 +271,263 @@ def test_mixed_compressed_and_plain_results_in_one_round() -> None:
 
 def test_compressed_scalar_tensors_come_back_as_arrays() -> None:
     from fastfed.compression import UniformQuantizer
-    from fastfed.integrations.flower._averaging import average_results, encode_delta
+    from fastfed.integrations.flower._averaging import ClientUpdate, aggregate_updates, encode_delta
 
     global_weights = [np.ones(3, np.float32), np.array(4, np.int64)]
     updated = [np.full(3, 2.0, np.float32), np.array(6, np.int64)]
     payload = encode_delta(updated, global_weights, UniformQuantizer(bits=8, min_size=0), seed=0)
-    mean = average_results([], [(payload, 1.0)], global_weights)
-    assert all(isinstance(array, np.ndarray) for array in mean)
+    mean = aggregate_updates([ClientUpdate(None, payload, 1.0)], global_weights, None, "skip").layers
+    assert mean is not None and all(isinstance(array, np.ndarray) for array in mean)
     assert mean[1].shape == () and mean[1].dtype == np.int64 and mean[1] == 6
+
+
+# Flower semantics kept, hostile results dropped ----------------------------------------------------
+
+GLOBAL = [np.zeros((2, 3), np.float32), np.zeros(3, np.float32), np.array(0, np.int64)]
+
+
+def _client(k: int) -> Model:
+    return [np.full((2, 3), k, np.float32), np.full(3, 10.0 * k, np.float32), np.array(k, np.int64)]
+
+
+def _legacy_results(models: list[Any], counts: list[int] | None = None) -> list[tuple[ClientProxy, FitRes]]:
+    counts = counts or [10] * len(models)
+    return [(_Proxy(str(k)), _fit_res(model, n)) for k, (model, n) in enumerate(zip(models, counts))]
+
+
+def _configured_legacy(strategy: Any) -> Any:
+    strategy.configure_fit(1, ndarrays_to_parameters(GLOBAL), _client_manager())
+    return strategy
+
+
+def _dropped_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in caplog.records if "as a failure" in record.getMessage()]
+
+
+def test_message_api_matches_arrays_by_key_as_flower_does() -> None:
+    def replies() -> list[Message]:
+        first = ArrayRecord({"w": Array(np.zeros(2)), "b": Array(np.full(2, 100.0))})
+        second = ArrayRecord({"b": Array(np.full(2, 100.0)), "w": Array(np.zeros(2))})  # same arrays, other order
+        return [reply(_train_content(record, 5), node + 1) for node, record in enumerate([first, second])]
+
+    flower, _ = message_api.FedAvg().aggregate_train(1, replies())
+    for configured in (False, True):
+        strategy = fast_message.FastFedAvg()
+        if configured:  # the round's arrays, in yet another order
+            record = ArrayRecord({"b": Array(np.zeros(2)), "w": Array(np.zeros(2))})
+            strategy.configure_train(1, record, ConfigRecord(), Mock(spec=Grid, get_node_ids=lambda: [1, 2]))
+        arrays, _ = strategy.aggregate_train(1, replies())
+        assert list(arrays.keys()) == list(flower.keys()) == ["w", "b"]
+        np.testing.assert_array_equal(arrays["w"].numpy(), flower["w"].numpy())  # 0, not 50
+        np.testing.assert_array_equal(arrays["b"].numpy(), np.full(2, 100.0))
+    other_keys = replies()
+    other_keys[1] = reply(_train_content(ArrayRecord({"w": Array(np.zeros(2)), "c": Array(np.ones(2))}), 5), 2)
+    from flwr.serverapp.exception import InconsistentMessageReplies
+
+    with pytest.raises(InconsistentMessageReplies, match="must have the same keys"):
+        fast_message.FastFedAvg().aggregate_train(1, other_keys)
+
+
+class _FastFaultTolerant(fast_legacy.FastAggregationMixin, legacy.FaultTolerantFedAvg):
+    pass
+
+
+@pytest.mark.parametrize(("succeeded", "failed"), [(3, 2), (2, 3), (1, 1), (5, 0)])
+def test_fault_tolerant_fedavg_counts_as_flower_does(succeeded: int, failed: int) -> None:
+    models = [_client(k) for k in range(succeeded)]
+    failures: list[Any] = [RuntimeError("lost")] * failed
+    flower, _ = legacy.FaultTolerantFedAvg(min_completion_rate_fit=0.5).aggregate_fit(
+        1, _legacy_results(models), failures
+    )
+    fast, _ = _FastFaultTolerant(min_completion_rate_fit=0.5).aggregate_fit(1, _legacy_results(models), failures)
+    assert (fast is None) == (flower is None) == (succeeded / (succeeded + failed) < 0.5)
+    if flower is not None:
+        for got, want in zip(parameters_to_ndarrays(fast)[:2], parameters_to_ndarrays(flower)[:2]):
+            np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_dropped_results_count_toward_the_completion_rate() -> None:
+    models = [_client(k) for k in range(3)]
+    models[2][0][0, 0] = np.nan  # 2 of 3 results usable, plus 2 failures: 2 / 5 < 0.5
+    strategy = _configured_legacy(_FastFaultTolerant(min_completion_rate_fit=0.5))
+    assert strategy.aggregate_fit(1, _legacy_results(models), [RuntimeError("lost")] * 2) == (None, {})
+
+
+ROBUST_LEGACY = [legacy.FedMedian, legacy.FedTrimmedAvg, legacy.Krum, legacy.Bulyan, legacy.QFedAvg]
+ROBUST_MESSAGE = [
+    message_api.FedMedian,
+    message_api.FedTrimmedAvg,
+    message_api.Krum,
+    message_api.MultiKrum,
+    message_api.Bulyan,
+    message_api.QFedAvg,
+]
+
+
+@pytest.mark.parametrize(
+    ("mixin", "parent"),
+    [(fast_legacy.FastAggregationMixin, p) for p in ROBUST_LEGACY]
+    + [(fast_message.FastAggregationMixin, p) for p in ROBUST_MESSAGE],
+)
+def test_mixin_refuses_strategies_that_do_not_average(mixin: type, parent: type) -> None:
+    with pytest.raises(TypeError, match=f"{parent.__name__}.aggregate_.* aggregates otherwise.*FastFedMedian"):
+        type("Mixed", (mixin, parent), {})
+    user_subclass = type("MyStrategy", (parent,), {})  # a user's subclass of one is refused too
+    with pytest.raises(TypeError, match=f"{parent.__name__}.aggregate_"):
+        type("Mixed", (mixin, user_subclass), {})
+
+
+def test_mixin_still_mixes_into_weighted_means_and_users_own_subclasses() -> None:
+    class MyFedAvg(legacy.FedAvg):
+        def aggregate_fit(self, *args: Any, **kwargs: Any) -> Any:  # a user's own hand-off stays theirs
+            return super().aggregate_fit(*args, **kwargs)
+
+    for parent in (MyFedAvg, legacy.FedProx, legacy.FaultTolerantFedAvg, legacy.FedAvgM):
+        type("Mixed", (fast_legacy.FastAggregationMixin, parent), {})
+    for parent in (message_api.FedProx, message_api.FedAvgM, message_api.FedYogi):
+        type("Mixed", (fast_message.FastAggregationMixin, parent), {})
+    with pytest.raises(TypeError, match="goes in front of a FedAvg-family strategy"):
+        type("Mixed", (fast_legacy.FastAggregationMixin, legacy.DPFedAvgFixed), {})
+
+
+ROBUST_STRATEGIES = {
+    "legacy-median": (legacy.FedMedian, fast_legacy.FastFedMedian, run_legacy),
+    "legacy-trimmed": (
+        lambda: legacy.FedTrimmedAvg(beta=0.25),
+        lambda: fast_legacy.FastFedTrimmedAvg(beta=0.25),
+        run_legacy,
+    ),
+    "message-median": (message_api.FedMedian, fast_message.FastFedMedian, run_message),
+    "message-trimmed": (
+        lambda: message_api.FedTrimmedAvg(beta=0.25),
+        lambda: fast_message.FastFedTrimmedAvg(beta=0.25),
+        run_message,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(ROBUST_STRATEGIES))
+def test_fast_robust_strategies_match_flower_each_round(name: str) -> None:
+    flower_strategy, fast_strategy, run = ROBUST_STRATEGIES[name]
+    expected = run(flower_strategy())
+    actual = run(fast_strategy())
+    if "median" in name:  # the same values selected: equal, bit for bit
+        for round_actual, round_expected in zip(actual, expected, strict=True):
+            for a, b in zip(round_actual[:2], round_expected[:2]):
+                np.testing.assert_array_equal(a, b)
+    else:  # Flower sums in float32, fastfed in float64
+        assert_models_agree(actual, expected, 1e-5, 1e-6)
+    assert all(model[2].dtype == np.int64 for model in actual)  # Flower's median makes it float64
+
+
+def _message_replies(models: list[Model], names: tuple[str, ...] = ("w", "b", "steps")) -> list[Message]:
+    return [
+        reply(_train_content(ArrayRecord(dict(zip(names, map(Array, model)))), 10), node + 1)
+        for node, model in enumerate(models)
+    ]
+
+
+def _configured_message(strategy: Any, names: tuple[str, ...] = ("w", "b", "steps")) -> Any:
+    record = ArrayRecord(dict(zip(names, map(Array, GLOBAL))))
+    strategy.configure_train(1, record, ConfigRecord(), Mock(spec=Grid, get_node_ids=lambda: [1, 2, 3, 4]))
+    return strategy
+
+
+def test_compressed_updates_that_do_not_match_the_model_are_dropped_as_failures(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from fastfed.compression import UniformQuantizer, encode
+
+    codec = UniformQuantizer(bits=8, min_size=0)
+    good = [fast_legacy.compress_parameters(_client(k), GLOBAL, codec, seed=k) for k in (1, 2)]
+    broken_payload = bytearray(good[0].tensors[0])
+    broken_payload[-10] ^= 0xFF
+    hostile = [
+        Parameters([encode(_client(3)[:2], codec, seed=0)], fast_legacy.TENSOR_TYPE),  # fewer layers
+        Parameters([encode([np.array(1.0, np.float32), *_client(3)[1:]], codec, seed=0)], fast_legacy.TENSOR_TYPE),
+        Parameters([encode([np.ones((1, 3), np.float32), *_client(3)[1:]], codec, seed=0)], fast_legacy.TENSOR_TYPE),
+        Parameters([], fast_legacy.TENSOR_TYPE),  # no payload
+        Parameters([bytes(broken_payload)], fast_legacy.TENSOR_TYPE),  # checksum mismatch
+        Parameters([b"not a payload"], fast_legacy.TENSOR_TYPE),
+    ]
+    results = _legacy_results([*good, *hostile])
+    strategy = _configured_legacy(fast_legacy.FastFedAvg())
+    with caplog.at_level("WARNING", logger="flwr"):
+        aggregated, _ = strategy.aggregate_fit(1, results, [])
+    lines = _dropped_lines(caplog)
+    assert len(lines) == len(hostile)  # one line per dropped client, naming it
+    assert "client 2 as a failure: 2 layers, but the model has 3" in lines[0]
+    assert "layer 0 has shape (), but the model's is (2, 3)" in lines[1]
+    assert "layer 0 has shape (1, 3), but the model's is (2, 3)" in lines[2]
+    assert "one fastfed payload, got 0 tensors" in lines[3]
+    assert "checksum mismatch" in lines[4] and "shorter than the 24-byte minimum" in lines[5]
+    mean = parameters_to_ndarrays(aggregated)
+    np.testing.assert_allclose(mean[0], np.full((2, 3), 1.5), atol=0.01)  # clients 1 and 2 only
+    assert mean[2].dtype == np.int64 and mean[2] == 2  # 1.5, half to even
+    # With accept_failures=False, a dropped client fails the round as Flower's failures do.
+    strict = _configured_legacy(fast_legacy.FastFedAvg(accept_failures=False))
+    assert strict.aggregate_fit(1, results, []) == (None, {})
+
+
+def test_message_api_mixes_compressed_and_plain_replies() -> None:
+    from fastfed.compression import UniformQuantizer
+
+    codec = UniformQuantizer(bits=16, min_size=0)
+    models = [_client(k) for k in range(1, 5)]
+    names = ("w", "b", "steps")
+    received = ArrayRecord(dict(zip(names, map(Array, GLOBAL))))
+    replies = _message_replies(models)
+    for k in (0, 2):
+        record = fast_message.compress_arrays(ArrayRecord(dict(zip(names, map(Array, models[k])))), received, codec)
+        replies[k] = reply(_train_content(record, 10), k + 1)
+    with pytest.raises(Exception, match="same keys"):  # Flower's own reply check refuses the mix
+        message_api.FedAvg().aggregate_train(1, replies)
+    arrays, _ = _configured_message(fast_message.FastFedAvg()).aggregate_train(1, replies)
+    np.testing.assert_allclose(arrays["w"].numpy(), np.full((2, 3), 2.5), atol=1e-4)
+    assert arrays["steps"].numpy().dtype == np.int64 and arrays["steps"].numpy() == 2  # 2.5, half to even
+    assert list(arrays.keys()) == list(names)
+
+
+def test_mocked_replies_work_and_the_round_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    def mock_reply(model: Model) -> Any:  # Flower's own test style for strategies
+        message = Mock(spec=Message)
+        message.content = _train_content(ArrayRecord(dict(zip(("w", "b", "steps"), map(Array, model)))), 10)
+        message.has_error.side_effect = lambda: False
+        message.has_content.side_effect = lambda: True
+        return message
+
+    models = [_client(k) for k in range(4)]
+    with caplog.at_level("INFO", logger="flwr"):
+        for strategy in (fast_message.FastFedAvg(), fast_message.FastFedAdam(), fast_message.FastFedMedian()):
+            arrays, _ = _configured_message(strategy).aggregate_train(1, [mock_reply(m) for m in models])
+            assert arrays is not None and arrays["w"].numpy().shape == (2, 3)
+    received = [r.getMessage() for r in caplog.records if "Received" in r.getMessage()]
+    assert received == ["aggregate_train: Received 4 results and 0 failures"] * 3
+
+
+@pytest.mark.parametrize("api", ["legacy", "message"])
+def test_non_finite_clients_are_dropped_as_failures_by_default(api: str, caplog: pytest.LogCaptureFixture) -> None:
+    models = [_client(k) for k in range(4)]
+    models[1][1][2] = np.inf
+    models[3][0][1, 1] = np.nan
+    if api == "legacy":
+        run = lambda s: parameters_to_ndarrays(_configured_legacy(s).aggregate_fit(1, _legacy_results(models), [])[0])  # noqa: E731
+        strategies = [fast_legacy.FastFedAvg, fast_legacy.FastFedMedian, fast_legacy.FastFedAdam]
+    else:
+        run = lambda s: _configured_message(s).aggregate_train(1, _message_replies(models))[0].to_numpy_ndarrays()  # noqa: E731
+        strategies = [fast_message.FastFedAvg, fast_message.FastFedMedian, fast_message.FastFedAdam]
+    with caplog.at_level("WARNING", logger="flwr"):
+        mean = run(strategies[0]())
+        median = run(strategies[1]())
+    lines = _dropped_lines(caplog)
+    assert len(lines) == 4 and all("holds NaN or infinity" in line for line in lines)
+    np.testing.assert_array_equal(mean[0], np.ones((2, 3)))  # clients 0 and 2
+    np.testing.assert_array_equal(median[1], np.full(3, 10.0))
+    initial = {"initial_parameters": ndarrays_to_parameters(GLOBAL)} if api == "legacy" else {}
+    assert np.isfinite(run(strategies[2](**initial))[0]).all()
+    propagating = strategies[0]()
+    propagating.non_finite = "propagate"
+    assert np.isnan(run(propagating)[0]).any()
+    if api == "legacy":
+        strict = _configured_legacy(fast_legacy.FastFedAvg(accept_failures=False))
+        assert strict.aggregate_fit(1, _legacy_results(models), []) == (None, {})

@@ -109,6 +109,20 @@ def test_contribute_semantics_on_synthetic_updates() -> None:
     assert tally.norms == pytest.approx([0.2, 2e6, 6.0])
 
 
+def test_clipping_scales_huge_updates_instead_of_zeroing_them() -> None:
+    aggregator = fastfed.mean_aggregator(clipping=1.0)
+    accumulator, tally = Accumulator(), RoundTally()
+    # Squares of 1e20 overflow float32, of 3e38 (and of 1e200 below) float64: the norm must not.
+    for value in (1e20, 3e38):
+        aggregator.contribute(accumulator, [np.full(4, value, np.float32)], 1.0, aggregator.bounds({}), 0, tally)
+    assert (tally.clipped, tally.zeroed) == (2, 0)
+    np.testing.assert_allclose(accumulator.result()[0], 0.5, rtol=1e-6)  # each scaled to norm 1: 0.5 each
+    assert tally.norms[:2] == pytest.approx([2e20, 6e38])
+    from fastfed.learning.aggregators import l2_norm
+
+    assert l2_norm([np.full(4, 1e200), np.array([-3e200])]) == pytest.approx(np.sqrt(13) * 1e200)
+
+
 def test_adaptive_bound_tracks_the_target_quantile() -> None:
     bound = AdaptiveBound(initial=1.0, target_quantile=0.5, learning_rate=0.2)
     estimate = 1.0

@@ -7,6 +7,7 @@
 #include "../common/boundary.hpp"
 #include "aggregate.hpp"
 #include "quantized.hpp"
+#include "robust.hpp"
 
 namespace py = pybind11;
 
@@ -117,6 +118,80 @@ void weighted_sum_quantized(const py::list& packed, unsigned bits, const py::arr
     });
 }
 
+// The K sources of a robust aggregate, checked like weighted_sum_layer's; out is float64 for float
+// sources and the sources' dtype for integers; non_finite is a writable uint8 array of K flags.
+struct robust_arguments {
+    std::vector<py::array> arrays;
+    scalar_type type;
+    std::size_t n;
+};
+
+robust_arguments check_robust(const py::list& sources, const py::array& out, const py::array& non_finite) {
+    const std::size_t n_sources = py::len(sources);
+    if (n_sources == 0) throw std::invalid_argument("sources: expected at least one array");
+    require_flat_contiguous(out, "out");
+    if (!out.writeable()) throw std::invalid_argument("out: array is read-only");
+    const auto n = static_cast<std::size_t>(out.shape(0));
+    robust_arguments checked{{}, scalar_type::f64, n};
+    checked.arrays.reserve(n_sources);
+    for (std::size_t k = 0; k < n_sources; ++k) {
+        auto object = py::reinterpret_borrow<py::object>(sources[k]);
+        const std::string name = "sources[" + std::to_string(k) + "]";
+        if (!py::isinstance<py::array>(object)) throw std::invalid_argument(name + ": expected a numpy array");
+        checked.arrays.push_back(py::reinterpret_borrow<py::array>(object));
+        const py::array& array = checked.arrays.back();
+        require_flat_contiguous(array, name.c_str());
+        if (static_cast<std::size_t>(array.shape(0)) != n)
+            throw std::invalid_argument(name + ": expected " + std::to_string(n) + " elements, got " + std::to_string(array.shape(0)));
+        if (!array.dtype().equal(checked.arrays.front().dtype())) throw std::invalid_argument(name + ": dtype differs from sources[0]");
+    }
+    checked.type = scalar_type_of(checked.arrays.front().dtype(), "sources");
+    const bool float_sources = checked.type == scalar_type::f16 || checked.type == scalar_type::f32 || checked.type == scalar_type::f64;
+    if (float_sources ? scalar_type_of(out.dtype(), "out") != scalar_type::f64 : !out.dtype().equal(checked.arrays.front().dtype()))
+        throw std::invalid_argument("out: dtype must be float64 for float sources, or the sources' integer dtype");
+    if (!non_finite.dtype().is(py::dtype::of<std::uint8_t>()) || non_finite.ndim() != 1 ||
+        static_cast<std::size_t>(non_finite.shape(0)) != n_sources || !non_finite.writeable() || !(non_finite.flags() & py::array::c_style))
+        throw std::invalid_argument("non_finite: expected a writable, contiguous uint8 array of shape (" + std::to_string(n_sources) +
+                                    ",)");
+    return checked;
+}
+
+template <class Run>
+void run_robust(const robust_arguments& checked, py::array& out, py::array& non_finite, Run&& run) {
+    std::vector<const void*> pointers;
+    pointers.reserve(checked.arrays.size());
+    for (const auto& array : checked.arrays) pointers.push_back(array.data());
+    void* out_data = out.mutable_data();
+    auto* flags = static_cast<unsigned char*>(non_finite.mutable_data());
+    const std::size_t n = checked.n;
+    // Safe: every Python object was converted above; `checked` keeps the buffers alive until return.
+    const py::gil_scoped_release release;
+    dispatch_scalar(checked.type, [&](auto source_tag) {
+        using Source = decltype(source_tag);
+        std::vector<const Source*> typed;
+        typed.reserve(pointers.size());
+        for (const void* pointer : pointers) typed.push_back(static_cast<const Source*>(pointer));
+        run(typed, static_cast<aggregate::robust_output<Source>*>(out_data), n, flags);
+    });
+}
+
+void median(const py::list& sources, py::array& out, py::array& non_finite) {
+    const robust_arguments checked = check_robust(sources, out, non_finite);
+    run_robust(checked, out, non_finite, [](const auto& typed, auto* out_data, std::size_t n, unsigned char* flags) {
+        aggregate::median(typed, out_data, n, flags);
+    });
+}
+
+void trimmed_mean(const py::list& sources, std::size_t cut, py::array& out, py::array& non_finite) {
+    const robust_arguments checked = check_robust(sources, out, non_finite);
+    if (2 * cut >= checked.arrays.size())
+        throw std::invalid_argument("cut: expected fewer than half of the " + std::to_string(checked.arrays.size()) + " sources, got " +
+                                    std::to_string(cut));
+    run_robust(checked, out, non_finite, [cut](const auto& typed, auto* out_data, std::size_t n, unsigned char* flags) {
+        aggregate::trimmed_mean(typed, cut, out_data, n, flags);
+    });
+}
+
 }  // namespace
 
 void register_aggregate(py::module_& m) {
@@ -128,6 +203,12 @@ void register_aggregate(py::module_& m) {
           py::arg("divisor"), py::arg("out"), py::arg("checksums"),
           "out = (sum_k scales[k] * unpack(packed[k]) + offset) / divisor: float32 blocks of eight clients, float64 tiles; "
           "checksums[k] = crc32(packed[k], checksums[k]).");
+    m.def("median", &median, py::arg("sources"), py::arg("out"), py::arg("non_finite"),
+          "Coordinate-wise median of K sources (even K: the midpoint of the middle two); NaN where a coordinate holds one. "
+          "non_finite[k] = 1 where sources[k] holds NaN or infinity.");
+    m.def("trimmed_mean", &trimmed_mean, py::arg("sources"), py::arg("cut"), py::arg("out"), py::arg("non_finite"),
+          "Coordinate-wise mean of K sources without the cut smallest and cut largest values; NaN where a coordinate holds "
+          "one. non_finite[k] = 1 where sources[k] holds NaN or infinity.");
 }
 
 }  // namespace fastfed

@@ -1,6 +1,7 @@
 """fastfed: fast federated averaging and update compression.
 
-Aggregation (:func:`weighted_mean`, :class:`Accumulator`) runs on native C++ kernels, with Numba and
+Aggregation (:func:`weighted_mean`, :class:`Accumulator`, the robust :func:`median` and
+:func:`trimmed_mean`) runs on native C++ kernels, with Numba and
 NumPy twins selected by :func:`set_backend` or ``FASTFED_BACKEND``. Compression lives in
 :mod:`fastfed.compression`, FedAvg over Keras in :mod:`fastfed.learning`. The subpackages
 :mod:`fastfed.data`, :mod:`fastfed.models` and :mod:`fastfed.integrations` are imported on first use,
@@ -15,7 +16,7 @@ from types import ModuleType
 
 from . import compression, learning
 from ._backend import available_backends, backend, set_backend, use_backend
-from .aggregation import Accumulator, weighted_mean, weighted_mean_encoded, weighted_sum
+from .aggregation import Accumulator, median, trimmed_mean, weighted_mean, weighted_mean_encoded, weighted_sum
 from .errors import DecodeError
 from .learning import (
     AdaptiveBound,
@@ -62,10 +63,12 @@ __all__ = [
     "load_checkpoint",
     "mean",
     "mean_aggregator",
+    "median",
     "models",
     "optimizers",
     "save_checkpoint",
     "set_backend",
+    "trimmed_mean",
     "use_backend",
     "weighted_mean",
     "weighted_mean_encoded",

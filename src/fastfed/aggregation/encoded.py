@@ -29,9 +29,31 @@ from ..compression.wire import (
     table_layout,
 )
 from ..errors import DecodeError
-from .layers import LayerSpec, cast_to_layer, check_weight, kernel_output, match_specs
+from .layers import (
+    LayerSpec,
+    NonFinite,
+    Screened,
+    cast_to_layer,
+    check_non_finite_policy,
+    check_weights,
+    exact_integer_mean,
+    first_non_finite_layer,
+    is_exact_integer,
+    kernel_output,
+    match_specs,
+    non_finite_error,
+    normalized_weights,
+)
 
-__all__ = ["SharedLayout", "accumulate_entry", "match_layout", "parse_client", "weighted_mean_encoded"]
+__all__ = [
+    "SharedLayout",
+    "accumulate_entry",
+    "match_layout",
+    "parse_client",
+    "raw_or_nothing",
+    "screened_mean_encoded",
+    "weighted_mean_encoded",
+]
 
 
 def accumulate_entry(acc: np.ndarray, entry: Entry, weight: float) -> None:
@@ -45,6 +67,11 @@ def accumulate_entry(acc: np.ndarray, entry: Entry, weight: float) -> None:
         kernels().aggregate.accumulate(acc, entry.decode().astype(np.float32, copy=False).reshape(-1), weight)
 
 
+def raw_or_nothing(entry: Entry) -> np.ndarray:
+    """A raw tensor's values, or no values for a quantized one (finite by construction)."""
+    return entry.raw_values() if entry.codec == CODEC_RAW else np.zeros(0, np.float32)
+
+
 def parse_client(payload: bytes | bytearray | memoryview, client: int, checksum: bool = True) -> list[Entry]:
     try:
         return parse(payload) if checksum else parse_structure(payload)
@@ -56,11 +83,16 @@ def _means_of_raw(
     values: list[np.ndarray], weights: np.ndarray, total: float, specs: list[LayerSpec]
 ) -> list[np.ndarray]:
     """The means of consecutive raw layers of one dtype, whose values each client holds as one flat run."""
-    out = kernel_output(LayerSpec((sum(spec.size for spec in specs),), specs[0].dtype), as_sum=False)
-    kernels().aggregate.weighted_sum_layer(values, weights, total, out)
+    exact = is_exact_integer(specs[0])  # a run shares one dtype
+    if exact:
+        out = exact_integer_mean(values, weights.tolist(), specs[0].dtype)
+    else:
+        out = kernel_output(LayerSpec((sum(spec.size for spec in specs),), specs[0].dtype), as_sum=False)
+        kernels().aggregate.weighted_sum_layer(values, weights, total, out)
     means, start = [], 0
     for spec in specs:
-        means.append(cast_to_layer(out[start : start + spec.size], spec))
+        chunk = out[start : start + spec.size]
+        means.append(chunk.reshape(spec.shape) if exact else cast_to_layer(chunk, spec))
         start += spec.size
     return means
 
@@ -76,11 +108,25 @@ def _mean_of_levels(
     checksums: np.ndarray,
 ) -> np.ndarray:
     """x = min + step * q: the offsets add up once, the levels stream through the tiled kernel,
-    which also continues each client's checksum over its levels."""
-    scales = (weights * ((maximums - minimums) / float(2**bits - 1))).astype(np.float32)
+    which also continues each client's checksum over its levels.
+
+    The kernel sums ``scale_k * q_k`` in float32, so the per-client scales ``w_k * step_k`` are
+    divided by a common power of two that brings the largest to [0.5, 1): float32 keeps 24 bits of
+    each whatever the weights and ranges, and nothing overflows. The offset and the divisor are
+    divided by the same power (exact), keeping them finite.
+    """
+    scales = weights * ((maximums - minimums) / float(2**bits - 1))
     offset = math.fsum((weights * minimums).tolist())
+    largest = float(scales.max())
+    exponent = math.frexp(largest)[1] if largest > 0.0 else 0
+    # Scales far below the offset (or the total) add nothing float32 could hold: the shared power
+    # stays within 2**1000 of them, so that the offset and divisor divided by it stay finite.
+    exponent = max(exponent, math.frexp(max(abs(offset), total))[1] - 1000)
+    scaled = np.ldexp(scales, -exponent).astype(np.float32)
     out = kernel_output(spec, as_sum=False)
-    kernels().aggregate.weighted_sum_quantized(levels, bits, scales, offset, total, out, checksums)
+    kernels().aggregate.weighted_sum_quantized(
+        levels, bits, scaled, math.ldexp(offset, -exponent), math.ldexp(total, -exponent), out, checksums
+    )
     return cast_to_layer(out, spec)
 
 
@@ -185,13 +231,16 @@ def match_layout(buffers: Sequence[memoryview], template: list[Entry]) -> Shared
     matches = same_size & (tables[:, fixed] == tables[0, fixed]).all(axis=1)
     minimums, maximums = layout.ranges(tables)
     with np.errstate(invalid="ignore"):
-        valid = np.isfinite(minimums) & np.isfinite(maximums) & (minimums <= maximums)
+        valid = (minimums <= maximums) & (np.maximum(-minimums, maximums) <= layout.limits)  # NaN fails both
     matches &= (valid | ~layout.quantized).all(axis=1)
     return SharedLayout(matches, minimums, maximums)
 
 
 def weighted_mean_encoded(
-    payloads: Sequence[bytes | bytearray | memoryview], weights: Sequence[float] | np.ndarray | None = None
+    payloads: Sequence[bytes | bytearray | memoryview],
+    weights: Sequence[float] | np.ndarray | None = None,
+    *,
+    non_finite: NonFinite = "raise",
 ) -> list[np.ndarray]:
     """The weighted mean of K encoded updates, reading each payload once.
 
@@ -202,25 +251,61 @@ def weighted_mean_encoded(
     on every backend. When all payloads share one table layout (the usual case: one model, one
     codec), the checksums are computed by that same kernel pass while the bytes are in cache.
     :meth:`Accumulator.add_encoded` is the streaming alternative.
+
+    Quantized tensors decode to finite values by construction; ``non_finite`` says what to do with
+    a client whose raw float tensors hold NaN or infinity, as for :func:`fastfed.weighted_mean`.
     """
+    return screened_mean_encoded(payloads, weights, non_finite).layers
+
+
+def screened_mean_encoded(
+    payloads: Sequence[bytes | bytearray | memoryview],
+    weights: Sequence[float] | np.ndarray | None = None,
+    non_finite: NonFinite = "skip",
+) -> Screened:
+    """:func:`weighted_mean_encoded`, also saying which clients ``non_finite="skip"`` left out."""
+    non_finite = check_non_finite_policy(non_finite)
     if isinstance(payloads, (bytes, bytearray, memoryview)) or not isinstance(payloads, Sequence):
         raise TypeError("payloads: expected a sequence of encoded updates")
     if len(payloads) == 0:
         raise ValueError("payloads: expected at least one encoded update, got none")
-    weight_list = [1.0] * len(payloads) if weights is None else list(np.asarray(weights, dtype=object).reshape(-1))
-    if len(weight_list) != len(payloads):
-        raise ValueError(f"got {len(payloads)} encoded updates but {len(weight_list)} weights")
-    weight_values = [check_weight(w, k) for k, w in enumerate(weight_list)]
-    total = math.fsum(weight_values)
-    if total == 0.0:
+    weight_values = check_weights(weights, len(payloads), "encoded updates")
+    if not any(weight_values):
         raise ValueError("the weights sum to zero; at least one client needs a positive weight")
     for client, payload in enumerate(payloads):
         if not isinstance(payload, (bytes, bytearray, memoryview)):
             raise TypeError(f"client {client}: expected an encoded update (bytes), got {type(payload).__name__}")
     buffers = [memoryview(payload).cast("B") for payload in payloads]
-    active = [k for k, w in enumerate(weight_values) if w > 0.0]
-    active_weights = np.array([weight_values[k] for k in active], dtype=np.float64)
     template = parse_client(buffers[0], 0, checksum=False)
+    skipped: list[int] = []
+    while True:
+        # A finite mean proves every contributing raw value finite; clients are searched only otherwise.
+        means = _mean_of_encoded(buffers, weight_values, template)
+        if non_finite == "propagate":
+            return Screened(means, skipped)
+        bad_layers = [j for j, mean in enumerate(means) if first_non_finite_layer([mean]) is not None]
+        culprits: dict[int, int] = {}  # client -> its first non-finite layer
+        for k, weight in enumerate(weight_values):
+            if weight > 0.0 and bad_layers:
+                entries = parse_client(buffers[k], k)
+                layer = first_non_finite_layer([raw_or_nothing(entries[j]) for j in bad_layers])
+                if layer is not None:
+                    culprits[k] = bad_layers[layer]
+        if not culprits:
+            return Screened(means, skipped)
+        if non_finite == "raise":
+            client = min(culprits)
+            raise non_finite_error(client, culprits[client])
+        for k in culprits:
+            weight_values[k] = 0.0
+        skipped += sorted(culprits)
+        if not any(weight_values):
+            raise ValueError(f"every client with a positive weight holds NaN or infinity (clients {sorted(skipped)})")
+
+
+def _mean_of_encoded(buffers: list[memoryview], weight_values: list[float], template: list[Entry]) -> list[np.ndarray]:
+    active = [k for k, w in enumerate(weight_values) if w > 0.0]
+    active_weights, total, _ = normalized_weights([weight_values[k] for k in active])
     layout = match_layout(buffers, template)
     if layout.matches.all() and all(entry.codec == CODEC_RAW or entry.block == 0 for entry in template):
         for k, weight in enumerate(weight_values):

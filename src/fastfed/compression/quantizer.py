@@ -10,6 +10,8 @@ quantization far more accurate (same paper, Section 4).
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,8 +102,21 @@ class QuantizedTensor:
     padded: int
 
 
-def quantize_tensor(values: np.ndarray, codec: UniformQuantizer, seed: int) -> QuantizedTensor:
-    """Quantizes a flat float32/float64 array (finite values only)."""
+@functools.lru_cache(maxsize=256)  # called once per quantized tensor of every payload parsed
+def decodable_limit(dtype: np.dtype[Any], block: int) -> float:
+    """The largest ``|min|`` or ``|max|`` of a quantized tensor of ``dtype`` whose levels decode to
+    finite values: levels decode through float32 (float16 for float16 tensors), and undoing a
+    rotation of ``block`` values can grow a value by up to ``sqrt(block)``."""
+    largest = float(np.finfo(np.float16 if dtype == np.float16 else np.float32).max)
+    return largest / math.sqrt(block) if block else largest
+
+
+def quantize_tensor(values: np.ndarray, codec: UniformQuantizer, seed: int, dtype: np.dtype[Any]) -> QuantizedTensor:
+    """Quantizes a flat float32/float64 array of a ``dtype`` tensor (finite values only).
+
+    Raises ``ValueError`` when the values reach beyond :func:`decodable_limit`, where decoding
+    would give infinities.
+    """
     count = values.shape[0]
     source = values
     block = padded = 0
@@ -112,8 +127,16 @@ def quantize_tensor(values: np.ndarray, codec: UniformQuantizer, seed: int) -> Q
     quantize = kernels().quantize
     # + 0.0 turns -0.0 into +0.0: SIMD and NumPy reductions may pick either zero, the header may not.
     minimum, maximum = (value + 0.0 for value in quantize.min_max(source))
+    limit = decodable_limit(dtype, block)
+    if max(-minimum, maximum) > limit:
+        raise ValueError(
+            f"values reach {max(-minimum, maximum):.6g}, beyond the ±{limit:.6g} that quantized {dtype} values "
+            "decode to; send this tensor raw (raise min_size or use no codec) or rescale it"
+        )
     levels = float(2**codec.bits - 1)
     scale = levels / (maximum - minimum) if maximum > minimum else 0.0
+    if not math.isfinite(scale):  # a range too narrow to divide by, far below float32 resolution
+        maximum, scale = minimum, 0.0
     packed = np.empty((source.shape[0] * codec.bits + 7) // 8, dtype=np.uint8)
     quantize.quantize_pack(
         source, codec.bits, codec.stochastic, stream_key(seed, STREAM_ROUNDING), minimum, scale, packed

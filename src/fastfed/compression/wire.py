@@ -19,6 +19,7 @@ from ..errors import DecodeError
 from .quantizer import (
     Codec,
     as_float_source,
+    decodable_limit,
     dequantize_tensor,
     quantize_tensor,
     rotation_shape,
@@ -48,6 +49,7 @@ FLAG_STOCHASTIC = 1
 FLAG_ROTATED = 2
 MAX_RANK = 32
 MAX_ELEMENTS = 1 << 40  # far above any model tensor, far below integer overflow anywhere
+MAX_TENSORS = 1 << 16  # far above any model's layer count; bounds the work a hostile table can ask for
 
 try:  # the native CRC-32 folds with carry-less multiplication on all cores: 10x zlib's speed
     from .._core import crc32 as crc32
@@ -69,7 +71,7 @@ DTYPE_CODES = {
 DTYPES_BY_CODE = {code: dtype for dtype, code in DTYPE_CODES.items()}
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs several times more per tensor
 class Entry:
     """One validated tensor of a payload; ``data`` is a zero-copy view of its bytes."""
 
@@ -129,9 +131,13 @@ def encode(update: Sequence[Any], codec: Codec | None = None, *, seed: int | Non
         seed = _random_seed()
     if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
         raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    if len(update) > MAX_TENSORS:
+        raise ValueError(f"update has {len(update)} tensors; the wire format holds at most {MAX_TENSORS}")
     table: list[bytes] = []
     payloads: list[memoryview] = []
     for index, layer in enumerate(update):
+        if isinstance(layer, np.ma.MaskedArray):
+            raise TypeError(f"layer {index}: masked arrays are refused, their masks would be lost; fill them first")
         array = np.asarray(layer)
         dtype = array.dtype.newbyteorder("=")
         if dtype not in DTYPE_CODES:
@@ -141,7 +147,7 @@ def encode(update: Sequence[Any], codec: Codec | None = None, *, seed: int | Non
         own_seed = tensor_seed(int(seed), index)
         if codec is not None and codec.applies_to(array):
             try:
-                quantized = quantize_tensor(as_float_source(array), codec, own_seed)
+                quantized = quantize_tensor(as_float_source(array), codec, own_seed, dtype)
             except ValueError as error:
                 raise ValueError(f"layer {index}: cannot quantize ({error})") from None
             flags = (FLAG_STOCHASTIC if codec.stochastic else 0) | (FLAG_ROTATED if codec.rotate else 0)
@@ -207,6 +213,8 @@ def parse_structure(payload: bytes | bytearray | memoryview) -> list[Entry]:
         raise _fail(f"unknown container flags {flags:#x}")
     if total != size:
         raise _fail(f"header says {total} bytes but {size} were given (truncated or extended)")
+    if n_tensors > MAX_TENSORS:
+        raise _fail(f"{n_tensors} tensors exceed the limit of {MAX_TENSORS}")
     body_end = size - CHECKSUM.size
     # Table first, so every length is known and checked before any payload is interpreted.
     heads = []
@@ -227,6 +235,7 @@ def parse_structure(payload: bytes | bytearray | memoryview) -> list[Entry]:
         heads.append(
             (index, codec, bits, entry_flags, dtype_code, shape, count, block, reserved, minimum, maximum, seed, length)
         )
+    whole = np.frombuffer(buffer, dtype=np.uint8)  # sliced per tensor: a slice is far cheaper than a new view
     entries = []
     for (
         index,
@@ -243,48 +252,52 @@ def parse_structure(payload: bytes | bytearray | memoryview) -> list[Entry]:
         seed,
         length,
     ) in heads:
-        where = f"tensor {index}"
         if dtype_code not in DTYPES_BY_CODE:
-            raise _fail(f"{where}: unknown dtype code {dtype_code}")
+            raise _fail(f"tensor {index}: unknown dtype code {dtype_code}")
         dtype = DTYPES_BY_CODE[dtype_code]
-        if any(dim > MAX_ELEMENTS for dim in shape) or math.prod(shape) != count or count > MAX_ELEMENTS:
-            raise _fail(f"{where}: shape {shape} does not hold {count} elements")
+        if math.prod(dim for dim in shape if dim) > MAX_ELEMENTS:  # empty tensors included: NumPy cannot
+            raise _fail(f"tensor {index}: shape {shape} exceeds {MAX_ELEMENTS} elements")  # hold such a shape either
+        if math.prod(shape) != count:
+            raise _fail(f"tensor {index}: shape {shape} does not hold {count} elements")
         if reserved != 0:
-            raise _fail(f"{where}: reserved field is {reserved}, expected 0")
+            raise _fail(f"tensor {index}: reserved field is {reserved}, expected 0")
         padded = 0
         if codec == CODEC_RAW:
             if bits or entry_flags or block or minimum or maximum:
-                raise _fail(f"{where}: raw tensor with quantization fields set")
+                raise _fail(f"tensor {index}: raw tensor with quantization fields set")
             expected = count * dtype.itemsize
         elif codec == CODEC_UNIFORM:
             if not 1 <= bits <= 16:
-                raise _fail(f"{where}: {bits} bits is outside 1..16")
+                raise _fail(f"tensor {index}: {bits} bits is outside 1..16")
             if dtype.kind != "f":
-                raise _fail(f"{where}: quantized tensor of non-float dtype {dtype}")
+                raise _fail(f"tensor {index}: quantized tensor of non-float dtype {dtype}")
             if entry_flags & ~(FLAG_STOCHASTIC | FLAG_ROTATED):
-                raise _fail(f"{where}: unknown flags {entry_flags:#x}")
+                raise _fail(f"tensor {index}: unknown flags {entry_flags:#x}")
             if not (math.isfinite(minimum) and math.isfinite(maximum) and minimum <= maximum):
-                raise _fail(f"{where}: bad range [{minimum}, {maximum}]")
+                raise _fail(f"tensor {index}: bad range [{minimum}, {maximum}]")
             if count == 0:
-                raise _fail(f"{where}: quantized tensor with no elements")
+                raise _fail(f"tensor {index}: quantized tensor with no elements")
             values = count
             if entry_flags & FLAG_ROTATED:
                 if block == 0 or block & (block - 1) or block > MAX_ELEMENTS:
-                    raise _fail(f"{where}: rotation block {block} is not a power of two")
+                    raise _fail(f"tensor {index}: rotation block {block} is not a power of two")
                 if rotation_shape(count, block)[0] != block:
-                    raise _fail(f"{where}: rotation block {block} is inconsistent with {count} elements")
+                    raise _fail(f"tensor {index}: rotation block {block} is inconsistent with {count} elements")
                 block, padded = rotation_shape(count, block)
                 values = padded
             elif block != 0:
-                raise _fail(f"{where}: rotation block set on an unrotated tensor")
+                raise _fail(f"tensor {index}: rotation block set on an unrotated tensor")
+            limit = decodable_limit(dtype, block)
+            if max(-minimum, maximum) > limit:
+                raise _fail(f"tensor {index}: range [{minimum}, {maximum}] exceeds ±{limit:.6g} (decodes to infinity)")
             expected = (values * bits + 7) // 8
         else:
-            raise _fail(f"{where}: unknown codec {codec}")
+            raise _fail(f"tensor {index}: unknown codec {codec}")
         if length != expected:
-            raise _fail(f"{where}: payload is {length} bytes, expected {expected}")
+            raise _fail(f"tensor {index}: payload is {length} bytes, expected {expected}")
         if offset + length > body_end:
-            raise _fail(f"{where}: payload runs past the end of the buffer")
-        data = np.frombuffer(buffer, dtype=np.uint8, count=length, offset=offset)
+            raise _fail(f"tensor {index}: payload runs past the end of the buffer")
+        data = whole[offset : offset + length]
         offset += length
         entries.append(
             Entry(
@@ -323,6 +336,7 @@ class TableLayout:
     varying: np.ndarray  # bool (table_end,): bytes that may differ between payloads of this layout
     range_bytes: np.ndarray  # intp (tensors, 16): the bytes of each entry's float64 min, then max
     quantized: np.ndarray  # bool (tensors,)
+    limits: np.ndarray  # float64 (tensors,): the decodable_limit of each quantized tensor's range
 
     def ranges(self, tables: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Each payload's (min, max) per tensor, float64 (payloads, tensors), from its table bytes
@@ -351,7 +365,8 @@ def table_layout(template: list[Entry], size: int) -> TableLayout:
         tail += ENTRY_TAIL.size
     range_bytes = np.array(minimum_at, dtype=np.intp).reshape(-1, 1) + np.arange(16)
     quantized = np.array([entry.codec == CODEC_UNIFORM for entry in template], dtype=bool)
-    return TableLayout(size, table_end, varying, range_bytes, quantized)
+    limits = np.array([decodable_limit(entry.dtype, entry.block) for entry in template], dtype=np.float64)
+    return TableLayout(size, table_end, varying, range_bytes, quantized, limits)
 
 
 def checksummed_length(size: int) -> int:

@@ -106,3 +106,34 @@ def check_weighted_sum_quantized(
     for k, data in enumerate(packed):
         require_packed(data, out.shape[0], bits, f"packed[{k}]")
     return scales
+
+
+def check_robust(sources: Sequence[np.ndarray], out: np.ndarray, non_finite: np.ndarray) -> None:
+    """Checks the arguments of ``median`` and ``trimmed_mean``."""
+    if len(sources) == 0:
+        raise ValueError("sources: expected at least one array")
+    require_flat(out, "out")
+    if not out.flags.writeable:
+        raise ValueError("out: array is read-only")
+    for k, source in enumerate(sources):
+        require_flat(source, f"sources[{k}]")
+        if source.shape != out.shape:
+            raise ValueError(f"sources[{k}]: expected {out.shape[0]} elements, got {source.shape[0]}")
+        if source.dtype != sources[0].dtype:
+            raise ValueError(f"sources[{k}]: dtype differs from sources[0]")
+    expected = np.dtype(np.float64) if sources[0].dtype.kind == "f" else sources[0].dtype
+    if out.dtype != expected:
+        raise ValueError("out: dtype must be float64 for float sources, or the sources' integer dtype")
+    if (
+        not isinstance(non_finite, np.ndarray)
+        or non_finite.dtype != np.uint8
+        or non_finite.shape != (len(sources),)
+        or not non_finite.flags.writeable
+        or not non_finite.flags.c_contiguous
+    ):
+        raise ValueError(f"non_finite: expected a writable, contiguous uint8 array of shape ({len(sources)},)")
+
+
+def check_cut(cut: int, count: int) -> None:
+    if not 0 <= 2 * cut < count:
+        raise ValueError(f"cut: expected fewer than half of the {count} sources, got {cut}")

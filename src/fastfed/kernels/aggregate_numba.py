@@ -1,5 +1,5 @@
-"""Numba twin of ``cpp/aggregate``: the same tiled float64 accumulations, compiled and parallel; see
-:mod:`fastfed.kernels.aggregate_numpy` for the definitions."""
+"""Numba twin of ``cpp/aggregate``: the same tiled float64 accumulations and robust aggregates,
+compiled and parallel; see :mod:`fastfed.kernels.aggregate_numpy` for the definitions."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 from numba import prange
 
 from . import aggregate_numpy as reference
-from ._checks import check_accumulate, check_weighted_sum, check_weighted_sum_quantized
+from ._checks import check_accumulate, check_cut, check_robust, check_weighted_sum, check_weighted_sum_quantized
 from .numba_arrays import client_view, data_addresses
 
 TILE = 2048  # float64 accumulator tile that stays in L1 while all clients stream through it
@@ -207,3 +207,171 @@ def weighted_sum_quantized(
     tasks = _tasks(out.shape[0], _QUANTIZED_TILE)
     example = np.empty(0, np.uint8)
     _weighted_sum_quantized(data_addresses(packed), example, bits, scales, float(offset), float(divisor), out, tasks)
+
+
+@numba.njit(cache=True)
+def _float_midpoint(lower, upper):  # type: ignore[no-untyped-def]
+    lower, upper = np.float64(lower), np.float64(upper)
+    total = lower + upper
+    return total * 0.5 if np.isfinite(total) else lower * 0.5 + upper * 0.5
+
+
+@numba.njit(cache=True)
+def _integer_midpoint(a, b):  # type: ignore[no-untyped-def]
+    floor_half = (a >> 1) + (b >> 1) + (a & b & 1)
+    if (a ^ b) & 1:
+        floor_half += floor_half & 1
+    return floor_half
+
+
+@numba.njit(cache=True)
+def _integer_mean(high_sum, low_sum, count):  # type: ignore[no-untyped-def]
+    high_quotient = high_sum // count  # floor division: the remainder is non-negative
+    rest = (high_sum - high_quotient * count) * (1 << 32) + low_sum
+    low_quotient = rest // count
+    remainder = rest - low_quotient * count
+    quotient = high_quotient * (1 << 32) + low_quotient
+    if 2 * remainder > count or (2 * remainder == count and quotient & 1):
+        quotient += 1
+    return quotient
+
+
+_LANES = 32  # coordinates sorted together by one pass of the network
+_NETWORK_LIMIT = 4096  # more clients: each coordinate is sorted on its own, as in cpp/aggregate
+
+
+def sorting_network(k: int) -> np.ndarray:
+    """Batcher's odd-even merge sort for the next power of two >= k, as (i, j) rows with i < j;
+    pairs reaching past k are left out (see ``cpp/aggregate/robust.hpp``)."""
+    n = 1 << max(0, (k - 1).bit_length())
+    pairs = []
+    p = 1
+    while p < n:
+        q = p
+        while q >= 1:
+            for j in range(q % p, n - q, 2 * q):
+                for i in range(min(q, n - j - q)):
+                    if (i + j) // (2 * p) == (i + j + q) // (2 * p) and i + j + q < k:
+                        pairs.append((i + j, i + j + q))
+            q >>= 1
+        p <<= 1
+    return np.array(pairs, dtype=np.int64).reshape(-1, 2)
+
+
+@numba.njit(parallel=True, cache=True)
+def _robust_grouped(addresses, example, cut, out, flags, pairs, reduce):  # type: ignore[no-untyped-def]
+    """out[i] = reduce(sorted values of coordinate i, cut), NaN where a coordinate holds one;
+    flags[group, k] = 1 where client k holds NaN or infinity in that group of coordinates.
+
+    Each group's K x _LANES block is sorted column-wise by the network ``pairs`` (branch-free
+    min/max over whole rows), or, without pairs, one coordinate at a time."""
+    n_sources = len(addresses)
+    n = out.shape[0]
+    for group in prange((n + _LANES - 1) // _LANES):
+        begin = group * _LANES
+        end = min(n, begin + _LANES)
+        rows = np.zeros((n_sources, _LANES), dtype=example.dtype)
+        for k in range(n_sources):
+            source = client_view(addresses, k, example, begin, end)
+            bad = False
+            for lane in range(end - begin):
+                value = source[lane]
+                rows[k, lane] = value
+                bad |= not np.isfinite(value)
+            if bad:
+                flags[group, k] = 1
+        maybe_nan = flags[group].any()
+        nan_lane = np.zeros(_LANES, dtype=np.bool_)
+        if maybe_nan:
+            for k in range(n_sources):
+                for lane in range(_LANES):
+                    nan_lane[lane] |= rows[k, lane] != rows[k, lane]
+        if pairs.shape[0] or n_sources == 1:
+            for p in range(pairs.shape[0]):
+                low, high = rows[pairs[p, 0]], rows[pairs[p, 1]]
+                for lane in range(_LANES):
+                    x, y = low[lane], high[lane]
+                    low[lane] = y if y < x else x
+                    high[lane] = x if y < x else y
+        else:
+            for lane in range(_LANES):
+                rows[:, lane] = np.sort(rows[:, lane])
+        for lane in range(end - begin):
+            if nan_lane[lane]:  # (never for integers: as one expression, the result would go through float64)
+                out[begin + lane] = np.nan
+            else:
+                out[begin + lane] = reduce(rows[:, lane], cut)
+
+
+@numba.njit(cache=True)
+def _float_median(ordered, cut):  # type: ignore[no-untyped-def]
+    middle = len(ordered) // 2
+    if len(ordered) % 2:
+        return np.float64(ordered[middle])
+    return _float_midpoint(ordered[middle - 1], ordered[middle])
+
+
+@numba.njit(cache=True)
+def _integer_median(ordered, cut):  # type: ignore[no-untyped-def]
+    middle = len(ordered) // 2
+    if len(ordered) % 2:
+        return ordered[middle]
+    return _integer_midpoint(ordered[middle - 1], ordered[middle])
+
+
+@numba.njit(cache=True)
+def _float_trimmed_mean(ordered, cut):  # type: ignore[no-untyped-def]
+    count = len(ordered)
+    headroom = 1.0
+    while headroom < count:
+        headroom *= 2.0
+    total = 0.0
+    for r in range(cut, count - cut):
+        total += np.float64(ordered[r]) / headroom
+    return total / (count - 2 * cut) * headroom
+
+
+@numba.njit(cache=True)
+def _integer_trimmed_mean(ordered, cut):  # type: ignore[no-untyped-def]
+    high_sum = low_sum = np.int64(0)
+    for r in range(cut, len(ordered) - cut):
+        high_sum += ordered[r] >> 32
+        low_sum += ordered[r] & 0xFFFFFFFF
+    return _integer_mean(high_sum, low_sum, np.int64(len(ordered) - 2 * cut))
+
+
+def _robust(sources: Sequence[np.ndarray], cut: int, out: np.ndarray, non_finite: np.ndarray, median: bool) -> None:
+    """Runs the tiled kernel on the values of :func:`fastfed.kernels.aggregate_numpy.robust_values`
+    (float16 widened, integers as int64), into an int64 buffer for integers."""
+    dtype = sources[0].dtype
+    is_float = dtype.kind == "f"
+    # Float16 widened and integers mapped onto int64 (a copy); float32 and float64 read in place.
+    arrays = list(sources) if is_float and dtype != np.float16 else list(reference.robust_values(sources))
+    n_groups = (out.shape[0] + _LANES - 1) // _LANES
+    flags = np.zeros((n_groups, len(sources)), dtype=np.uint8)
+    result = out if is_float else np.empty(out.shape[0], dtype=np.int64)
+    if median:
+        reduce = _float_median if is_float else _integer_median
+    else:
+        reduce = _float_trimmed_mean if is_float else _integer_trimmed_mean
+    pairs = sorting_network(len(sources)) if len(sources) <= _NETWORK_LIMIT else np.zeros((0, 2), np.int64)
+    _robust_grouped(data_addresses(arrays), arrays[0][:0], int(cut), result, flags, pairs, reduce)
+    if n_groups:
+        non_finite |= flags.max(axis=0)
+    if is_float:
+        out += 0.0  # -0.0 becomes +0.0, as in every backend
+    else:
+        out[:] = reference.robust_result(result, dtype)
+
+
+def median(sources: Sequence[np.ndarray], out: np.ndarray, non_finite: np.ndarray) -> None:
+    """The coordinate-wise median; see :func:`fastfed.kernels.aggregate_numpy.median`."""
+    check_robust(sources, out, non_finite)
+    _robust(sources, 0, out, non_finite, median=True)
+
+
+def trimmed_mean(sources: Sequence[np.ndarray], cut: int, out: np.ndarray, non_finite: np.ndarray) -> None:
+    """The coordinate-wise trimmed mean; see :func:`fastfed.kernels.aggregate_numpy.trimmed_mean`."""
+    check_robust(sources, out, non_finite)
+    check_cut(cut, len(sources))
+    _robust(sources, cut, out, non_finite, median=False)

@@ -1,8 +1,10 @@
 """NumPy reference for ``cpp/aggregate``: weighted sums accumulated in float64, of float buffers
-or of packed quantized levels.
+or of packed quantized levels, and the coordinate-wise median and trimmed mean.
 
 Every element is summed in client order, ``acc = ((0 + w0*x0) + w1*x1) + ...``, then divided once;
-the native and Numba kernels follow exactly this order, so all three agree bit for bit.
+the native and Numba kernels follow exactly this order, so all three agree bit for bit. The robust
+aggregates are defined in ``cpp/aggregate/robust.hpp``; :func:`median` and :func:`trimmed_mean`
+spell that definition out.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ._checks import check_accumulate, check_weighted_sum, check_weighted_sum_quantized
+from ._checks import check_accumulate, check_cut, check_robust, check_weighted_sum, check_weighted_sum_quantized
 from .quantize_numpy import unpack
 
 
@@ -65,3 +67,108 @@ def weighted_sum_quantized(
             block_sum += scales[k] * unpack(packed[k], n, bits).astype(np.float32)
         acc += block_sum.astype(np.float64)
     out[:] = (acc + offset) / divisor
+
+
+_TOP_BIT = np.uint64(1 << 63)
+
+
+def robust_values(sources: Sequence[np.ndarray]) -> np.ndarray:
+    """The (K, n) values the robust aggregates compare: float16 widened to float32 (exact), integers
+    mapped order-preservingly onto int64 (uint64 by flipping the top bit, i.e. subtracting 2**63)."""
+    dtype = sources[0].dtype
+    if dtype == np.float16:
+        return np.stack([source.astype(np.float32) for source in sources])
+    if dtype.kind == "f":
+        return np.stack(sources)
+    if dtype == np.uint64:
+        return np.stack([(source ^ _TOP_BIT).view(np.int64) for source in sources])
+    return np.stack([source.astype(np.int64) for source in sources])
+
+
+def robust_result(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Float results as float64 with -0.0 made +0.0; integers mapped back to their dtype."""
+    if dtype.kind == "f":
+        return values.astype(np.float64) + 0.0
+    if dtype == np.uint64:
+        return values.view(np.uint64) ^ _TOP_BIT
+    return values.astype(dtype)
+
+
+def flag_non_finite(values: np.ndarray, non_finite: np.ndarray) -> None:
+    if values.dtype.kind == "f":
+        non_finite |= (~np.isfinite(values)).any(axis=1).astype(np.uint8)
+
+
+def float_midpoint(lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
+    """``(lower + upper) * 0.5`` in float64, or ``lower * 0.5 + upper * 0.5`` where the sum overflows."""
+    lower, upper = lower.astype(np.float64), upper.astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = lower + upper
+        return np.where(np.isfinite(total), total * 0.5, lower * 0.5 + upper * 0.5)
+
+
+def integer_midpoint(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``(a + b) / 2`` of int64 arrays, exactly, rounded half to even."""
+    floor_half = (a >> 1) + (b >> 1) + (a & b & 1)
+    rounded: np.ndarray = floor_half + (((a ^ b) & 1) & floor_half)
+    return rounded
+
+
+def integer_mean(high_sum: np.ndarray, low_sum: np.ndarray, count: int) -> np.ndarray:
+    """The mean of ``count`` int64 values given as ``sum(x >> 32)`` and ``sum(x & 0xffffffff)``,
+    rounded half to even (exact: the 96-bit sum is divided in two steps)."""
+    high_quotient, high_remainder = np.divmod(high_sum, count)  # floor division, remainder >= 0
+    low_quotient, remainder = np.divmod(high_remainder * (1 << 32) + low_sum, count)
+    quotient = high_quotient * (1 << 32) + low_quotient
+    rounded: np.ndarray = quotient + ((2 * remainder > count) | ((2 * remainder == count) & (quotient & 1 == 1)))
+    return rounded
+
+
+def sum_headroom(count: int) -> float:
+    """2**s with 2**s >= count: sums of count values divided by it cannot overflow."""
+    return float(1 << max(0, (count - 1).bit_length()))
+
+
+def median(sources: Sequence[np.ndarray], out: np.ndarray, non_finite: np.ndarray) -> None:
+    """``out`` = the coordinate-wise median (even K: the midpoint of the middle two values); NaN
+    where a coordinate holds one. ``non_finite[k] = 1`` where ``sources[k]`` holds NaN or infinity."""
+    check_robust(sources, out, non_finite)
+    values = robust_values(sources)
+    flag_non_finite(values, non_finite)
+    ordered = np.sort(values, axis=0)
+    middle = len(sources) // 2
+    upper = ordered[middle]
+    if len(sources) % 2:
+        result = upper
+    elif values.dtype.kind == "f":
+        result = float_midpoint(ordered[middle - 1], upper)
+    else:
+        result = integer_midpoint(ordered[middle - 1], upper)
+    if values.dtype.kind == "f":
+        result = np.where(np.isnan(values).any(axis=0), np.nan, result)
+    out[:] = robust_result(result, sources[0].dtype)
+
+
+def trimmed_mean(sources: Sequence[np.ndarray], cut: int, out: np.ndarray, non_finite: np.ndarray) -> None:
+    """``out`` = the coordinate-wise mean without the ``cut`` smallest and ``cut`` largest values;
+    NaN where a coordinate holds one. ``non_finite`` as for :func:`median`.
+
+    The kept values are summed in ascending order, each divided by :func:`sum_headroom` (so that no
+    sum overflows); the sum is divided by their count and multiplied back. Integers: exact.
+    """
+    check_robust(sources, out, non_finite)
+    check_cut(cut, len(sources))
+    values = robust_values(sources)
+    flag_non_finite(values, non_finite)
+    count = len(sources)
+    kept = np.sort(values, axis=0)[cut : count - cut]
+    if values.dtype.kind == "f":
+        headroom = sum_headroom(count)
+        total = np.zeros(values.shape[1], dtype=np.float64)
+        with np.errstate(invalid="ignore"):
+            for row in kept:  # one row at a time: the sum runs in ascending order, as in every backend
+                total += row.astype(np.float64) / headroom
+        result = np.where(np.isnan(values).any(axis=0), np.nan, total / len(kept) * headroom)
+    else:
+        result = integer_mean((kept >> 32).sum(axis=0), (kept & 0xFFFFFFFF).sum(axis=0), len(kept))
+    out[:] = robust_result(result, sources[0].dtype)

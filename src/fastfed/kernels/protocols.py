@@ -15,7 +15,8 @@ __all__ = ["AggregateKernels", "QuantizeKernels", "RotateKernels"]
 
 
 class AggregateKernels(Protocol):
-    """``cpp/aggregate``: weighted sums of float buffers and of packed quantized levels."""
+    """``cpp/aggregate``: weighted sums of float buffers and of packed quantized levels; coordinate-wise
+    median and trimmed mean."""
 
     def weighted_sum_layer(
         self, sources: list[np.ndarray], weights: npt.NDArray[np.float64], divisor: float, out: np.ndarray
@@ -32,6 +33,12 @@ class AggregateKernels(Protocol):
         divisor: float,
         out: np.ndarray,
         checksums: npt.NDArray[np.uint32],
+    ) -> None: ...
+
+    def median(self, sources: list[np.ndarray], out: np.ndarray, non_finite: npt.NDArray[np.uint8]) -> None: ...
+
+    def trimmed_mean(
+        self, sources: list[np.ndarray], cut: int, out: np.ndarray, non_finite: npt.NDArray[np.uint8]
     ) -> None: ...
 
 

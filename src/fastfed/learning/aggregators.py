@@ -20,7 +20,7 @@ import numpy as np
 from ..aggregation import Accumulator
 from ..compression import Codec, encode, raw_size_bits, size_bits
 
-__all__ = ["AdaptiveBound", "MeanAggregator", "RoundTally", "mean", "mean_aggregator"]
+__all__ = ["AdaptiveBound", "MeanAggregator", "RoundTally", "l2_norm", "mean", "mean_aggregator"]
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,17 @@ class RoundTally:
         self.norms.extend(other.norms)
 
 
+def l2_norm(layers: Sequence[np.ndarray]) -> float:
+    """The L2 norm of an update, in float64 and scaled by its largest value, so that no square
+    overflows (a float32 update of 1e20 has a norm, not infinity) or vanishes."""
+    values = [np.abs(np.asarray(layer, dtype=np.float64)).reshape(-1) for layer in layers]
+    largest = max((float(v.max()) for v in values if v.size), default=0.0)
+    if largest == 0.0:
+        return 0.0
+    scaled = [v / largest for v in values]
+    return largest * math.sqrt(math.fsum(float(np.dot(s, s)) for s in scaled))
+
+
 @dataclass(frozen=True)
 class MeanAggregator:
     """The weighted mean of client deltas; see :func:`mean_aggregator`."""
@@ -139,7 +150,7 @@ class MeanAggregator:
         if not all(np.isfinite(d).all() for d in delta):
             tally.non_finite += 1  # rejected outright, as TFF's update_non_finite counts
             return
-        norm = math.sqrt(math.fsum(float(np.vdot(d, d)) for d in delta))
+        norm = l2_norm(delta)
         tally.norms.append(norm)
         clip_bound, zeroing_bound = bounds
         if zeroing_bound is not None and norm > zeroing_bound:

@@ -9,6 +9,13 @@ the directory is renamed into place, so a crash leaves either the whole checkpoi
 Every random choice of a run derives from (seed, round, client index), so (seed, round) is the
 complete RNG state: a resumed run is bitwise identical to an uninterrupted one as long as the
 arithmetic is deterministic (see :func:`fastfed.learning.client.enable_determinism`).
+
+Loading trusts nothing in the folder: checkpoints are ordered by the round number their folder name
+parses to; only real directories and regular files inside the run folder are read (no symlinks, no
+devices or FIFOs), each read once and in full; the arrays are parsed from the very bytes whose
+SHA-256 was checked, never unpickled, and their headers cannot ask for more memory than the file
+holds; and the round stored inside must be the one the folder is named for. A checkpoint failing
+any of this is skipped with a warning, and the newest one that passes is used.
 """
 
 from __future__ import annotations
@@ -17,21 +24,27 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
+import stat
 import tempfile
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .._npy import npy_view
 from .fedavg import FedAvgState
 
 __all__ = ["Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint"]
 
 FORMAT = "fastfed-checkpoint"
 VERSION = 1
+ROUND_FOLDER = re.compile(r"round-(\d+)")
+MAX_STATE_BYTES = 1 << 28  # state.json: metrics and configuration, far below this
 
 
 class CheckpointError(ValueError):
@@ -129,15 +142,78 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    for old in sorted(p for p in root.iterdir() if p.name.startswith("round-"))[:-keep]:
+    saved = [path for path, _ in _round_folders(root) if path.is_dir() and not path.is_symlink()]  # no links
+    for old in saved[keep:]:
         shutil.rmtree(old)
     return final
 
 
-def _read(path: Path) -> Checkpoint:
+def _round_folders(root: Path) -> list[tuple[Path, int]]:
+    """The ``round-N`` entries of ``root``, newest round first (by number: round 1,000,000 is newer
+    than round 999,999, whatever their names sort as)."""
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in root.iterdir():
+        match = ROUND_FOLDER.fullmatch(entry.name)
+        if match:
+            found.append((entry, int(match.group(1))))
+    return sorted(found, key=lambda item: item[1], reverse=True)
+
+
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+
+
+def _read_regular_file(path: Path, limit: int | None = None) -> bytes:
+    """All bytes of a regular file, opened without following a symlink and without blocking on a
+    FIFO; devices, FIFOs and symlinks are refused, and at most its size (or ``limit``) is read."""
+    name = path.name
     try:
-        document = json.loads((path / "state.json").read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        descriptor = os.open(path, _OPEN_FLAGS)
+    except OSError as error:
+        raise CheckpointError(f"{path.parent}: {name} cannot be opened as a regular file ({error})") from None
+    try:
+        info = os.fstat(descriptor)
+        if not stat.S_ISREG(info.st_mode):
+            raise CheckpointError(f"{path.parent}: {name} is not a regular file")
+        if limit is not None and info.st_size > limit:
+            raise CheckpointError(f"{path.parent}: {name} is {info.st_size} bytes, more than the {limit} allowed")
+        chunks, remaining = [], info.st_size
+        while remaining > 0:
+            chunk = os.read(descriptor, min(remaining, 1 << 24))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        if remaining or os.read(descriptor, 1):
+            raise CheckpointError(f"{path.parent}: {name} changed while it was read")
+        return b"".join(chunks)
+    except OSError as error:
+        raise CheckpointError(f"{path.parent}: {name} is unreadable ({error})") from None
+    finally:
+        os.close(descriptor)
+
+
+def _arrays_of(data: bytes) -> dict[str, np.ndarray]:
+    """The arrays of an ``np.savez`` archive, parsed from these bytes: stored members only, each a
+    ``.npy`` whose header must match its size (so no header can ask for more memory), no pickle."""
+    arrays = {}
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        for info in archive.infolist():
+            if info.compress_type != zipfile.ZIP_STORED or not info.filename.endswith(".npy"):
+                raise ValueError(f"member {info.filename!r} is not a stored .npy array")
+            arrays[info.filename[: -len(".npy")]] = npy_view(archive.read(info)).copy()
+    return arrays
+
+
+def _read(path: Path, folder_round: int, run_dir: Path) -> Checkpoint:
+    if path.is_symlink() or not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory of the run (symlinks are not followed)")
+    if not path.resolve().is_relative_to(run_dir):
+        raise CheckpointError(f"{path}: lies outside the run folder {run_dir}")
+    try:
+        document = json.loads(_read_regular_file(path / "state.json", MAX_STATE_BYTES))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{path}: state.json is unreadable ({error})") from None
     if not isinstance(document, dict) or not isinstance(document.get("content"), dict):
         raise CheckpointError(f"{path}: state.json has no content")
@@ -146,27 +222,32 @@ def _read(path: Path) -> Checkpoint:
         raise CheckpointError(f"{path}: state.json checksum mismatch")
     if content.get("format") != FORMAT or content.get("version") != VERSION:
         raise CheckpointError(f"{path}: not a version {VERSION} fastfed checkpoint")
-    try:
-        array_bytes = (path / "arrays.npz").read_bytes()
-    except OSError as error:
-        raise CheckpointError(f"{path}: arrays.npz is unreadable ({error})") from None
-    if _sha256(array_bytes) != content["arrays_sha256"]:
+    if content.get("round") != folder_round:
+        raise CheckpointError(f"{path}: holds round {content.get('round')!r}, not the round {folder_round} of its name")
+    array_bytes = _read_regular_file(path / "arrays.npz")
+    if _sha256(array_bytes) != content.get("arrays_sha256"):
         raise CheckpointError(f"{path}: arrays.npz checksum mismatch (truncated or corrupted)")
-    with np.load(path / "arrays.npz", allow_pickle=False) as arrays:
+    try:
+        # The arrays come from the bytes just hashed: a file swapped since cannot slip in.
+        arrays = _arrays_of(array_bytes)
         weights = [arrays[f"weights/{i}"] for i in range(content["num_weights"])]
         optimizer_state = {
             key: [arrays[f"optimizer/{key}/{i}"] for i in range(count)]
             for key, count in content["optimizer_keys"].items()
         }
-    state = FedAvgState(
-        weights=weights,
-        round=content["round"],
-        optimizer_state=optimizer_state,
-        broadcast_bits_total=content["broadcast_bits_total"],
-        aggregate_bits_total=content["aggregate_bits_total"],
-        aggregator_state=content["aggregator_state"],
-    )
-    return Checkpoint(state, content["seed"], content["metrics_history"], content["config"], path)
+        state = FedAvgState(
+            weights=weights,
+            round=content["round"],
+            optimizer_state=optimizer_state,
+            broadcast_bits_total=content["broadcast_bits_total"],
+            aggregate_bits_total=content["aggregate_bits_total"],
+            aggregator_state=content["aggregator_state"],
+        )
+        return Checkpoint(state, content["seed"], content["metrics_history"], content["config"], path)
+    except (KeyError, TypeError, ValueError, AttributeError, zipfile.BadZipFile, EOFError) as error:
+        # A missing field, a pickled or malformed array: corruption, like a checksum mismatch.
+        reason = f"{type(error).__name__}: {error}"
+        raise CheckpointError(f"{path}: arrays.npz or state.json is malformed ({reason})") from None
 
 
 def load_checkpoint(run_dir: str | Path) -> Checkpoint:
@@ -174,14 +255,11 @@ def load_checkpoint(run_dir: str | Path) -> Checkpoint:
 
     Raises :class:`CheckpointError` if the run has no checkpoint that verifies.
     """
-    root = Path(run_dir) / "checkpoints"
-    candidates = (
-        sorted((p for p in root.iterdir() if p.name.startswith("round-")), reverse=True) if root.exists() else []
-    )
+    run = Path(run_dir).resolve()
     skipped: list[tuple[Path, str]] = []
-    for path in candidates:
+    for path, folder_round in _round_folders(Path(run_dir) / "checkpoints"):
         try:
-            checkpoint = _read(path)
+            checkpoint = _read(path, folder_round, run)
         except CheckpointError as error:
             skipped.append((path, str(error)))
             continue

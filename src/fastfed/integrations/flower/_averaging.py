@@ -1,48 +1,31 @@
-"""The averaging both Flower APIs share: stream results into a fastfed Accumulator, plain or compressed."""
+"""What both Flower APIs share: reading clients' updates, checking them against the round's global
+layout, and aggregating them with fastfed, with the clients that must be dropped and why.
+
+A client is dropped (and counted as a failure by the strategies) when its update cannot be read,
+does not match the round's global layout (layer count, shapes and dtypes), fails its checksum, or,
+under the default ``non_finite="skip"``, holds NaN or infinity.
+"""
 
 from __future__ import annotations
 
-import io
-import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from ...aggregation import LayerSpec, cast_to_layer, weighted_mean, weighted_mean_encoded, weighted_sum
+from ...aggregation import LayerSpec, cast_to_layer
+from ...aggregation.encoded import screened_mean_encoded
+from ...aggregation.layers import NonFinite, Screened, check_non_finite_policy, check_update, refuse_masked
+from ...aggregation.mean import screened_mean
 from ...compression import UniformQuantizer, encode
+from ...compression.wire import parse, parse_structure
+from ...errors import DecodeError
 
 TENSOR_TYPE = "fastfed.update.v1"  # Parameters.tensor_type of a compressed update (legacy API)
 ARRAY_KEY = "fastfed.update.v1"  # the single key of a compressed update's ArrayRecord (Message API)
 
 
-NUMPY_STYPE = "numpy.ndarray"  # Flower's serialization type for .npy bytes
-
-
-def npy_view(data: bytes) -> np.ndarray:
-    """A read-only, zero-copy view of one ``.npy``-serialized array (what Flower puts on the wire).
-
-    ``np.load`` copies every tensor out of its bytes; aggregation only needs to read it once. The
-    header is parsed by NumPy's own safe reader, and object dtypes (which would need pickle) are refused.
-    """
-    stream = io.BytesIO(data)
-    try:
-        version = np.lib.format.read_magic(stream)
-        if version == (1, 0):
-            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
-        elif version == (2, 0):
-            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream)
-        else:
-            raise ValueError(f"unsupported .npy version {version}")
-    except ValueError as error:
-        raise ValueError(f"not a .npy array: {error}") from None
-    if dtype.hasobject:
-        raise ValueError("object arrays are refused: reading them would need pickle")
-    count = math.prod(shape)
-    offset = stream.tell()
-    if len(data) - offset != count * dtype.itemsize:
-        raise ValueError(f".npy data is {len(data) - offset} bytes, expected {count * dtype.itemsize} for {shape}")
-    flat = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
-    return flat.reshape(shape, order="F" if fortran_order else "C")
+NUMPY_STYPE = "numpy.ndarray"  # Flower's serialization type for .npy bytes, read with npy_view
 
 
 def encode_delta(
@@ -51,33 +34,164 @@ def encode_delta(
     """A client's update (its weights minus the weights it received), fastfed-encoded."""
     if len(updated) != len(received):
         raise ValueError(f"updated has {len(updated)} arrays but received has {len(received)}")
+    for j, (new, old) in enumerate(zip(updated, received)):
+        refuse_masked(new, f"updated, layer {j}")
+        refuse_masked(old, f"received, layer {j}")
     delta = [np.asarray(new) - np.asarray(old) for new, old in zip(updated, received)]
     return encode(delta, codec, seed=seed)
 
 
-def average_results(
-    plain: list[tuple[list[np.ndarray], float]],
-    encoded: list[tuple[bytes, float]],
-    global_weights: Sequence[np.ndarray] | None,
-) -> list[np.ndarray]:
-    """The weighted mean of a round's results: client weights (``plain``) and/or fastfed-encoded deltas
-    from ``global_weights`` (``encoded``), in one batched pass over each kind.
+class ClientUpdate(NamedTuple):
+    """One client's result: its weights (``arrays``), or a fastfed-compressed delta from the round's
+    global weights (``payload``), or why it could not be read (``error``); and its weight."""
 
-    Flower hands the strategy every result at once, and zero-copy views of them cost no memory, so
-    the batched kernels (tiled, many clients per sweep) read each byte once.
+    arrays: list[np.ndarray] | None
+    payload: bytes | None
+    weight: float
+    error: str | None = None
+
+
+class RoundAggregate(NamedTuple):
+    """The aggregate of a round (``None`` when no client is left) and the dropped clients, by
+    position, with the reason for each."""
+
+    layers: list[np.ndarray] | None
+    dropped: dict[int, str]
+
+
+def _layout_mismatches(updates: list[ClientUpdate], global_weights: Sequence[np.ndarray] | None) -> dict[int, str]:
+    """Why each update that does not fit the round cannot be aggregated, by position.
+
+    Layer count and shapes must be the global weights' (or, when the strategy never saw them, the
+    first plain update's). Dtypes must agree among the plain updates and among the compressed ones
+    (the first fitting update of each kind sets them): a server optimizer may keep float64 global
+    weights while clients train in float32.
     """
-    if not encoded:
-        return weighted_mean([arrays for arrays, _ in plain], [weight for _, weight in plain])
-    if global_weights is None:
+    shapes = None if global_weights is None else [np.shape(g) for g in global_weights]
+    dtypes: dict[bool, list[np.dtype[Any]]] = {}
+    mismatches = {}
+    for k, update in enumerate(updates):
+        try:
+            if update.error is not None:
+                raise ValueError(update.error)
+            if update.arrays is not None:
+                specs = check_update(update.arrays, k, None)[1]
+            else:
+                specs = [LayerSpec(entry.shape, entry.dtype) for entry in parse_structure(update.payload or b"")]
+            shapes = shapes or [spec.shape for spec in specs]
+            if len(specs) != len(shapes):
+                raise ValueError(f"{len(specs)} layers, but the model has {len(shapes)}")
+            for j, (spec, shape) in enumerate(zip(specs, shapes)):
+                if spec.shape != shape:
+                    raise ValueError(f"layer {j} has shape {spec.shape}, but the model's is {shape}")
+            expected = dtypes.setdefault(update.payload is not None, [spec.dtype for spec in specs])
+            for j, (spec, dtype) in enumerate(zip(specs, expected)):
+                if spec.dtype != dtype:
+                    raise TypeError(f"layer {j} has dtype {spec.dtype}, but the other clients' is {dtype}")
+        except (DecodeError, ValueError, TypeError) as error:
+            mismatches[k] = str(error)
+    return mismatches
+
+
+def _with_delta(global_layer: np.ndarray, delta: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
+    """``global + delta`` as ``dtype``: exactly for integers, through float64 for floats."""
+    spec = LayerSpec(np.shape(global_layer), dtype)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        exact = np.asarray(global_layer).astype(object).reshape(-1) + np.asarray(delta).astype(object).reshape(-1)
+        clipped = [min(max(value, info.min), info.max) for value in exact.tolist()]
+        return np.array(clipped, dtype=dtype).reshape(spec.shape)
+    return cast_to_layer(np.asarray(global_layer, np.float64) + delta, spec)
+
+
+def _decoded(payload: bytes, global_weights: Sequence[np.ndarray], dtypes: list[np.dtype[Any]]) -> list[np.ndarray]:
+    """A client's weights from its compressed delta: the global weights plus the decoded delta."""
+    return [_with_delta(g, entry.decode(), dtype) for g, entry, dtype in zip(global_weights, parse(payload), dtypes)]
+
+
+def _client_weights(
+    update: ClientUpdate, global_weights: Sequence[np.ndarray] | None, dtypes: list[np.dtype[Any]]
+) -> list[np.ndarray]:
+    if update.arrays is not None:
+        return update.arrays
+    return _decoded(update.payload or b"", global_weights or [], dtypes)
+
+
+def _checksum_failures(updates: list[ClientUpdate], positions: list[int]) -> dict[int, str]:
+    """The compressed updates among ``positions`` whose payload does not verify, with the error."""
+    failures = {}
+    for k in positions:
+        try:
+            parse(updates[k].payload or b"")
+        except DecodeError as error:
+            failures[k] = str(error)
+    return failures
+
+
+#: Aggregates clients' weights (lists of arrays) with their weights under a non-finite policy.
+Aggregate = Callable[[list[list[np.ndarray]], list[float], NonFinite], Screened]
+
+
+def aggregate_updates(
+    updates: list[ClientUpdate],
+    global_weights: Sequence[np.ndarray] | None,
+    aggregate: Aggregate | None,
+    non_finite: NonFinite,
+) -> RoundAggregate:
+    """Checks every update against the round's layout, then aggregates the ones that fit.
+
+    ``aggregate`` does the aggregation (``None``: fastfed's weighted mean, which averages
+    compressed updates without decoding them when all of them are compressed). The layout is that
+    of ``global_weights`` when the strategy knows them (it saw configure_fit/configure_train), else
+    that of the first plain update.
+    """
+    non_finite = check_non_finite_policy(non_finite)
+    if global_weights is None and any(update.payload is not None for update in updates):
         raise ValueError("compressed updates need the round's global weights (configure_fit/train was not called)")
-    mean_delta = weighted_mean_encoded([payload for payload, _ in encoded], [weight for _, weight in encoded])
-    # Each compressed client's weights are global + delta, so their mean is global + mean(delta).
-    rebased = [np.asarray(g, np.float64) + d for g, d in zip(global_weights, mean_delta)]
-    if plain:
-        encoded_total = math.fsum(weight for _, weight in encoded)
-        plain_total = math.fsum(weight for _, weight in plain)
-        plain_sums = weighted_sum([arrays for arrays, _ in plain], [weight for _, weight in plain])
-        rebased = [(s + r * encoded_total) / (plain_total + encoded_total) for s, r in zip(plain_sums, rebased)]
-    return [
-        cast_to_layer(values, LayerSpec(np.shape(g), np.asarray(g).dtype)) for values, g in zip(rebased, global_weights)
-    ]
+    dropped = _layout_mismatches(updates, global_weights)
+    while True:
+        kept = [k for k in range(len(updates)) if k not in dropped]
+        if not kept:
+            return RoundAggregate(None, dropped)
+        weights = [updates[k].weight for k in kept]
+        compressed = [k for k in kept if updates[k].payload is not None]
+        try:
+            if aggregate is None and len(compressed) == len(kept):
+                assert global_weights is not None  # compressed updates were checked against it
+                screened = screened_mean_encoded([updates[k].payload or b"" for k in kept], weights, non_finite)
+                layers = [_with_delta(g, d, np.asarray(g).dtype) for g, d in zip(global_weights, screened.layers)]
+            else:
+                # Compressed clients are decoded to the plain clients' dtypes (the model's, if none).
+                dtypes = [np.asarray(g).dtype for g in global_weights or []]
+                plain = next((updates[k].arrays for k in kept if updates[k].arrays is not None), None)
+                dtypes = dtypes if plain is None else [np.asarray(a).dtype.newbyteorder("=") for a in plain]
+                clients = [_client_weights(updates[k], global_weights, dtypes) for k in kept]
+                screened = (aggregate or screened_mean)(clients, weights, non_finite)
+                layers = screened.layers
+        except DecodeError:  # a payload's checksum: found and dropped, then the round is aggregated again
+            failures = _checksum_failures(updates, compressed)
+            if not failures:
+                raise
+            dropped.update(failures)
+            continue
+        for position in screened.skipped:
+            dropped[kept[position]] = "holds NaN or infinity"
+        return RoundAggregate(layers, dict(sorted(dropped.items())))
+
+
+def refuse_other_aggregations(
+    cls: type, mixin: type, root: type, method: str, weighted_means: tuple[type, ...]
+) -> None:
+    """Raises ``TypeError`` unless every Flower strategy that ``mixin`` stands in front of in
+    ``cls``'s MRO, down to the FedAvg ``root``, aggregates by a weighted mean: the mixin replaces
+    that mean, so mixed into FedMedian, Krum or any other aggregation it would silently average."""
+    mro = cls.__mro__
+    if root not in mro:
+        raise TypeError(f"{cls.__name__}: {mixin.__name__} goes in front of a FedAvg-family strategy")
+    for base in mro[mro.index(mixin) + 1 : mro.index(root)]:
+        if base.__module__.startswith("flwr.") and method in vars(base) and base not in weighted_means:
+            raise TypeError(
+                f"{cls.__name__}: {mixin.__name__} replaces a weighted mean, but {base.__name__}.{method} "
+                f"aggregates otherwise, and mixing them would silently average; use fastfed's FastFedMedian or "
+                f"FastFedTrimmedAvg, or {base.__name__} without the mixin"
+            )
