@@ -73,7 +73,7 @@ def test_weighted_mean_time(benchmark: Any, bytes_per_element: float, name: str)
 
     def aggregate() -> list[np.ndarray]:
         with fastfed.use_backend(name):
-            return fastfed.weighted_mean(updates, np.arange(1, CLIENTS + 1), out=out)
+            return fastfed.weighted_mean(updates, np.arange(1, CLIENTS + 1), out=out, non_finite="propagate")
 
     benchmark.group = f"memory traffic: K={CLIENTS} x {N:,} float32"
     benchmark.extra_info["label"] = f"fastfed {name}"
