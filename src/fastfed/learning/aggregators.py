@@ -90,14 +90,24 @@ class RoundTally:
 
 
 def l2_norm(layers: Sequence[np.ndarray]) -> float:
-    """The L2 norm of an update, in float64 and scaled by its largest value, so that no square
-    overflows (a float32 update of 1e20 has a norm, not infinity) or vanishes."""
-    values = [np.abs(np.asarray(layer, dtype=np.float64)).reshape(-1) for layer in layers]
-    largest = max((float(v.max()) for v in values if v.size), default=0.0)
-    if largest == 0.0:
-        return 0.0
-    scaled = [v / largest for v in values]
-    return largest * math.sqrt(math.fsum(float(np.dot(s, s)) for s in scaled))
+    """The L2 norm of an update, squares summed in float64 (a float32 update of 1e20 has a norm,
+    not infinity). Only float64 values beyond 1e154 can overflow that: such a layer is scaled by its
+    largest value first, and layers' norms are combined relative to the largest of them."""
+    norms = []
+    for layer in layers:
+        values = np.asarray(layer, dtype=np.float64).reshape(-1)
+        with np.errstate(over="ignore"):
+            square = float(np.dot(values, values))
+        if math.isfinite(square):
+            norms.append(math.sqrt(square))
+        else:
+            largest = float(np.abs(values).max())
+            scaled = values / largest
+            norms.append(largest * math.sqrt(float(np.dot(scaled, scaled))))
+    top = max(norms, default=0.0)
+    if top == 0.0 or not math.isfinite(top):
+        return top
+    return top * math.sqrt(math.fsum((norm / top) ** 2 for norm in norms))
 
 
 @dataclass(frozen=True)
@@ -150,9 +160,11 @@ class MeanAggregator:
         if not all(np.isfinite(d).all() for d in delta):
             tally.non_finite += 1  # rejected outright, as TFF's update_non_finite counts
             return
-        norm = l2_norm(delta)
-        tally.norms.append(norm)
         clip_bound, zeroing_bound = bounds
+        # The norm costs a pass over the update: only bounds (and adaptive bounds' estimates) need it.
+        norm = l2_norm(delta) if clip_bound is not None or zeroing_bound is not None else 0.0
+        if clip_bound is not None or zeroing_bound is not None:
+            tally.norms.append(norm)
         if zeroing_bound is not None and norm > zeroing_bound:
             delta = [np.zeros_like(d) for d in delta]
             tally.zeroed += 1

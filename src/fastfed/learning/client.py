@@ -184,6 +184,8 @@ class ClientTrainer:
             jit_compile = bool(tf.config.list_physical_devices("GPU"))
         self.jit_compile = jit_compile
         self._loop: Any = None
+        self._traces = 0
+        self._converted: tuple[list[np.ndarray], list[Any]] | None = None
 
     def reset_metrics(self) -> None:
         for metric in self.metrics:
@@ -200,7 +202,7 @@ class ClientTrainer:
     @property
     def traces(self) -> int:
         """How many times the training loop has been traced (1 once a client has trained)."""
-        return 0 if self._loop is None else int(self._loop.experimental_get_tracing_count())
+        return self._traces
 
     def prepare(self, index: int, x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
         """A client's arrays in the dtypes and shapes the compiled loop was built for, or
@@ -215,8 +217,20 @@ class ClientTrainer:
         model, optimizer, step, metrics = self.model, self.optimizer, self.step, self.metrics
         loss, batch_size, start = self.loss, self.batch_size, self._start
         trainable = model.trainable_variables
+        # Where each trainable variable sits among model.weights, the order weights come in.
+        positions = {id(variable): index for index, variable in enumerate(model.weights)}
+        trainable_positions = [positions[id(variable)] for variable in trainable]
+        fresh = [tf.constant(value) for value in self._fresh_optimizer]
 
-        def loop(x: Any, y: Any, order: Any, n: Any, epochs: Any) -> Any:
+        def loop(weights: Any, x: Any, y: Any, order: Any, n: Any, epochs: Any) -> Any:
+            # The client's start: the round's weights, and a fresh optimizer as in FedAvg; set inside
+            # the compiled call, not by one eager operation per variable.
+            for variable, value in zip(model.weights, weights):
+                variable.assign(value)
+            for variable, position in zip(start, trainable_positions):
+                variable.assign(weights[position])
+            for variable, value in zip(optimizer.variables, fresh):
+                variable.assign(value)
             batches = (n + batch_size - 1) // batch_size
 
             def train_batch(position: Any, loss_sum: Any) -> Any:
@@ -242,39 +256,45 @@ class ClientTrainer:
             _, loss_sum = tf.while_loop(
                 lambda position, _: position < epochs * batches, train_batch, (tf.constant(0), tf.constant(0.0))
             )
-            return loss_sum
+            return loss_sum, [tf.identity(variable) for variable in model.weights]
 
         signature = [
+            [tf.TensorSpec(variable.shape, variable.dtype) for variable in model.weights],
             *self.spec.tensor_specs(),
             tf.TensorSpec((None, None), tf.int32),
             tf.TensorSpec((), tf.int32),
             tf.TensorSpec((), tf.int32),
         ]
-        return tf.function(loop, input_signature=signature, jit_compile=padded, autograph=False)
+        # The concrete function, called directly: the polymorphic wrapper would re-bind every argument
+        # on every call, which costs milliseconds per client.
+        return tf.function(loop, input_signature=signature, jit_compile=padded, autograph=False).get_concrete_function()
 
     def train(self, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> ClientResult:
         """Trains on one client's prepared arrays (see :meth:`prepare`) from ``weights``."""
         orders = [rng.permutation(len(x)) for _ in range(self.local_epochs)]
         try:
-            loss_sum = self._run(weights, x, y, orders)
+            loss_sum, trained = self._run(weights, x, y, orders)
         except (self._tf.errors.InvalidArgumentError, self._tf.errors.UnimplementedError) as error:
             if not self.jit_compile or "XLA" not in str(error):
                 raise
             log.warning("XLA cannot compile this model's training loop; training without XLA (%s)", _first_line(error))
             self.jit_compile, self._loop = False, None
-            loss_sum = self._run(weights, x, y, orders)
+            loss_sum, trained = self._run(weights, x, y, orders)
         batches = self.local_epochs * -(-len(x) // self.batch_size)
-        return ClientResult(self.model.get_weights(), len(x) * self.local_epochs, batches, loss_sum)
+        return ClientResult(trained, len(x) * self.local_epochs, batches, loss_sum)
 
-    def _run(self, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray, orders: list[np.ndarray]) -> float:
+    def _start_tensors(self, weights: list[np.ndarray]) -> list[Any]:
+        """The round's weights as tensors, converted once for all the clients that start from them."""
+        if self._converted is None or self._converted[0] is not weights:
+            self._converted = (weights, [self._tf.convert_to_tensor(w) for w in weights])
+        return self._converted[1]
+
+    def _run(
+        self, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray, orders: list[np.ndarray]
+    ) -> tuple[float, list[np.ndarray]]:
         if self._loop is None:
             self._loop = self._build_loop(padded=self.jit_compile)
-        self.model.set_weights(weights)
-        for variable, value in zip(self._start, self.model.trainable_variables):
-            variable.assign(value)
-        # Each client starts from a fresh optimizer state, as in FedAvg.
-        for variable, value in zip(self.optimizer.variables, self._fresh_optimizer):
-            variable.assign(value)
+            self._traces += 1
         n = len(x)
         rows = _bucket(n, self.batch_size) if self.jit_compile else n
         order = np.zeros((len(orders), rows), np.int32)
@@ -282,7 +302,8 @@ class ClientTrainer:
         if rows > n:  # padding rows, never counted: the mask drops them
             x = np.concatenate([x, np.zeros((rows - n, *x.shape[1:]), x.dtype)])
             y = np.concatenate([y, np.zeros((rows - n, *y.shape[1:]), y.dtype)])
-        return float(self._loop(x, y, order, np.int32(n), np.int32(len(orders))))
+        loss_sum, trained = self._loop(self._start_tensors(weights), x, y, order, np.int32(n), np.int32(len(orders)))
+        return float(loss_sum), [value.numpy() for value in trained]
 
 
 def _first_line(error: BaseException, limit: int = 300) -> str:
