@@ -21,7 +21,8 @@ BASELINES = (
     "flower aggregate (FedMedian)",
     "flower aggregate (FedTrimmedAvg)",
     "numpy reference",
-    "compute floor",
+    "plain Keras per-step loop",
+    "compiled-epoch floor",
     "float32 aggregation",
 )
 
@@ -65,4 +66,7 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
             first_text = f"{first:>14.2f}" if first is not None else ""
             moved = bench.extra_info.get("bytes_per_element")
             moved_text = f"  {moved:.1f} bytes moved per element (cache simulator)" if moved is not None else ""
-            terminalreporter.write_line(f"{label:34s}{median * 1e3:>11.2f}{ratios}{peak_text}{first_text}{moved_text}")
+            others = [(key, value) for key, value in bench.extra_info.items() if key.startswith("vs ")]
+            external = "".join(f"  {key}: {value:.2f}" for key, value in others)
+            line = f"{label:34s}{median * 1e3:>11.2f}{ratios}{peak_text}{first_text}{moved_text}{external}"
+            terminalreporter.write_line(line)
