@@ -73,7 +73,7 @@ def _process(name: str) -> fastfed.FedAvg:
 @pytest.fixture(scope="module")
 def tff(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> dict[str, dict[str, Any]]:
     """TFF's rounds on every scenario's clients (only when benchmarking and TFF is configured)."""
-    if TFF_PYTHON is None or request.config.getoption("benchmark_disable"):
+    if TFF_PYTHON is None or request.config._benchmarksession.disabled:  # type: ignore[attr-defined]
         return {}
     folder = tmp_path_factory.mktemp("tff")
     found = {}

@@ -169,3 +169,25 @@ def test_xla_compiled_loop_matches_the_graph_loop() -> None:
     assert metrics["num_batches"] == sum(-(-len(c[1]) // 16) for c in clients)
     for a, b in zip(compiled, graph):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_clients_trained_together_match_clients_trained_in_turn(momentum: float) -> None:
+    (x, y), _ = data.load_digits(seed=0)
+    clients = data.partition_dirichlet(x, y, 6, alpha=0.5, seed=1).all()  # clients of different sizes
+    optimizer = lambda: keras.optimizers.SGD(learning_rate=0.1, momentum=momentum)  # noqa: E731
+    runs = {}
+    for per_call in (1, 4):
+        process = _process(client_optimizer=optimizer, clients_per_call=per_call, local_epochs=2, proximal_mu=0.01)
+        state = process.initialize()
+        for _ in range(2):
+            state, metrics = process.next(state, clients)
+        runs[per_call] = (state.weights, metrics)
+        assert process.trainer.clients_per_call == per_call
+    for together, in_turn in zip(runs[4][0], runs[1][0], strict=True):
+        np.testing.assert_allclose(together, in_turn, rtol=1e-4, atol=1e-5)
+    for key in ("train_loss", "train_accuracy", "num_examples", "num_batches"):
+        assert runs[4][1][key] == pytest.approx(runs[1][1][key], rel=1e-4), key
+    adam = _process(client_optimizer=lambda: keras.optimizers.Adam(0.01), clients_per_call=4)
+    _round(adam, clients)  # not vectorizable: trained in turn, with a log line
+    assert adam.trainer.clients_per_call == 1

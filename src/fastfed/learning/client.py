@@ -4,11 +4,13 @@ local epochs in one compiled call.
 Each call trains one client on all its local epochs inside a single ``tf.function``: a
 ``tf.while_loop`` over batches gathered from the client's arrays by index, with the shuffle order
 (derived from the seed, the round and the client) passed in as a tensor. Python is involved once
-per client, not once per batch. With ``jit_compile=True`` the loop is compiled by XLA: every batch
-then has ``batch_size`` rows, the last one padded and masked, and clients are padded to a few
-bucket sizes so that clients of different sizes share compilations. Without XLA the last batch is
-simply shorter, as in a per-step loop. Metrics are updated inside the loop, so, as in TFF, training
-metrics are measured during local training and weighted by examples.
+per client, not once per batch. Every batch has ``batch_size`` rows: a client's last, short batch
+is filled up with rows that are masked out of the loss, the gradients and the metrics (layers that
+use batch statistics, such as BatchNormalization, do see them). One batch shape means the kernels
+of a step are prepared once, not once per client size. With ``jit_compile=True`` the loop is
+compiled by XLA, and clients are also padded to a few bucket sizes so that clients of different
+sizes share compilations. Metrics are updated inside the loop, so, as in TFF, training metrics are
+measured during local training and weighted by examples.
 
 How a client trains can be changed with a :class:`ClientStep`: FedProx (Li et al. 2020,
 "Federated Optimization in Heterogeneous Networks") is one, adding a proximal term to the loss.
@@ -146,6 +148,10 @@ class ClientTrainer:
         device: XLA on GPUs, where it fuses the many small kernels of a step, and a plain graph on
         CPUs, where TensorFlow's own kernels are as fast and XLA would compile each new client size.
         A model that XLA cannot compile falls back to a plain graph, with a log line.
+      clients_per_call: how many clients :meth:`train_together` trains in one call, vectorized over
+        them (see :mod:`fastfed.learning.together`). ``None`` (the default): 8 on GPUs, where it pays,
+        1 on CPUs, where batched products are no faster. Clients whose optimizer or model it cannot
+        handle are trained one at a time, with a log line.
     """
 
     def __init__(
@@ -159,6 +165,7 @@ class ClientTrainer:
         step: ClientStep | None = None,
         jit_compile: bool | None = None,
         model: Any = None,
+        clients_per_call: int | None = None,
     ) -> None:
         import keras
         import tensorflow as tf
@@ -180,9 +187,10 @@ class ClientTrainer:
             tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, name=f"start_{i}")
             for i, v in enumerate(self.model.trainable_variables)
         ]
-        if jit_compile is None:
-            jit_compile = bool(tf.config.list_physical_devices("GPU"))
-        self.jit_compile = jit_compile
+        accelerated = bool(tf.config.list_physical_devices("GPU"))
+        self.jit_compile = accelerated if jit_compile is None else jit_compile
+        self.clients_per_call = (8 if accelerated else 1) if clients_per_call is None else clients_per_call
+        self._together: Any = None
         self._loop: Any = None
         self._traces = 0
         self._converted: tuple[list[np.ndarray], list[Any]] | None = None
@@ -212,7 +220,7 @@ class ClientTrainer:
             self.metrics = resolve_metrics(self._metric_names, one_hot_labels=self.spec.one_hot)
         return x, y
 
-    def _build_loop(self, padded: bool) -> Any:
+    def _build_loop(self, xla: bool) -> Any:
         tf = self._tf
         model, optimizer, step, metrics = self.model, self.optimizer, self.step, self.metrics
         loss, batch_size, start = self.loss, self.batch_size, self._start
@@ -235,10 +243,8 @@ class ClientTrainer:
 
             def train_batch(position: Any, loss_sum: Any) -> Any:
                 epoch, first = position // batches, (position % batches) * batch_size
-                # Under XLA every batch has batch_size rows (the last padded, then masked out).
-                size = batch_size if padded else tf.minimum(batch_size, n - first)
-                index = tf.slice(order, [epoch, first], [1, size])[0]
-                mask = tf.cast(first + tf.range(size) < n, tf.float32)
+                index = tf.slice(order, [epoch, first], [1, batch_size])[0]
+                mask = tf.cast(first + tf.range(batch_size) < n, tf.float32)  # the last batch's fill: 0
                 batch_x, batch_y = tf.gather(x, index), tf.gather(y, index)
                 with tf.GradientTape() as tape:
                     predictions = model(batch_x, training=True)
@@ -267,7 +273,7 @@ class ClientTrainer:
         ]
         # The concrete function, called directly: the polymorphic wrapper would re-bind every argument
         # on every call, which costs milliseconds per client.
-        return tf.function(loop, input_signature=signature, jit_compile=padded, autograph=False).get_concrete_function()
+        return tf.function(loop, input_signature=signature, jit_compile=xla, autograph=False).get_concrete_function()
 
     def train(self, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> ClientResult:
         """Trains on one client's prepared arrays (see :meth:`prepare`) from ``weights``."""
@@ -283,6 +289,30 @@ class ClientTrainer:
         batches = self.local_epochs * -(-len(x) // self.batch_size)
         return ClientResult(trained, len(x) * self.local_epochs, batches, loss_sum)
 
+    def train_together(
+        self, weights: list[np.ndarray], clients: list[tuple[np.ndarray, np.ndarray, np.random.Generator]]
+    ) -> list[ClientResult]:
+        """Trains several clients' prepared arrays from ``weights`` in one vectorized call (or one by
+        one where that is not possible); the same shuffle orders as :meth:`train` for each."""
+        from .together import TogetherLoop, sgd_settings
+
+        if self._together is None:
+            sgd = sgd_settings(self.optimizer)
+            if sgd is None or self.model.non_trainable_variables:
+                why = "the optimizer is not plain keras SGD" if sgd is None else "the model has non-trainable variables"
+                log.warning("training clients one at a time: %s", why)
+                self.clients_per_call, self._together = 1, False
+            else:
+                self._together = TogetherLoop(self, sgd)
+        if self._together is False:
+            return [self.train(weights, x, y, rng) for x, y, rng in clients]
+        ordered = [(x, y, [rng.permutation(len(x)) for _ in range(self.local_epochs)]) for x, y, rng in clients]
+        loss_sums, trained = self._together(weights, ordered, self.batch_size)
+        return [
+            ClientResult(values, len(x) * self.local_epochs, self.local_epochs * -(-len(x) // self.batch_size), loss)
+            for (x, _, _), values, loss in zip(clients, trained, loss_sums)
+        ]
+
     def _start_tensors(self, weights: list[np.ndarray]) -> list[Any]:
         """The round's weights as tensors, converted once for all the clients that start from them."""
         if self._converted is None or self._converted[0] is not weights:
@@ -293,13 +323,15 @@ class ClientTrainer:
         self, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray, orders: list[np.ndarray]
     ) -> tuple[float, list[np.ndarray]]:
         if self._loop is None:
-            self._loop = self._build_loop(padded=self.jit_compile)
+            self._loop = self._build_loop(xla=self.jit_compile)
             self._traces += 1
         n = len(x)
-        rows = _bucket(n, self.batch_size) if self.jit_compile else n
+        # The shuffle orders fill the last batch with row 0 (masked out); under XLA the data is padded
+        # too, to a bucket size, so that clients of nearby sizes share one compilation.
+        rows = _bucket(n, self.batch_size) if self.jit_compile else -(-n // self.batch_size) * self.batch_size
         order = np.zeros((len(orders), rows), np.int32)
         order[:, :n] = orders
-        if rows > n:  # padding rows, never counted: the mask drops them
+        if self.jit_compile and rows > n:
             x = np.concatenate([x, np.zeros((rows - n, *x.shape[1:]), x.dtype)])
             y = np.concatenate([y, np.zeros((rows - n, *y.shape[1:]), y.dtype)])
         loss_sum, trained = self._loop(self._start_tensors(weights), x, y, order, np.int32(n), np.int32(len(orders)))

@@ -73,6 +73,8 @@ class FedAvg:
         index, examples and mean training loss) and returning a non-negative number.
       jit_compile: compile local training with XLA; ``None`` decides by device (see
         :class:`fastfed.learning.client.ClientTrainer`).
+      clients_per_call: train this many clients together in one call, vectorized over them (see
+        :mod:`fastfed.learning.together`); ``None`` decides by device (8 on GPUs, 1 on CPUs).
       executor: where clients train: :class:`fastfed.executors.LocalExecutor` (default) or
         :class:`fastfed.executors.RayExecutor`.
       clients_per_partial_sum: clients are summed in contiguous groups of this many, one partial sum
@@ -101,6 +103,7 @@ class FedAvg:
         proximal_mu: float = 0.0,
         client_step: ClientStep | None = None,
         jit_compile: bool | None = None,
+        clients_per_call: int | None = None,
         executor: Any = None,
         clients_per_partial_sum: int | None = None,
         deterministic: bool = False,
@@ -117,7 +120,10 @@ class FedAvg:
             broadcast_codec = broadcast_compression
         if not callable(weighting) and weighting not in ("num_examples", "uniform"):
             raise ValueError(f"weighting must be 'num_examples', 'uniform' or a callable, got {weighting!r}")
-        for name, value in (("batch_size", batch_size), ("local_epochs", local_epochs), ("min_clients", min_clients)):
+        positive = [("batch_size", batch_size), ("local_epochs", local_epochs), ("min_clients", min_clients)]
+        if clients_per_call is not None:
+            positive.append(("clients_per_call", clients_per_call))
+        for name, value in positive:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         resolve_metrics(metrics)  # a bad metric fails here, not in every client of the first round
@@ -139,6 +145,7 @@ class FedAvg:
         self.weighting = weighting
         self.client_step = client_step
         self.jit_compile = jit_compile
+        self.clients_per_call = clients_per_call
         self.min_clients = min_clients
         self.seed = seed
         self.clients_per_partial_sum = clients_per_partial_sum
@@ -160,7 +167,7 @@ class FedAvg:
             self._worker_config = WorkerConfig(
                 self.model_fn, self.client_optimizer, self.loss, self.metrics, self.batch_size,
                 self.local_epochs, self.aggregator, self.weighting, self.deterministic,
-                self.client_step, self.jit_compile,
+                self.client_step, self.jit_compile, self.clients_per_call,
             )  # fmt: skip
         return self._worker_config
 

@@ -18,7 +18,7 @@ import numpy as np
 from ..aggregation import Accumulator
 from ..compression import decode
 from .aggregators import MeanAggregator, RoundTally
-from .client import ClientStep, ClientTrainer, describe_failure
+from .client import ClientResult, ClientStep, ClientTrainer, describe_failure
 
 ClientArrays = tuple[np.ndarray, np.ndarray]
 IndexedClient = tuple[int, np.ndarray, np.ndarray]
@@ -44,12 +44,13 @@ class WorkerConfig:
     deterministic: bool = False
     client_step: ClientStep | None = None
     jit_compile: bool | None = None
+    clients_per_call: int | None = None
 
     def build_trainer(self, model: Any = None) -> ClientTrainer:
         """A trainer on a new model, or on ``model`` (built by ``model_fn``) if given."""
         return ClientTrainer(
             self.model_fn, self.client_optimizer, default_loss(self.loss), self.batch_size, self.local_epochs,
-            self.metrics, self.client_step, self.jit_compile, model,
+            self.metrics, self.client_step, self.jit_compile, model, self.clients_per_call,
         )  # fmt: skip
 
     def client_weight(self, report: ClientReport) -> float:
@@ -136,6 +137,15 @@ class GroupResult:
         return cls(None, 0.0, 0, RoundTally(failed=len(clients)), 0.0, 0, 0, [], [(i, reason) for i in clients])
 
 
+def _train_one(
+    trainer: ClientTrainer, start: list[np.ndarray], x: np.ndarray, y: np.ndarray, seed: int
+) -> ClientResult | BaseException:
+    try:
+        return trainer.train(start, x, y, np.random.default_rng(seed))
+    except Exception as error:  # reported as that client's failure
+        return error
+
+
 def split_groups(num_clients: int, clients_per_group: int | None, default_groups: int) -> list[range]:
     """Contiguous groups of client positions: ``clients_per_group`` each, or ``default_groups`` of them."""
     size = clients_per_group or max(1, math.ceil(num_clients / max(1, default_groups)))
@@ -156,25 +166,47 @@ def train_group(
     trainer.reset_metrics()
     loss_sum, examples, batches = 0.0, 0, 0
     failures: list[tuple[int, str]] = []
+    start = spec.start_weights()
+    # Clients train in chunks of the trainer's clients_per_call (1: one after another); every
+    # client's data is conformed first, so that one client's bad data fails that client alone.
+    prepared: list[tuple[int, np.ndarray, np.ndarray, int]] = []
     for index, x, y in clients:
-        client_seed = derived_seed(spec.seed, spec.round, index)
         try:
-            x, y = trainer.prepare(index, x, y)
-            result = trainer.train(spec.start_weights(), x, y, np.random.default_rng(client_seed))
-            report = ClientReport(index, result.num_examples, result.loss_sum / max(1, result.num_examples))
-            weight = config.client_weight(report)
-        except Exception as error:  # a faulty client must not stop the round
+            prepared.append((index, *trainer.prepare(index, x, y), derived_seed(spec.seed, spec.round, index)))
+        except Exception as error:
             tally.failed += 1
             failures.append((index, describe_failure(error)))
-        else:
-            start = spec.start_weights()
-            delta = [new.astype(np.float32) - old.astype(np.float32) for new, old in zip(result.weights, start)]
-            loss_sum += result.loss_sum
-            examples += result.num_examples
-            batches += result.num_batches
-            config.aggregator.contribute(accumulator, delta, weight, spec.bounds, client_seed, tally)
-        if progress is not None:
-            progress(1)
+            if progress is not None:
+                progress(1)
+    chunk = max(1, trainer.clients_per_call)
+    for first in range(0, len(prepared), chunk):
+        group = prepared[first : first + chunk]
+        try:
+            if len(group) > 1:
+                outcomes: list[ClientResult | BaseException] = list(trainer.train_together(
+                    start, [(x, y, np.random.default_rng(seed)) for _, x, y, seed in group]
+                ))  # fmt: skip
+            else:
+                outcomes = [_train_one(trainer, start, *group[0][1:])]
+        except Exception as error:  # a faulty client must not stop the round
+            outcomes = [error] * len(group)
+        for (index, _, _, client_seed), outcome in zip(group, outcomes):
+            try:
+                if isinstance(outcome, BaseException):
+                    raise outcome
+                report = ClientReport(index, outcome.num_examples, outcome.loss_sum / max(1, outcome.num_examples))
+                weight = config.client_weight(report)
+            except Exception as error:
+                tally.failed += 1
+                failures.append((index, describe_failure(error)))
+            else:
+                delta = [new.astype(np.float32) - old.astype(np.float32) for new, old in zip(outcome.weights, start)]
+                loss_sum += outcome.loss_sum
+                examples += outcome.num_examples
+                batches += outcome.num_batches
+                config.aggregator.contribute(accumulator, delta, weight, spec.bounds, client_seed, tally)
+            if progress is not None:
+                progress(1)
     sums = accumulator.weighted_sums() if tally.aggregated else None
     return GroupResult(
         sums,
