@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from .._extras import require
 from .client import per_example_loss, resolve_metrics
 from .inputs import DataSpec, client_arrays, one_hot_labels
 from .rounds import default_loss
@@ -32,6 +33,7 @@ class Evaluator:
     """One Keras model that evaluates weights batch by batch in a compiled forward pass."""
 
     def __init__(self, model_fn: Callable[[], Any], loss: Any = None, metrics: Sequence[Any] | None = None) -> None:
+        require("keras", "tensorflow", "fastfed evaluation")
         import keras
         import tensorflow as tf
 

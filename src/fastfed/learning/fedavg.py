@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from .._extras import require
 from ..aggregation import Accumulator, LayerSpec
 from ..compression import Codec, encode, raw_size_bits, size_bits
 from .aggregators import MeanAggregator, RoundTally, mean_aggregator
@@ -111,6 +112,7 @@ class FedAvg:
         seed: int = 0,
         broadcast_compression: Codec | None = None,
     ) -> None:
+        require("keras", "tensorflow", "fastfed.FedAvg")
         if broadcast_compression is not None:
             warnings.warn(
                 "FedAvg(broadcast_compression=...) is now broadcast_codec=...; the old name goes in 0.3",

@@ -23,6 +23,10 @@ API (``flwr.serverapp.strategy``), see :mod:`fastfed.integrations.flower.servera
 
 from __future__ import annotations
 
+from ..._extras import require
+
+require("flwr", "flower", "fastfed.integrations.flower")
+
 from logging import WARNING
 from typing import Any
 

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ..._extras import require
 from ...compression import decode, encode
 from ..client import enable_determinism
 from ..rounds import GroupResult, IndexedClient, RoundSpec, WorkerConfig, train_group
@@ -89,6 +90,7 @@ class RayExecutor(Executor):
             raise ValueError(f"num_actors must be at least 1, got {num_actors}")
         if client_timeout is not None and client_timeout <= 0:
             raise ValueError(f"client_timeout must be positive, got {client_timeout}")
+        require("ray", "ray", "RayExecutor")  # at construction, not at the first round
         self.address = address
         self.num_actors = num_actors
         self.num_cpus_per_actor = num_cpus_per_actor
