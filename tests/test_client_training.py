@@ -191,3 +191,35 @@ def test_clients_trained_together_match_clients_trained_in_turn(momentum: float)
     adam = _process(client_optimizer=lambda: keras.optimizers.Adam(0.01), clients_per_call=4)
     _round(adam, clients)  # not vectorizable: trained in turn, with a log line
     assert adam.trainer.clients_per_call == 1
+
+
+def test_the_default_loss_follows_the_last_layer() -> None:
+    clients = _clients(2)
+    weights = _process(model_fn=_logits_model).initialize().weights
+    x, y = np.concatenate([c[0] for c in clients]), np.concatenate([c[1] for c in clients])
+
+    def keras_loss(model_fn: Any, from_logits: bool) -> float:
+        model = model_fn()
+        model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits))
+        model.set_weights(weights)
+        return float(model.evaluate(x, y, batch_size=64, verbose=0))
+
+    assert fastfed.evaluate(_logits_model, weights, clients)["loss"] == pytest.approx(
+        keras_loss(_logits_model, True), abs=1e-4
+    )
+
+    def softmax_layer_model() -> Any:
+        return keras.Sequential([_logits_model(), keras.layers.Softmax()])
+
+    assert fastfed.evaluate(softmax_layer_model, weights, clients)["loss"] == pytest.approx(
+        keras_loss(softmax_layer_model, False), abs=1e-4
+    )
+
+    def sigmoid_model() -> Any:
+        return keras.Sequential([keras.Input((64,)), keras.layers.Dense(10, activation="sigmoid")])
+
+    with pytest.raises(ValueError, match=r"Dense layer .* logits or probabilities: give the loss"):
+        fastfed.evaluate(sigmoid_model, sigmoid_model().get_weights(), clients)
+    process = _process(model_fn=sigmoid_model)
+    with pytest.raises(ValueError, match=r"logits or probabilities"):
+        process.next(process.initialize(), clients)

@@ -37,6 +37,15 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
+class _DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default where it has one (not None, not an off switch) and the help names none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False) or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _number(kind: type, minimum: float | None = None, maximum: float | None = None, above: float | None = None) -> Any:
     def parse(text: str) -> Any:
         try:
@@ -68,7 +77,7 @@ def _parser(defaults: bool = True) -> _Parser:
     parser = _Parser(prog="fastfed", description="Fast federated averaging and update compression.")
     parser.add_argument("--version", action="version", version=f"fastfed {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    train = commands.add_parser("train", help="run FedAvg", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train = commands.add_parser("train", help="run FedAvg", formatter_class=_DefaultsShown)
     data = train.add_argument_group("data")
     data.add_argument("--dataset", choices=DATASETS, default="digits", help="digits is bundled with scikit-learn")
     data.add_argument("--data-dir", default=None, help="MNIST IDX folder, or TFF's EMNIST .sqlite file or h5 folder")

@@ -90,6 +90,30 @@ class FedProx(ClientStep):
         return batch_loss + 0.5 * self.mu * distance
 
 
+def resolve_loss(loss: Any, model: Any) -> Any:
+    """The loss to train and evaluate with: ``loss`` (an object or a Keras name), or, when it is
+    ``None``, sparse categorical cross-entropy on what the model's last layer outputs.
+
+    Keras's own default reads the outputs as probabilities, which silently trains a model that ends
+    in a linear layer (logits, as in TFF's tutorials) on the wrong loss; so the last layer decides.
+    """
+    import keras
+
+    if loss is not None:
+        return keras.losses.get(loss) if isinstance(loss, str) else loss
+    last = model.layers[-1] if getattr(model, "layers", None) else None
+    activation = getattr(last, "activation", None)
+    if isinstance(last, keras.layers.Softmax) or activation is keras.activations.softmax:
+        return keras.losses.SparseCategoricalCrossentropy(from_logits=False)
+    if activation is keras.activations.linear:
+        return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    described = type(model).__name__ if last is None else f"{type(last).__name__} layer {last.name!r}"
+    raise ValueError(
+        f"cannot tell whether the model's outputs ({described}) are logits or probabilities: "
+        "give the loss, e.g. loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)"
+    )
+
+
 def resolve_metrics(metrics: Sequence[Any] | None, one_hot_labels: bool = False) -> list[Any]:
     """Keras metric objects from objects, factories or names; default: accuracy.
 
@@ -176,7 +200,7 @@ class ClientTrainer:
         self.optimizer.build(self.model.trainable_variables)
         # Keras 3 keeps the learning rate among the variables, so a reset restores values, not zeros.
         self._fresh_optimizer = [keras.ops.convert_to_numpy(v) for v in self.optimizer.variables]
-        self.loss = keras.losses.get(loss) if isinstance(loss, str) else loss
+        self.loss = resolve_loss(loss, self.model)
         self.batch_size = batch_size
         self.local_epochs = local_epochs
         self.step = step or ClientStep()

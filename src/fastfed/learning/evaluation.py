@@ -13,9 +13,8 @@ from typing import Any
 import numpy as np
 
 from .._extras import require
-from .client import per_example_loss, resolve_metrics
+from .client import per_example_loss, resolve_loss, resolve_metrics
 from .inputs import DataSpec, client_arrays, one_hot_labels
-from .rounds import default_loss
 
 __all__ = ["Evaluation", "Evaluator", "evaluate"]
 
@@ -34,13 +33,11 @@ class Evaluator:
 
     def __init__(self, model_fn: Callable[[], Any], loss: Any = None, metrics: Sequence[Any] | None = None) -> None:
         require("keras", "tensorflow", "fastfed evaluation")
-        import keras
         import tensorflow as tf
 
         self._tf = tf
         self.model = model_fn()
-        loss = default_loss(loss)
-        self.loss = keras.losses.get(loss) if isinstance(loss, str) else loss
+        self.loss = resolve_loss(loss, self.model)
         self._metric_names = metrics
         self.metrics: list[Any] = []
         self.spec = DataSpec.of_model(self.model)

@@ -59,9 +59,9 @@ class FedAvg:
       aggregator: :func:`fastfed.mean_aggregator`, optionally with a codec for the uploads.
       broadcast_codec: a codec for the server-to-client model, or ``None`` (exact).
       broadcast_compression: deprecated name of ``broadcast_codec``, removed in 0.3.
-      loss: a Keras loss (object, function or name); default sparse categorical cross-entropy on
-        probabilities. A model that outputs logits needs e.g.
-        ``keras.losses.SparseCategoricalCrossentropy(from_logits=True)``.
+      loss: a Keras loss (object, function or name); default sparse categorical cross-entropy, on
+        logits when the model ends in a linear layer and on probabilities when it ends in a softmax
+        (any other model must name its loss).
       metrics: Keras metrics (objects, classes or names) measured during local training and reported
         as ``train_<name>``; default ``["accuracy"]`` (sparse or categorical accuracy, following the labels).
       batch_size, local_epochs: local training settings.

@@ -49,7 +49,7 @@ class WorkerConfig:
     def build_trainer(self, model: Any = None) -> ClientTrainer:
         """A trainer on a new model, or on ``model`` (built by ``model_fn``) if given."""
         return ClientTrainer(
-            self.model_fn, self.client_optimizer, default_loss(self.loss), self.batch_size, self.local_epochs,
+            self.model_fn, self.client_optimizer, self.loss, self.batch_size, self.local_epochs,
             self.metrics, self.client_step, self.jit_compile, model, self.clients_per_call,
         )  # fmt: skip
 
@@ -68,13 +68,6 @@ class WorkerConfig:
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"weighting returned {value} for client {report.index}; expected a finite number >= 0")
         return value
-
-
-def default_loss(loss: Any) -> Any:
-    """The loss clients train with: ``loss``, or sparse categorical cross-entropy on probabilities."""
-    import keras
-
-    return loss or keras.losses.SparseCategoricalCrossentropy()
 
 
 @dataclass(frozen=True)
