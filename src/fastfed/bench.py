@@ -10,8 +10,8 @@ Each section times fastfed and its baselines in one process, on the same data, a
   call, no federation); the first round, tracing included, against a steady one.
 
 The data is synthetic, with MNIST's shapes: times do not depend on pixel values, and the command
-needs no download. ``--quick`` uses smaller workloads (about 5 minutes on 2 cores). Results go to
-``OUTPUT/bench.json``, and to ``OUTPUT/bench.png`` when matplotlib is installed.
+needs no download. ``--quick`` uses smaller workloads (about 30 seconds on 2 cores). Results go
+to ``OUTPUT/bench.json``, and to ``OUTPUT/bench.png`` when matplotlib is installed.
 """
 
 from __future__ import annotations
@@ -263,9 +263,14 @@ def _table(measurements: list[Measurement]) -> str:
     for group in dict.fromkeys(m.group for m in measurements):
         rows = [m for m in measurements if m.group == group]
         baselines = list(dict.fromkeys(b for m in rows for b in m.baselines))
-        lines += ["", group, f"{'':38s}{'median ms':>11s}" + "".join(f"{'x ' + b[:26]:>30s}" for b in baselines)]
+        widths = [len(b) + 5 for b in baselines]
+        header = "".join(f"{'x ' + b:>{width}s}" for b, width in zip(baselines, widths))
+        lines += ["", group, f"{'':38s}{'median ms':>11s}{header}"]
         for m in sorted(rows, key=lambda m: m.seconds):
-            ratios = "".join(f"{m.baselines[b]:>30.2f}" if b in m.baselines else f"{'':>30s}" for b in baselines)
+            ratios = "".join(
+                f"{m.baselines[b]:>{width}.2f}" if b in m.baselines else " " * width
+                for b, width in zip(baselines, widths)
+            )
             extra = "".join(f"  {key} {value:.2f}" for key, value in m.info.items())
             lines.append(f"{m.label:38s}{m.seconds * 1e3:>11.2f}{ratios}{extra}")
     return "\n".join(lines)

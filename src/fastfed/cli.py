@@ -129,7 +129,7 @@ def _parser(defaults: bool = True) -> _Parser:
     plot.add_argument("--output", default=None, help="PNG path (default: metrics.png in the first run)")
     plot.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
     bench = commands.add_parser("bench", help="benchmark fastfed against its baselines")
-    bench.add_argument("--quick", action="store_true", help="smaller workloads: about 5 minutes on 2 cores")
+    bench.add_argument("--quick", action="store_true", help="smaller workloads: about 30 seconds on 2 cores")
     bench.add_argument("--output", default="fastfed-bench", help="folder for the JSON and PNG results")
     bench.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
     if not defaults:
