@@ -24,12 +24,8 @@ def require_flat(array: np.ndarray, name: str) -> None:
         raise ValueError(f"{name}: unsupported dtype {array.dtype}")
 
 
-def check_weighted_sum(sources: Sequence[np.ndarray], weights: np.ndarray, out: np.ndarray) -> np.ndarray:
-    if len(sources) == 0:
-        raise ValueError("sources: expected at least one array")
-    weights = np.ascontiguousarray(weights, dtype=np.float64)
-    if weights.shape != (len(sources),):
-        raise ValueError(f"weights: expected shape ({len(sources)},)")
+def _check_sources_and_out(sources: Sequence[np.ndarray], out: np.ndarray) -> None:
+    """Flat, aligned arrays: a writeable ``out``, and sources of its length and of one dtype."""
     require_flat(out, "out")
     if not out.flags.writeable:
         raise ValueError("out: array is read-only")
@@ -39,6 +35,15 @@ def check_weighted_sum(sources: Sequence[np.ndarray], weights: np.ndarray, out: 
             raise ValueError(f"sources[{k}]: expected {out.shape[0]} elements, got {source.shape[0]}")
         if source.dtype != sources[0].dtype:
             raise ValueError(f"sources[{k}]: dtype differs from sources[0]")
+
+
+def check_weighted_sum(sources: Sequence[np.ndarray], weights: np.ndarray, out: np.ndarray) -> np.ndarray:
+    if len(sources) == 0:
+        raise ValueError("sources: expected at least one array")
+    weights = np.ascontiguousarray(weights, dtype=np.float64)
+    if weights.shape != (len(sources),):
+        raise ValueError(f"weights: expected shape ({len(sources)},)")
+    _check_sources_and_out(sources, out)
     if out.dtype not in _FLOAT_OUT or (out.dtype != np.float64 and out.dtype != sources[0].dtype):
         raise ValueError("out: dtype must be float64, or float32 for float32 sources")
     return weights
@@ -112,15 +117,7 @@ def check_robust(sources: Sequence[np.ndarray], out: np.ndarray, non_finite: np.
     """Checks the arguments of ``median`` and ``trimmed_mean``."""
     if len(sources) == 0:
         raise ValueError("sources: expected at least one array")
-    require_flat(out, "out")
-    if not out.flags.writeable:
-        raise ValueError("out: array is read-only")
-    for k, source in enumerate(sources):
-        require_flat(source, f"sources[{k}]")
-        if source.shape != out.shape:
-            raise ValueError(f"sources[{k}]: expected {out.shape[0]} elements, got {source.shape[0]}")
-        if source.dtype != sources[0].dtype:
-            raise ValueError(f"sources[{k}]: dtype differs from sources[0]")
+    _check_sources_and_out(sources, out)
     expected = np.dtype(np.float64) if sources[0].dtype.kind == "f" else sources[0].dtype
     if out.dtype != expected:
         raise ValueError("out: dtype must be float64 for float sources, or the sources' integer dtype")
