@@ -87,7 +87,8 @@ def _accumulate(acc, source, weight):  # type: ignore[no-untyped-def]
 
 def _tasks(n: int, tile: int) -> int:
     """Parallel tasks for n elements in tiles: about eight per thread, for balance."""
-    return max(1, min(-(-n // tile), 8 * numba.get_num_threads()))
+    threads: int = numba.get_num_threads()
+    return max(1, min(-(-n // tile), 8 * threads))
 
 
 def _compilable(source: np.ndarray) -> np.ndarray:

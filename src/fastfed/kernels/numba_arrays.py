@@ -29,7 +29,7 @@ __all__ = ["client_view", "data_addresses"]
 @intrinsic
 def _pointer(typingctx, address, dtype):  # type: ignore[no-untyped-def]
     """The integer ``address`` as a pointer to ``dtype`` values."""
-    pointer_type = types.CPointer(dtype.dtype)  # type: ignore[no-untyped-call]
+    pointer_type = types.CPointer(dtype.dtype)
 
     def codegen(context, builder, signature, arguments):  # type: ignore[no-untyped-def]
         return builder.inttoptr(arguments[0], context.get_value_type(pointer_type))
@@ -41,7 +41,7 @@ def _pointer(typingctx, address, dtype):  # type: ignore[no-untyped-def]
 def client_view(addresses, k, example, begin, end):  # type: ignore[no-untyped-def]
     """Elements [begin, end) of the k-th array, whose dtype is ``example``'s, as a view without a reference."""
     start = addresses[k] + begin * example.itemsize
-    return numba.carray(_pointer(start, example.dtype), (end - begin,))  # type: ignore[attr-defined, call-arg]
+    return numba.carray(_pointer(start, example.dtype), (end - begin,))
 
 
 @numba.njit(cache=True)

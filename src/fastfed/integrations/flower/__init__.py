@@ -148,7 +148,8 @@ class _CheckedResults:
         if not kept or (not getattr(self, "accept_failures", True) and failures):
             return False
         if isinstance(self, FaultTolerantFedAvg):
-            return len(kept) / (len(kept) + len(failures)) >= self.completion_rate_fit
+            rate: float = self.completion_rate_fit
+            return len(kept) / (len(kept) + len(failures)) >= rate
         return True
 
     def _fit_metrics(self, kept: Results) -> dict[str, Scalar]:

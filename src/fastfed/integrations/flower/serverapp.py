@@ -123,7 +123,7 @@ def _check_consistency(contents: list[RecordDict], weighted_by_key: str) -> None
 def _reply_update(content: RecordDict, names: list[str], weighted_by_key: str) -> ClientUpdate:
     """A reply's arrays in the order of ``names`` (matched by key), or its compressed delta."""
     record = _array_record(content)
-    weight = float(next(iter(content.metric_records.values()))[weighted_by_key])  # type: ignore[arg-type]
+    weight = float(next(iter(content.metric_records.values()))[weighted_by_key])
     keys = list(record.keys())
     try:
         if keys == [ARRAY_KEY]:
