@@ -169,10 +169,13 @@ def test_weighted_sum_levels_matches_reference(backend: str, bits: int, with_tab
     scales = rng.random((clients, n // block)).astype(np.float32)
     rows = np.stack([rng.integers(0, 2**32, clients), rng.integers(0, 128, clients) * 2 + 1], axis=1).astype(np.uint32)
     table = shared_codebook(bits).table if with_table else None
+    offsets = None if with_table else rng.standard_normal((n // block, 16))
     results = []
     for name in ("numpy", backend):
         out, checksums = np.empty(n), np.full(clients, 9, np.uint32)
-        _require(name).aggregate.weighted_sum_levels(packed, bits, scales, block, table, rows, 3.0, out, checksums)
+        _require(name).aggregate.weighted_sum_levels(
+            packed, bits, scales, block, table, rows, offsets, 3.0, out, checksums
+        )
         results.append((out, checksums))
     np.testing.assert_array_equal(results[1][0], results[0][0])
     np.testing.assert_array_equal(results[1][1], results[0][1])

@@ -511,7 +511,7 @@ def test_shared_rotation_one_pass_mean_equals_the_verify_first_path(
     monkeypatch: pytest.MonkeyPatch, backend: str
 ) -> None:
     payloads = _shared_payloads()
-    assert len({len(p) for p in payloads}) > 1  # counts of exact values differ: so do sizes and offsets
+    assert len({len(p) for p in payloads}) > 1  # counts of corrections differ: so do sizes and offsets
     weights = np.arange(1.0, 7.0)
     one_pass = fastfed.weighted_mean_encoded(payloads, weights)
     layout_of = encoded_mean.match_layout
@@ -533,7 +533,7 @@ def test_shared_rotation_one_pass_mean_equals_the_verify_first_path(
 
 
 def _with_values(payload: bytes, tensor: int, part: str, value: float) -> bytes:
-    """A payload whose first block scale (or first exact value's position) of ``tensor`` is replaced,
+    """A payload whose first block scale (or first correction's position) of ``tensor`` is replaced,
     with a valid checksum: only the value checks can catch it."""
     entry = parse(payload)[tensor]
     corrupted = bytearray(payload)
@@ -548,7 +548,7 @@ def _with_values(payload: bytes, tensor: int, part: str, value: float) -> bytes:
     ("scale", float("nan"), "block scales must be finite"),
     ("scale", -1.0, "block scales must be finite"),
     ("scale", 2.0**110, "block scales must be finite"),
-    ("position", 2**31, "positions of exact values must increase"),
+    ("position", 2**31, "positions of corrections must increase"),
 ])  # fmt: skip
 def test_rotated_values_are_validated_before_use(part: str, value: float, message: str) -> None:
     payloads = _shared_payloads(4)

@@ -77,33 +77,42 @@ def _rotated_kernel_outputs(rng: np.random.Generator) -> list[np.ndarray]:
         core.rotate.walsh_hadamard(transformed, 65536)
         outputs.append(transformed)
     for bits in (1, 2, 4, 5, 8):
-        scales, packed = np.empty(2, np.float32), np.empty(padded * bits // 8, np.uint8)
-        core.quantize.encode_rotated(x, bits, block, [3, 4], *eden_codebook(bits), scales, packed)
+        eden_scales, packed = np.empty(2, np.float32), np.empty(padded * bits // 8, np.uint8)
+        core.quantize.encode_rotated(x, bits, block, [3, 4], *eden_codebook(bits), eden_scales, packed)
         decoded = np.empty(x.size, np.float32)
-        core.quantize.decode_rotated(packed, bits, block, [3, 4], eden_codebook(bits)[1], scales, decoded)
+        core.quantize.decode_rotated(packed, bits, block, [3, 4], eden_codebook(bits)[1], eden_scales, decoded)
         book = shared_codebook(bits)
         sigmas, levels = np.empty(2, np.float32), np.empty(padded * bits // 8, np.uint8)
         index, value = np.empty(padded, np.uint32), np.empty(padded, np.float32)
         if book.breakpoints is not None and book.ranks is not None:
-            args = (book.breakpoints, book.ranks, sigmas, levels, index, value)
+            args = (book.table, book.breakpoints, book.ranks, sigmas, levels, index, value)
             count = core.quantize.encode_shared_table(x, bits, block, [5, 6], 7, 3, *args)
         else:
             count = core.quantize.encode_shared_dither(
-                x, bits, block, [5, 6], 7, 3, book.rows, SUPPORT, sigmas, levels, index, value
+                x, bits, block, [5, 6], 7, 3, book.table, SUPPORT, sigmas, levels, index, value
             )
         rotated = np.empty(padded, np.float32)
         core.quantize.dequantize_shared(levels, bits, block, 7, 3, book.table, sigmas, rotated)
         mean, crcs = np.empty(padded), np.zeros(19, np.uint32)
         clients = [levels] * 19
         rows = np.tile(np.array([[5, 3]], np.uint32), (19, 1))
-        core.aggregate.weighted_sum_levels(
-            clients, bits, np.ones((19, 2), np.float32), block, book.table, rows, 2.0, mean, crcs
-        )
-        affine = np.empty(padded)
-        core.aggregate.weighted_sum_levels(
-            clients, bits, np.ones((19, 2), np.float32), block, None, rows, 2.0, affine, crcs
-        )
-        outputs += [scales, packed, decoded, sigmas, levels, index[:count], value[:count], rotated, mean, affine, crcs]
+        scales = np.ones((19, 2), np.float32)
+        core.aggregate.weighted_sum_levels(clients, bits, scales, block, book.table, rows, None, 2.0, mean, crcs)
+        affine, offsets = np.empty(padded), rng.standard_normal((2, 16))
+        core.aggregate.weighted_sum_levels(clients, bits, scales, block, None, rows, offsets, 2.0, affine, crcs)
+        outputs += [
+            eden_scales,
+            packed,
+            decoded,
+            sigmas,
+            levels,
+            index[:count],
+            value[:count],
+            rotated,
+            mean,
+            affine,
+            crcs,
+        ]
     return outputs
 
 

@@ -121,9 +121,11 @@ def test_encode_shared_matches_reference(backend: str, bits: int) -> None:
         index, value = np.empty(padded, np.uint32), np.empty(padded, np.float32)
         outputs = (sigmas, packed, index, value)
         if book.breakpoints is not None and book.ranks is not None:
-            count = kernel.encode_shared_table(x, bits, block, [5, 6], 7, 3, book.breakpoints, book.ranks, *outputs)
+            count = kernel.encode_shared_table(
+                x, bits, block, [5, 6], 7, 3, book.table, book.breakpoints, book.ranks, *outputs
+            )
         else:
-            count = kernel.encode_shared_dither(x, bits, block, [5, 6], 7, 3, book.rows, SUPPORT, *outputs)
+            count = kernel.encode_shared_dither(x, bits, block, [5, 6], 7, 3, book.table, SUPPORT, *outputs)
         rotated = np.empty(padded, np.float32)
         kernel.dequantize_shared(packed, bits, block, 7, 3, book.table, sigmas, rotated)
         results.append((sigmas, packed, index[:count], value[:count], rotated))
@@ -147,7 +149,7 @@ def test_rotated_kernels_reject_bad_input(backend: str) -> None:
     assert book.breakpoints is not None and book.ranks is not None
     small = np.empty(3, np.uint32)
     with pytest.raises(ValueError, match="outlier_index"):
+        staircase = (book.table, book.breakpoints, book.ranks)
         kernel.encode_shared_table(
-            np.ones(10, np.float32), 2, 64, [1, 2], 0, 1, book.breakpoints, book.ranks, scales, packed, small,
-            np.empty(64, np.float32),
-        )  # fmt: skip
+            np.ones(10, np.float32), 2, 64, [1, 2], 0, 1, *staircase, scales, packed, small, np.empty(64, np.float32)
+        )

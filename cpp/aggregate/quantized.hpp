@@ -207,6 +207,8 @@ struct level_values {
     const float* table;  // (rows, 2^bits) followed by 8 spare floats, or nullptr for the levels themselves
     std::size_t rows;
     const std::uint32_t* row_parameters;  // (clients, 2): row offset and row stride
+    const double* offsets;                // (n / block, period) added per block and group of eight, or nullptr
+    std::size_t period;
 
     float scale(std::size_t k, std::size_t i, std::size_t blocks) const { return scales[k * blocks + i / block]; }
     std::size_t row(std::size_t k, std::size_t i) const {
@@ -216,27 +218,41 @@ struct level_values {
 
 #if defined(FASTFED_X86_DISPATCH)
 // Eight clients' table values for the groups of eight values in [begin, end) (inside one block),
-// summed in a register in client order and added to acc (relative to begin).
+// summed in a register in client order and added to acc (relative to begin). Bits = 1..4: a row of
+// 2^Bits floats is one or two registers, and a permutation picks each value's level from it. Each
+// client's table is first multiplied by its scale (`scaled`, room for kClientBlock tables of
+// rows * 2^Bits + 8 floats): the same float32 products as multiplying each value, made once.
+template <unsigned Bits>
 FASTFED_TARGET("avx2")
-inline void sum_table_groups_avx2(const std::uint8_t* const* packed, std::size_t first, std::size_t clients, unsigned bits,
-                                  const level_values& values, std::size_t blocks, std::size_t begin, std::size_t end, double* acc) {
-    const std::size_t levels = std::size_t{1} << bits;
-    const __m256i shifts = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(static_cast<int>(bits)));
-    const __m256i mask = _mm256_set1_epi32(static_cast<int>(levels - 1));
-    __m256 scale[kClientBlock];
-    for (std::size_t j = 0; j < clients; ++j) scale[j] = _mm256_set1_ps(values.scale(first + j, begin, blocks));
+void sum_table_groups_avx2(const std::uint8_t* const* packed, std::size_t first, std::size_t clients, const level_values& values,
+                           std::size_t blocks, std::size_t begin, std::size_t end, double* acc, float* scaled) {
+    constexpr std::size_t kLevels = std::size_t{1} << Bits;
+    const std::size_t table_size = values.rows * kLevels, stride = table_size + 8, mask = values.rows - 1;
+    const float* tables[kClientBlock];
+    std::size_t row[kClientBlock], step[kClientBlock];
+    for (std::size_t j = 0; j < clients; ++j) {
+        float* own = scaled + j * stride;
+        const float scale = values.scale(first + j, begin, blocks);
+        for (std::size_t e = 0; e < table_size; ++e) own[e] = scale * values.table[e];
+        tables[j] = own;
+        row[j] = values.row(first + j, begin);
+        step[j] = values.row_parameters[2 * (first + j) + 1] & mask;  // the row moves by the stride every group
+    }
+    const __m256i shifts = _mm256_setr_epi32(0, Bits, 2 * Bits, 3 * Bits, 4 * Bits, 5 * Bits, 6 * Bits, 7 * Bits);
+    const __m256i level_mask = _mm256_set1_epi32(kLevels - 1);
     for (std::size_t i = begin; i < end; i += 8) {
         __m256 sum = _mm256_setzero_ps();
         for (std::size_t j = 0; j < clients; ++j) {
             std::uint32_t word = 0;
-            std::memcpy(&word, packed[first + j] + i / 8 * bits, bits);
-            const __m256i level = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts), mask);
-            const float* row = values.table + values.row(first + j, i) * levels;
-            __m256 value = _mm256_permutevar8x32_ps(_mm256_loadu_ps(row), level);
-            if (levels == 16)
-                value = _mm256_blendv_ps(value, _mm256_permutevar8x32_ps(_mm256_loadu_ps(row + 8), level),
+            std::memcpy(&word, packed[first + j] + i / 8 * Bits, Bits);
+            const __m256i level = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts), level_mask);
+            const float* own = tables[j] + row[j] * kLevels;
+            row[j] = (row[j] + step[j]) & mask;
+            __m256 value = _mm256_permutevar8x32_ps(_mm256_loadu_ps(own), level);
+            if constexpr (kLevels == 16)
+                value = _mm256_blendv_ps(value, _mm256_permutevar8x32_ps(_mm256_loadu_ps(own + 8), level),
                                          _mm256_castsi256_ps(_mm256_slli_epi32(level, 28)));
-            sum = _mm256_add_ps(sum, _mm256_mul_ps(scale[j], value));
+            sum = _mm256_add_ps(sum, value);
         }
         double* a = acc + (i - begin);
         _mm256_storeu_pd(a, _mm256_add_pd(_mm256_loadu_pd(a), _mm256_cvtps_pd(_mm256_castps256_ps128(sum))));
@@ -244,18 +260,29 @@ inline void sum_table_groups_avx2(const std::uint8_t* const* packed, std::size_t
     }
 }
 
-// The same for 8-bit levels standing for themselves.
-FASTFED_TARGET("avx2")
-inline void sum_level_groups_avx2(const std::uint8_t* const* packed, std::size_t first, std::size_t clients, const level_values& values,
-                                  std::size_t blocks, std::size_t begin, std::size_t end, double* acc) {
-    __m256 scale[kClientBlock];
-    for (std::size_t j = 0; j < clients; ++j) scale[j] = _mm256_set1_ps(values.scale(first + j, begin, blocks));
-    for (std::size_t i = begin; i < end; i += 8) {
-        __m256 sum = _mm256_setzero_ps();
-        for (std::size_t j = 0; j < clients; ++j) sum = _mm256_add_ps(sum, _mm256_mul_ps(scale[j], levels_avx2(packed[first + j] + i)));
-        double* a = acc + (i - begin);
-        _mm256_storeu_pd(a, _mm256_add_pd(_mm256_loadu_pd(a), _mm256_cvtps_pd(_mm256_castps256_ps128(sum))));
-        _mm256_storeu_pd(a + 4, _mm256_add_pd(_mm256_loadu_pd(a + 4), _mm256_cvtps_pd(_mm256_extractf128_ps(sum, 1))));
+// Whether sum_level_segment_avx2 has a vector path for these values.
+inline bool vector_levels(unsigned bits, const level_values& values) { return values.table != nullptr ? bits <= 4 : bits == 8; }
+
+// One segment (inside one block) of up to eight clients, as sum_level_tiles's scalar loop does it;
+// `next` are the clients whose bytes are checksummed next, prefetched meanwhile.
+inline void sum_level_segment_avx2(const std::vector<const std::uint8_t*>& packed, unsigned bits, std::size_t first, std::size_t last,
+                                   const level_values& values, std::size_t blocks, std::size_t start, std::size_t stop, double* acc,
+                                   float* scaled, const std::uint8_t* const* next, std::size_t n_next) {
+    const std::size_t clients = last - first;
+    switch (values.table != nullptr ? bits : 0) {
+        case 1: return sum_table_groups_avx2<1>(packed.data(), first, clients, values, blocks, start, stop, acc, scaled);
+        case 2: return sum_table_groups_avx2<2>(packed.data(), first, clients, values, blocks, start, stop, acc, scaled);
+        case 3: return sum_table_groups_avx2<3>(packed.data(), first, clients, values, blocks, start, stop, acc, scaled);
+        case 4: return sum_table_groups_avx2<4>(packed.data(), first, clients, values, blocks, start, stop, acc, scaled);
+        default: {  // 8-bit levels themselves: the block summation of weighted_sum_quantized
+            const std::uint8_t* q[kClientBlock];
+            float scale[kClientBlock];
+            for (std::size_t j = 0; j < clients; ++j) {
+                q[j] = packed[first + j] + start;
+                scale[j] = values.scale(first + j, start, blocks);
+            }
+            sum_clients_avx2(clients, q, scale, acc, stop - start, next, n_next);
+        }
     }
 }
 #endif
@@ -269,7 +296,12 @@ void sum_level_tiles(const std::vector<const std::uint8_t*>& packed, unsigned bi
     std::vector<float> block_storage(kQuantizedTile);
     double* FASTFED_RESTRICT acc = acc_storage.data();
     float* FASTFED_RESTRICT block_sum = block_storage.data();
-    [[maybe_unused]] const bool fast = active_isa() >= isa::avx2 && (values.table != nullptr ? bits <= 4 : bits == 8);
+    [[maybe_unused]] bool fast = false;
+    [[maybe_unused]] std::vector<float> scaled_tables;
+#if defined(FASTFED_X86_DISPATCH)
+    fast = active_isa() >= isa::avx2 && vector_levels(bits, values);
+    if (fast && values.table != nullptr) scaled_tables.resize(kClientBlock * (values.rows * levels + 8));
+#endif
     for (std::size_t tile = first_tile; tile < end_tile; ++tile) {
         const std::size_t begin = tile * kQuantizedTile;
         const std::size_t length = std::min(kQuantizedTile, n - begin);
@@ -284,10 +316,14 @@ void sum_level_tiles(const std::vector<const std::uint8_t*>& packed, unsigned bi
                 const std::size_t stop = std::min(begin + length, (start / values.block + 1) * values.block);
 #if defined(FASTFED_X86_DISPATCH)
                 if (fast) {
-                    if (values.table != nullptr)
-                        sum_table_groups_avx2(packed.data(), first, last - first, bits, values, blocks, start, stop, acc + (start - begin));
-                    else
-                        sum_level_groups_avx2(packed.data(), first, last - first, values, blocks, start, stop, acc + (start - begin));
+                    // The clients checksummed next: the rest of this tile's clients, then the next tile's.
+                    const std::uint8_t* next[kClientBlock];
+                    std::size_t n_next = 0;
+                    for (std::size_t k = last; k < n_clients && n_next < kClientBlock; ++k) next[n_next++] = packed[k] + first_byte;
+                    for (std::size_t k = 0; k < n_clients && n_next < kClientBlock && tile + 1 < end_tile; ++k)
+                        next[n_next++] = packed[k] + first_byte + tile_bytes;
+                    sum_level_segment_avx2(packed, bits, first, last, values, blocks, start, stop, acc + (start - begin),
+                                           scaled_tables.data(), next, n_next);
                     start = stop;
                     continue;
                 }
@@ -304,12 +340,21 @@ void sum_level_tiles(const std::vector<const std::uint8_t*>& packed, unsigned bi
                 start = stop;
             }
         }
-        for (std::size_t i = 0; i < length; ++i) out[begin + i] = static_cast<Output>(acc[i] / divisor);
+        // The offsets of a block repeat every `period` groups of eight (zero without offsets).
+        for (std::size_t start = begin; start < begin + length;) {
+            const std::size_t stop = std::min(begin + length, (start / values.block + 1) * values.block);
+            const double zero = 0.0;
+            const double* offsets = values.offsets != nullptr ? values.offsets + start / values.block * values.period : &zero;
+            const std::size_t mask = values.offsets != nullptr ? values.period - 1 : 0;
+            for (std::size_t i = start; i < stop; ++i) out[i] = static_cast<Output>((acc[i - begin] + offsets[(i >> 3) & mask]) / divisor);
+            start = stop;
+        }
     }
 }
 
-// out[i] = sum_k scales[k, i / block] * value_k(i) / divisor (see fastfed.kernels.aggregate_numpy.weighted_sum_levels),
-// and checksums[k] continued over packed[k], as weighted_sum_quantized.
+// out[i] = (sum_k scales[k, i / block] * value_k(i) + offsets[i / block, (i / 8) mod period]) / divisor
+// (see fastfed.kernels.aggregate_numpy.weighted_sum_levels), and checksums[k] continued over
+// packed[k], as weighted_sum_quantized.
 template <class Output>
 void weighted_sum_levels(const std::vector<const std::uint8_t*>& packed, unsigned bits, const level_values& values, double divisor,
                          Output* out, std::size_t n, std::uint32_t* checksums) {

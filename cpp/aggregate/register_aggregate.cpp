@@ -129,7 +129,9 @@ void weighted_sum_quantized(const py::list& packed, unsigned bits, const py::arr
 
 void weighted_sum_levels(const py::list& packed, unsigned bits, const py::array_t<float, py::array::c_style>& scales, std::size_t block,
                          const std::optional<py::array_t<float, py::array::c_style>>& table,
-                         const py::array_t<std::uint32_t, py::array::c_style>& rows, double divisor, py::array& out, py::array& checksums) {
+                         const py::array_t<std::uint32_t, py::array::c_style>& rows,
+                         const std::optional<py::array_t<double, py::array::c_style>>& offsets, double divisor, py::array& out,
+                         py::array& checksums) {
     require_bits(bits);
     require_block(block);
     require_flat_contiguous(out, "out");
@@ -160,7 +162,15 @@ void weighted_sum_levels(const py::list& packed, unsigned bits, const py::array_
         values.assign(table->data(), table->data() + table->size());
         values.resize(values.size() + 8, 0.0f);
     }
-    const aggregate::level_values level_values{scales.data(), block, table ? values.data() : nullptr, n_rows, rows.data()};
+    std::size_t period = 0;
+    if (offsets) {
+        period = static_cast<std::size_t>(offsets->shape(1));
+        if (offsets->ndim() != 2 || static_cast<std::size_t>(offsets->shape(0)) != n / block || period == 0 || (period & (period - 1)) != 0)
+            throw std::invalid_argument("offsets: expected a float64 array of " + std::to_string(n / block) +
+                                        " rows and a power of two columns");
+    }
+    const aggregate::level_values level_values{
+        scales.data(), block, table ? values.data() : nullptr, n_rows, rows.data(), offsets ? offsets->data() : nullptr, period};
     auto* checksum_data = static_cast<std::uint32_t*>(checksums.mutable_data());
     dispatch_float(out, "out", [&](auto tag) {
         using Output = decltype(tag);
@@ -183,9 +193,9 @@ void register_aggregate(py::module_& m) {
           "out = (sum_k scales[k] * unpack(packed[k]) + offset) / divisor: float32 blocks of eight clients, float64 tiles; "
           "checksums[k] = crc32(packed[k], checksums[k]).");
     m.def("weighted_sum_levels", &weighted_sum_levels, py::arg("packed"), py::arg("bits"), py::arg("scales"), py::arg("block"),
-          py::arg("table"), py::arg("rows"), py::arg("divisor"), py::arg("out"), py::arg("checksums"),
-          "out[i] = sum_k scales[k, i / block] * value_k(i) / divisor, value_k(i) = table[row_k(i), level] or the level; "
-          "checksums[k] = crc32(packed[k], checksums[k]).");
+          py::arg("table"), py::arg("rows"), py::arg("offsets"), py::arg("divisor"), py::arg("out"), py::arg("checksums"),
+          "out[i] = (sum_k scales[k, i / block] * value_k(i) + offsets[i / block, (i / 8) % period]) / divisor, value_k(i) = "
+          "table[row_k(i), level] or the level; checksums[k] = crc32(packed[k], checksums[k]).");
 }
 
 }  // namespace fastfed

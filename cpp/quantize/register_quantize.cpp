@@ -183,30 +183,43 @@ void require_rows(std::size_t rows) {
     if (rows == 0 || (rows & (rows - 1)) != 0) throw std::invalid_argument("rows: expected a power of two, got " + std::to_string(rows));
 }
 
+// A receiver table of 2^bits columns and a power of two rows; returns the rows.
+std::size_t require_table(const float32_array& table, unsigned bits) {
+    if (table.ndim() != 2 || static_cast<std::size_t>(table.shape(1)) != (std::size_t{1} << bits))
+        throw std::invalid_argument("table: expected a 2-D float32 array with " + std::to_string(1u << bits) + " columns");
+    const auto rows = static_cast<std::size_t>(table.shape(0));
+    require_rows(rows);
+    return rows;
+}
+
 template <class Levels>
 std::size_t run_encode_shared(const py::array& x, unsigned bits, std::size_t block, const std::vector<std::uint64_t>& keys,
-                              std::uint64_t row_offset, std::uint64_t row_stride, std::size_t rows, const Levels& levels, py::array& sigmas,
-                              packed_array& packed, py::array& outlier_index, py::array& outlier_value, std::size_t padded) {
+                              std::uint64_t row_offset, std::uint64_t row_stride, const float32_array& table, const Levels& levels,
+                              py::array& sigmas, packed_array& packed, py::array& outlier_index, py::array& outlier_value,
+                              std::size_t padded) {
     const auto* x_data = static_cast<const float*>(x.data());
     auto* sigma_data = static_cast<float*>(sigmas.mutable_data());
     std::uint8_t* packed_data = packed.mutable_data();
     auto* index_data = static_cast<std::uint32_t*>(outlier_index.mutable_data());
     auto* value_data = static_cast<float*>(outlier_value.mutable_data());
+    const float* table_data = table.data();
+    const auto rows = static_cast<std::size_t>(table.shape(0));
     // Safe: raw pointers only; the caller holds every array, keys is a local copy.
     const py::gil_scoped_release release;
     return quantize::encode_shared(x_data, static_cast<std::size_t>(x.shape(0)), bits, block, keys[0], keys[1], row_offset, row_stride,
-                                   rows, levels, sigma_data, packed_data, padded, index_data, value_data);
+                                   table_data, rows, levels, sigma_data, packed_data, padded, index_data, value_data);
 }
 
 std::size_t encode_shared_table(const py::array& x, unsigned bits, std::size_t block, const std::vector<std::uint64_t>& keys,
-                                std::uint64_t row_offset, std::uint64_t row_stride, const float64_array& breakpoints,
-                                const py::array_t<std::int32_t, py::array::c_style>& ranks, py::array& sigmas, packed_array& packed,
-                                py::array& outlier_index, py::array& outlier_value) {
+                                std::uint64_t row_offset, std::uint64_t row_stride, const float32_array& table,
+                                const float64_array& breakpoints, const py::array_t<std::int32_t, py::array::c_style>& ranks,
+                                py::array& sigmas, packed_array& packed, py::array& outlier_index, py::array& outlier_value) {
     const std::size_t padded = shared_shape(x, bits, block, keys, sigmas, packed, outlier_index, outlier_value);
+    const std::size_t table_rows = require_table(table, bits);
     if (ranks.ndim() != 2 || static_cast<std::size_t>(ranks.shape(1)) != (std::size_t{1} << bits) - 1)
         throw std::invalid_argument("ranks: expected a 2-D int32 array with " + std::to_string((1u << bits) - 1) + " columns");
     const auto rows = static_cast<std::size_t>(ranks.shape(0));
-    require_rows(rows);
+    if (rows != table_rows) throw std::invalid_argument("ranks: expected one row per row of the table");
     const std::size_t columns = (std::size_t{1} << bits) - 1;
     require_flat_contiguous(breakpoints, "breakpoints");
     if (static_cast<std::size_t>(breakpoints.shape(0)) != rows * columns + 1)
@@ -217,15 +230,15 @@ std::size_t encode_shared_table(const py::array& x, unsigned bits, std::size_t b
             throw std::invalid_argument("breakpoints: expected finite, strictly increasing values");
     const quantize::staircase_table stairs(points, rows * columns + 1);
     const quantize::table_levels levels{stairs, ranks.data(), columns, points[0], points[rows * columns]};
-    return run_encode_shared(x, bits, block, keys, row_offset, row_stride, rows, levels, sigmas, packed, outlier_index, outlier_value,
+    return run_encode_shared(x, bits, block, keys, row_offset, row_stride, table, levels, sigmas, packed, outlier_index, outlier_value,
                              padded);
 }
 
 std::size_t encode_shared_dither(const py::array& x, unsigned bits, std::size_t block, const std::vector<std::uint64_t>& keys,
-                                 std::uint64_t row_offset, std::uint64_t row_stride, std::size_t rows, double support, py::array& sigmas,
-                                 packed_array& packed, py::array& outlier_index, py::array& outlier_value) {
+                                 std::uint64_t row_offset, std::uint64_t row_stride, const float32_array& table, double support,
+                                 py::array& sigmas, packed_array& packed, py::array& outlier_index, py::array& outlier_value) {
     const std::size_t padded = shared_shape(x, bits, block, keys, sigmas, packed, outlier_index, outlier_value);
-    require_rows(rows);
+    const std::size_t rows = require_table(table, bits);
     if (!(support > 0) || !std::isfinite(support))
         throw std::invalid_argument("support: expected a positive finite number, got " + std::to_string(support));
     const double steps = static_cast<double>(rows) * static_cast<double>((1u << bits) - 1);
@@ -234,7 +247,7 @@ std::size_t encode_shared_dither(const py::array& x, unsigned bits, std::size_t 
     while ((std::size_t{1} << shift) < rows) ++shift;
     const quantize::dither_levels levels{-support, support, static_cast<double>(rows) / step, steps - 1, static_cast<std::uint32_t>(rows),
                                          shift};
-    return run_encode_shared(x, bits, block, keys, row_offset, row_stride, rows, levels, sigmas, packed, outlier_index, outlier_value,
+    return run_encode_shared(x, bits, block, keys, row_offset, row_stride, table, levels, sigmas, packed, outlier_index, outlier_value,
                              padded);
 }
 
@@ -249,10 +262,7 @@ void dequantize_shared(const packed_array& packed, unsigned bits, std::size_t bl
     if (static_cast<std::size_t>(out.shape(0)) != padded)
         throw std::invalid_argument("out: expected " + std::to_string(padded) + " values");
     require_packed_size(packed, padded, bits);
-    if (table.ndim() != 2 || static_cast<std::size_t>(table.shape(1)) != (std::size_t{1} << bits))
-        throw std::invalid_argument("table: expected a 2-D float32 array with " + std::to_string(1u << bits) + " columns");
-    const auto rows = static_cast<std::size_t>(table.shape(0));
-    require_rows(rows);
+    const std::size_t rows = require_table(table, bits);
     const std::uint8_t* packed_data = packed.data();
     const float* table_data = table.data();
     const auto* scale_data = static_cast<const float*>(scales.data());
@@ -281,13 +291,14 @@ void register_quantize(py::module_& m) {
     m.def("accumulate_rotated", &accumulate_rotated, py::arg("packed"), py::arg("bits"), py::arg("block"), py::arg("keys"),
           py::arg("magnitudes"), py::arg("scales"), py::arg("weight"), py::arg("acc").noconvert(), "acc += weight * decode_rotated(...).");
     m.def("encode_shared_table", &encode_shared_table, py::arg("x"), py::arg("bits"), py::arg("block"), py::arg("keys"),
-          py::arg("row_offset"), py::arg("row_stride"), py::arg("breakpoints"), py::arg("ranks"), py::arg("sigmas").noconvert(),
-          py::arg("packed").noconvert(), py::arg("outlier_index").noconvert(), py::arg("outlier_value").noconvert(),
-          "Shared-rotation encode with an optimised table's staircase; returns the count of exact values.");
+          py::arg("row_offset"), py::arg("row_stride"), py::arg("table"), py::arg("breakpoints"), py::arg("ranks"),
+          py::arg("sigmas").noconvert(), py::arg("packed").noconvert(), py::arg("outlier_index").noconvert(),
+          py::arg("outlier_value").noconvert(),
+          "Shared-rotation encode with an optimised table's staircase; returns the count of corrections.");
     m.def("encode_shared_dither", &encode_shared_dither, py::arg("x"), py::arg("bits"), py::arg("block"), py::arg("keys"),
-          py::arg("row_offset"), py::arg("row_stride"), py::arg("rows"), py::arg("support"), py::arg("sigmas").noconvert(),
+          py::arg("row_offset"), py::arg("row_stride"), py::arg("table"), py::arg("support"), py::arg("sigmas").noconvert(),
           py::arg("packed").noconvert(), py::arg("outlier_index").noconvert(), py::arg("outlier_value").noconvert(),
-          "Shared-rotation encode with a subtractive-dither table; returns the count of exact values.");
+          "Shared-rotation encode with a subtractive-dither table; returns the count of corrections.");
     m.def("dequantize_shared", &dequantize_shared, py::arg("packed"), py::arg("bits"), py::arg("block"), py::arg("row_offset"),
           py::arg("row_stride"), py::arg("table"), py::arg("scales"), py::arg("out").noconvert(),
           "out[i] = scales[i / block] * table[row(i), level(i)].");

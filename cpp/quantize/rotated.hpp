@@ -5,7 +5,7 @@
 // Independent rotation (EDEN, Vargaftik et al., ICML 2022): two rotation rounds, nearest Lloyd-Max
 // magnitude, and the unbiasing block scale sum(y^2) / sum(|y| magnitude).
 // Shared rotation (QUIC-FL, Ben Basat et al., ICML 2024): one round, then unbiased quantization with
-// shared randomness along a table's staircase, and the values beyond its support sent exactly.
+// shared randomness along a table's staircase, with corrections for the values beyond its support.
 //
 // Each block is rotated, measured and quantized while it stays in the core's cache; blocks run in
 // parallel. Block sums use sixteen interleaved lanes (value j into lane j % 16), then add the lanes
@@ -35,7 +35,7 @@
 namespace fastfed::quantize {
 
 inline constexpr double kSmallestSigma = 0x1p-100;  // a block whose RMS is smaller is sent as zero
-inline constexpr double kValueLimit = 0x1p100;      // the largest block scale or exact value a payload carries
+inline constexpr double kValueLimit = 0x1p100;      // the largest block scale or correction a payload carries
 
 // Sixteen running sums, value j of a block into lane j % 16.
 struct lane_sums {
@@ -326,8 +326,33 @@ class staircase_table {
         return std::min(j + (z >= points_[j + 1] ? 1 : 0), last);
     }
 
+    bool tabulated() const { return !steps_.empty(); }
+    std::size_t steps() const { return points_.size() - 1; }
     double point(std::size_t j) const { return points_[j]; }
     double inverse_width(std::size_t j) const { return inverse_width_[j]; }
+
+#if defined(FASTFED_X86_DISPATCH)
+    // Four clipped z at once (tabulated staircases only): each step index and its fraction of the step.
+    FASTFED_TARGET("avx2") __m128i steps_avx2(__m256d z, __m256d& fraction) const {
+        __m128i cell = _mm256_cvttpd_epi32(_mm256_mul_pd(_mm256_sub_pd(z, _mm256_set1_pd(points_[0])), _mm256_set1_pd(cells_per_unit_)));
+        cell = _mm_min_epi32(cell, _mm_set1_epi32(static_cast<int>(steps_.size() - 1)));
+        const __m128i below = _mm_i32gather_epi32(steps_.data(), cell, 4);
+        const __m128i above = low_halves(_mm256_cmp_pd(z, gather(points_.data() + 1, below), _CMP_GE_OQ));
+        const __m128i step = _mm_min_epi32(_mm_sub_epi32(below, above), _mm_set1_epi32(static_cast<int>(steps() - 1)));
+        fraction = _mm256_mul_pd(_mm256_sub_pd(z, gather(points_.data(), step)), gather(inverse_width_.data(), step));
+        return step;
+    }
+
+    // base[index] for four indices; the masked form, whose unmasked twin GCC 12 warns about.
+    FASTFED_TARGET("avx2") static __m256d gather(const double* base, __m128i index) {
+        return _mm256_mask_i32gather_pd(_mm256_setzero_pd(), base, index, _mm256_castsi256_pd(_mm256_set1_epi64x(-1)), 8);
+    }
+
+    // The low 32 bits of each 64-bit lane (comparison masks: -1 or 0).
+    FASTFED_TARGET("avx2") static __m128i low_halves(__m256d mask) {
+        return _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(_mm256_castpd_si256(mask), _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6)));
+    }
+#endif
 
  private:
     std::vector<double> points_, inverse_width_;
@@ -335,7 +360,8 @@ class staircase_table {
     double cells_per_unit_ = 0.0;
 };
 
-// How a shared-rotation encode turns a clipped z, its coin and its row into a level.
+// How a shared-rotation encode turns a clipped z, its coin and its row into a level: along an
+// optimised table's staircase, ...
 struct table_levels {
     const staircase_table& stairs;
     const std::int32_t* ranks;  // (rows, levels - 1)
@@ -350,8 +376,23 @@ struct table_levels {
         for (std::size_t k = 0; k < columns; ++k) level += ranks[row * columns + k] < configuration ? 1u : 0u;
         return level;
     }
+
+    bool vectorized() const { return stairs.tabulated(); }
+
+#if defined(FASTFED_X86_DISPATCH)
+    FASTFED_TARGET("avx2") __m128i operator()(__m256d z, __m256d coin, std::size_t row) const {
+        __m256d fraction;
+        const __m128i step = stairs.steps_avx2(z, fraction);
+        const __m128i configuration = _mm_sub_epi32(step, staircase_table::low_halves(_mm256_cmp_pd(coin, fraction, _CMP_LT_OQ)));
+        __m128i level = _mm_setzero_si128();
+        for (std::size_t k = 0; k < columns; ++k)
+            level = _mm_sub_epi32(level, _mm_cmpgt_epi32(configuration, _mm_set1_epi32(ranks[row * columns + k])));
+        return level;
+    }
+#endif
 };
 
+// ... or along a dither table's, which is uniform.
 struct dither_levels {
     double low, high, gain;  // gain = rows / step
     double last_step;        // rows (2^b - 1) - 1
@@ -363,16 +404,90 @@ struct dither_levels {
         const double configuration = whole + (coin < v - whole ? 1.0 : 0.0);
         return static_cast<std::uint32_t>((static_cast<std::int64_t>(configuration) + rows - 1 - static_cast<std::int64_t>(row)) >> shift);
     }
+
+    bool vectorized() const { return true; }
+
+#if defined(FASTFED_X86_DISPATCH)
+    FASTFED_TARGET("avx2") __m128i operator()(__m256d z, __m256d coin, std::size_t row) const {
+        const __m256d v = _mm256_mul_pd(_mm256_add_pd(z, _mm256_set1_pd(high)), _mm256_set1_pd(gain));
+        const __m256d whole = _mm256_min_pd(_mm256_floor_pd(v), _mm256_set1_pd(last_step));
+        const __m256d raise = _mm256_and_pd(_mm256_cmp_pd(coin, _mm256_sub_pd(v, whole), _CMP_LT_OQ), _mm256_set1_pd(1.0));
+        const __m128i configuration = _mm256_cvttpd_epi32(_mm256_add_pd(whole, raise));
+        const int shifted = static_cast<int>(rows - 1 - static_cast<std::uint32_t>(row));
+        return _mm_srli_epi32(_mm_add_epi32(configuration, _mm_set1_epi32(shifted)), static_cast<int>(shift));
+    }
+#endif
 };
 
-// The shared-rotation encode for either kind of table: sigmas, packed levels, and the exact values
-// (ascending positions) written to outlier_index/outlier_value; returns how many.
+#if defined(FASTFED_X86_DISPATCH)
+// The 32-bit coins of eight values as doubles in [0, 1): four draws hold eight coins, in order.
+FASTFED_TARGET("avx2") inline void coins_avx2(random::draws_avx2& draws, __m256d& low, __m256d& high) {
+    // Unsigned to double exactly: convert u - 2^31 as a signed integer, then add 2^31 back.
+    const __m256i shifted = _mm256_xor_si256(draws.next(), _mm256_set1_epi32(static_cast<int>(0x80000000u)));
+    const __m256d unbias = _mm256_set1_pd(0x1p31), scale = _mm256_set1_pd(0x1p-32);
+    low = _mm256_mul_pd(_mm256_add_pd(_mm256_cvtepi32_pd(_mm256_castsi256_si128(shifted)), unbias), scale);
+    high = _mm256_mul_pd(_mm256_add_pd(_mm256_cvtepi32_pd(_mm256_extracti128_si256(shifted, 1)), unbias), scale);
+}
+
+template <class Levels>
+FASTFED_TARGET("avx2")
+void shared_levels_avx2(const float* y, std::size_t block, float inverse, std::size_t begin, std::uint64_t coin_key,
+                        std::uint64_t row_offset, std::uint64_t row_stride, std::size_t rows, const Levels& levels_of,
+                        std::uint8_t* levels) {
+    random::draws_avx2 draws(coin_key, begin / 2);
+    const __m256 scale = _mm256_set1_ps(inverse);
+    const __m256d low = _mm256_set1_pd(levels_of.low), high = _mm256_set1_pd(levels_of.high);
+    const __m128i low_bytes = _mm_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+    for (std::size_t j = 0; j < block; j += 8) {
+        const __m256 z = _mm256_mul_ps(_mm256_loadu_ps(y + j), scale);
+        const __m256d z_low = _mm256_min_pd(_mm256_max_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(z)), low), high);
+        const __m256d z_high = _mm256_min_pd(_mm256_max_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(z, 1)), low), high);
+        __m256d coin_low, coin_high;
+        coins_avx2(draws, coin_low, coin_high);
+        const std::size_t row = shared_row(begin + j, row_offset, row_stride, rows);
+        const __m128i first = _mm_shuffle_epi8(levels_of(z_low, coin_low, row), low_bytes);
+        const __m128i second = _mm_shuffle_epi8(levels_of(z_high, coin_high, row), low_bytes);
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(levels + j), _mm_unpacklo_epi32(first, second));
+    }
+}
+
+// Whether any of values j..j+7 falls outside [low, high] once scaled: the rare case that needs a correction.
+FASTFED_TARGET("avx2") inline bool any_outside_avx2(const float* y, float inverse, double low, double high) {
+    const __m256 z = _mm256_mul_ps(_mm256_loadu_ps(y), _mm256_set1_ps(inverse));
+    const __m256d lows = _mm256_set1_pd(low), highs = _mm256_set1_pd(high);
+    int outside = 0;
+    for (const __m256d half : {_mm256_cvtps_pd(_mm256_castps256_ps128(z)), _mm256_cvtps_pd(_mm256_extractf128_ps(z, 1))})
+        outside |= _mm256_movemask_pd(_mm256_or_pd(_mm256_cmp_pd(half, lows, _CMP_LT_OQ), _mm256_cmp_pd(half, highs, _CMP_GT_OQ)));
+    return outside != 0;
+}
+#endif
+
+template <class Levels>
+void shared_levels(const float* y, std::size_t block, float inverse, std::size_t begin, std::uint64_t coin_key, std::uint64_t row_offset,
+                   std::uint64_t row_stride, std::size_t rows, const Levels& levels_of, std::uint8_t* levels) {
+#if defined(FASTFED_X86_DISPATCH)
+    if (active_isa() >= isa::avx2 && levels_of.vectorized()) {
+        shared_levels_avx2(y, block, inverse, begin, coin_key, row_offset, row_stride, rows, levels_of, levels);
+        return;
+    }
+#endif
+    for (std::size_t j = 0; j < block; ++j) {
+        const double z = std::min(std::max(static_cast<double>(y[j] * inverse), levels_of.low), levels_of.high);
+        const double coin = static_cast<double>(random::coin(coin_key, begin + j)) * 0x1p-32;
+        levels[j] = static_cast<std::uint8_t>(levels_of(z, coin, shared_row(begin + j, row_offset, row_stride, rows)));
+    }
+}
+
+// The shared-rotation encode for either kind of table: sigmas, packed levels, and for the values
+// beyond the table's support, their positions (ascending) and corrections y - sigma R[h, q], written
+// to outlier_index and outlier_value; returns how many.
 template <class Levels>
 std::size_t encode_shared(const float* x, std::size_t n, unsigned bits, std::size_t block, std::uint64_t rotation_key,
-                          std::uint64_t coin_key, std::uint64_t row_offset, std::uint64_t row_stride, std::size_t rows,
+                          std::uint64_t coin_key, std::uint64_t row_offset, std::uint64_t row_stride, const float* table, std::size_t rows,
                           const Levels& levels_of, float* sigmas, std::uint8_t* packed, std::size_t padded, std::uint32_t* outlier_index,
                           float* outlier_value) {
     const std::size_t blocks = padded / block, room = block / 9;  // see fastfed.kernels._checks.outlier_capacity
+    const std::size_t levels_per_row = std::size_t{1} << bits;
     std::vector<std::size_t> found(blocks);
     parallel_for(blocks, 1, block * 32, [&](std::size_t first, std::size_t last) {
         std::vector<float> y(block);
@@ -387,18 +502,23 @@ std::size_t encode_shared(const float* x, std::size_t n, unsigned bits, std::siz
                 const float sigma32 = sigma >= kSmallestSigma ? static_cast<float>(sigma) : 0.0f;
                 if (sigma32 > kValueLimit) too_large("a block scale");
                 const float inverse = sigma32 > 0 ? static_cast<float>(1.0 / static_cast<double>(sigma32)) : 0.0f;
+                shared_levels(y.data(), block, inverse, begin, coin_key, row_offset, row_stride, rows, levels_of, levels.data());
                 std::size_t count = 0;
-                for (std::size_t j = 0; j < block; ++j) {
-                    const double z = static_cast<double>(y[j] * inverse);
-                    if (z < levels_of.low || z > levels_of.high) {
-                        if (count == room || std::fabs(y[j]) > kValueLimit) too_large("a rotated value");
+                for (std::size_t group = 0; group < block; group += 8) {
+#if defined(FASTFED_X86_DISPATCH)
+                    if (active_isa() >= isa::avx2 && !any_outside_avx2(y.data() + group, inverse, levels_of.low, levels_of.high)) continue;
+#endif
+                    for (std::size_t j = group; j < group + 8; ++j) {
+                        const double z = static_cast<double>(y[j] * inverse);
+                        if (!(z < levels_of.low || z > levels_of.high)) continue;
+                        const std::size_t row = shared_row(begin + j, row_offset, row_stride, rows);
+                        const float received = sigma32 * table[row * levels_per_row + levels[j]];
+                        const auto correction = static_cast<float>(static_cast<double>(y[j]) - static_cast<double>(received));
+                        if (count == room || std::fabs(correction) > kValueLimit) too_large("a rotated value");
                         outlier_index[b * room + count] = static_cast<std::uint32_t>(begin + j);
-                        outlier_value[b * room + count] = y[j];
+                        outlier_value[b * room + count] = correction;
                         ++count;
                     }
-                    const double clipped = std::min(std::max(z, levels_of.low), levels_of.high);
-                    const double coin = static_cast<double>(random::coin(coin_key, begin + j)) * 0x1p-32;
-                    levels[j] = static_cast<std::uint8_t>(levels_of(clipped, coin, shared_row(begin + j, row_offset, row_stride, rows)));
                 }
                 found[b] = count;
                 sigmas[b] = sigma32;

@@ -21,7 +21,7 @@ import numpy as np
 
 from .._backend import kernels
 from ..compression.quantizer import STREAM_SIGNS, dequantization_step, stream_key
-from ..compression.rotated import eden_codebook, eden_keys, levels_at, shared_codebook, shared_rows
+from ..compression.rotated import eden_codebook, eden_keys, shared_codebook, shared_rows
 from ..compression.wire import (
     CHECKSUM,
     CODEC_RAW,
@@ -33,10 +33,11 @@ from ..compression.wire import (
     TAIL_LENGTH,
     TAIL_OUTLIERS,
     TAIL_SEED,
+    VALUE_LIMIT,
     Entry,
     checksummed_length,
+    corrections_problem,
     crc32,
-    exact_values_problem,
     parse,
     parse_structure,
     raw_view,
@@ -142,36 +143,48 @@ def _continue_checksums(
 
 @dataclass(frozen=True)
 class _RotatedColumn:
-    """One rotated layer of every payload of a shared layout: views of its scales, levels and exact values."""
+    """One rotated layer of every payload of a shared layout: views of its scales, levels and corrections."""
 
     entry: Entry  # the template's
     scales: np.ndarray  # float32 (payloads, blocks)
     levels: list[np.ndarray]
-    exact: list[tuple[np.ndarray, np.ndarray]]  # shared rotation: (positions, values) per payload
+    counts: np.ndarray  # int64 (payloads,): shared rotation, how many corrections each payload has
+    positions: np.ndarray  # int64: every payload's correction positions, one payload after the other
+    corrections: np.ndarray  # float32, likewise
 
     @classmethod
-    def of(cls, entry: Entry, payloads: list[np.ndarray], starts: list[int], outliers: list[int]) -> _RotatedColumn:
+    def of(cls, entry: Entry, payloads: list[np.ndarray], starts: list[int], counts: list[int]) -> _RotatedColumn:
         level_bytes = (entry.padded * entry.bits + 7) // 8
-        scales, levels, exact = [], [], []
-        for payload, start, count in zip(payloads, starts, outliers):
-            scales.append(raw_view(payload[start : start + entry.scale_bytes], np.dtype(np.float32)))
+        scales, levels, positions, corrections = [], [], [], []
+        for payload, start, count in zip(payloads, starts, counts):
+            scales.append(payload[start : start + entry.scale_bytes])
             first = start + entry.scale_bytes
             levels.append(payload[first : first + level_bytes])
             first += level_bytes
-            positions = raw_view(payload[first : first + 4 * count], np.dtype(np.uint32))
-            exact.append((positions, raw_view(payload[first + 4 * count : first + 8 * count], np.dtype(np.float32))))
-        return cls(entry, np.stack(scales), levels, exact)
+            positions.append(payload[first : first + 4 * count])
+            corrections.append(payload[first + 4 * count : first + 8 * count])
+        # Joined once (a copy, aligned by np.concatenate): checked and applied in a few vectorized passes.
+        joined_scales = raw_view(np.concatenate(scales), np.dtype(np.float32)).reshape(len(payloads), -1)
+        joined_positions = raw_view(np.concatenate(positions), np.dtype(np.uint32)).astype(np.int64)
+        joined_corrections = raw_view(np.concatenate(corrections), np.dtype(np.float32))
+        return cls(entry, joined_scales, levels, np.array(counts, np.int64), joined_positions, joined_corrections)
 
     def problem(self) -> tuple[int, str] | None:
         """The first payload whose values are out of bounds, and what is wrong (see Entry.check_values)."""
         valid = scales_valid(self.scales)
         if not valid.all():
             return int(np.argmin(valid)), SCALES_PROBLEM
-        for k, (positions, values) in enumerate(self.exact):
-            problem = exact_values_problem(positions, values, self.entry.padded)
-            if problem is not None:
-                return k, problem
-        return None
+        ends = np.cumsum(self.counts)
+        rising = np.ones(self.positions.shape[0], dtype=bool)
+        rising[1:] = self.positions[1:] > self.positions[:-1]
+        rising[(ends - self.counts)[self.counts > 0]] = True  # each payload's first position starts afresh
+        with np.errstate(invalid="ignore"):
+            bad = ~rising | (self.positions >= self.entry.padded) | ~(np.abs(self.corrections) <= VALUE_LIMIT)
+        if not bad.any():
+            return None
+        k = int(np.searchsorted(ends, np.argmax(bad), side="right"))
+        own = slice(int(ends[k] - self.counts[k]), int(ends[k]))
+        return k, corrections_problem(self.positions[own], self.corrections[own], self.entry.padded) or ""
 
 
 def _mean_of_rotated(
@@ -191,54 +204,44 @@ def _mean_of_shared_rotation(
     column: _RotatedColumn, seeds: np.ndarray, weights: np.ndarray, total: float, spec: LayerSpec, checksums: np.ndarray
 ) -> np.ndarray:
     """QUIC-FL layers: ``sum_k (w_k / W) sigma_k R[h_k, X_k]`` in the rotated domain, in one pass over
-    the levels (which also continues the checksums), the exact values put back, then one inverse rotation.
+    the levels (which also continues the checksums), plus the clients' corrections, then one inverse
+    rotation.
 
     With a dither table, ``R[h, X] = -T + step X + offset_h``: the kernel sums the integer levels and
-    the offsets add up to a term that repeats every ``rows`` groups of eight values.
+    adds the offsets, which repeat every ``rows`` groups of eight values.
     """
     entry = column.entry
     book = shared_codebook(entry.bits)
     rows = np.array([shared_rows(seed, book.rows) for seed in seeds.tolist()], dtype=np.uint32).reshape(-1, 2)
     coefficients = (weights / total)[:, None] * column.scales.astype(np.float64)  # (clients, blocks)
-    out = np.empty(entry.padded)
+    rotated = np.empty(entry.padded, dtype=np.float32)
+    weighted_sum_levels = kernels().aggregate.weighted_sum_levels
     if book.breakpoints is not None:
         scales = coefficients.astype(np.float32)
-        kernels().aggregate.weighted_sum_levels(
-            column.levels, entry.bits, scales, entry.block, book.table, rows, 1.0, out, checksums
+        weighted_sum_levels(
+            column.levels, entry.bits, scales, entry.block, book.table, rows, None, 1.0, rotated, checksums
         )
     else:
         step = (book.high - book.low) / (2**entry.bits - 1)
         scales = (coefficients * step).astype(np.float32)
-        kernels().aggregate.weighted_sum_levels(
-            column.levels, entry.bits, scales, entry.block, None, rows, 1.0, out, checksums
+        offsets = _dither_offsets(coefficients, rows, book.rows, book.low, step)
+        weighted_sum_levels(
+            column.levels, entry.bits, scales, entry.block, None, rows, offsets, 1.0, rotated, checksums
         )
-        _add_dither_offsets(out, coefficients, rows, book.rows, book.low, step, entry.block)
-    for k, (positions, values) in enumerate(column.exact):
-        if positions.size:
-            position = positions.astype(np.int64)
-            level = levels_at(column.levels[k], entry.bits, position)
-            row = ((position >> 3) * int(rows[k, 1]) + int(rows[k, 0])) & (book.rows - 1)
-            sigma = column.scales[k, position // entry.block].astype(np.float64)
-            received = sigma * book.table[row, level].astype(np.float64)
-            out[position] += (weights[k] / total) * (values.astype(np.float64) - received)
+    shares = np.repeat((weights / total).astype(np.float32), column.counts)
+    np.add.at(rotated, column.positions, shares * column.corrections)
     mean = np.empty(entry.count, dtype=np.float32)
-    rotation = [stream_key(entry.rotation_seed, STREAM_SIGNS)]
-    kernels().rotate.unrotate_blocks(out.astype(np.float32), entry.block, rotation, mean)
+    kernels().rotate.unrotate_blocks(rotated, entry.block, [stream_key(entry.rotation_seed, STREAM_SIGNS)], mean)
     return cast_to_layer(mean, spec)
 
 
-def _add_dither_offsets(
-    out: np.ndarray, coefficients: np.ndarray, rows: np.ndarray, n_rows: int, low: float, step: float, block: int
-) -> None:
-    """``out[i] += sum_k coefficients[k, i // block] * (low + step ((h_k(i) + 1/2) / rows - 1/2))``: a
-    client's row repeats every ``rows`` groups of eight, so the sum is a (blocks, rows) table."""
+def _dither_offsets(coefficients: np.ndarray, rows: np.ndarray, n_rows: int, low: float, step: float) -> np.ndarray:
+    """``sum_k coefficients[k, b] * (low + step ((h_k + 1/2) / rows - 1/2))`` for each block ``b`` and each
+    group of eight ``g mod rows`` (a client's row repeats every ``rows`` groups): (blocks, rows)."""
     offsets = low + step * ((np.arange(n_rows) + 0.5) / n_rows - 0.5)
     phase = np.arange(n_rows, dtype=np.int64)
     per_row = offsets[(phase[None, :] * rows[:, 1:].astype(np.int64) + rows[:, :1].astype(np.int64)) & (n_rows - 1)]
-    table = coefficients.T @ per_row  # (blocks, rows)
-    blocks, groups = coefficients.shape[1], block // 8
-    group = np.arange(blocks, dtype=np.int64)[:, None] * groups + np.arange(groups)
-    out.reshape(blocks, groups, 8)[...] += np.take_along_axis(table, group & (n_rows - 1), axis=1)[:, :, None]
+    return np.ascontiguousarray(coefficients.T @ per_row)
 
 
 def _verified_problem(buffer: memoryview, client: int, tensor: int, message: str) -> DecodeError:
@@ -322,7 +325,7 @@ class SharedLayout:
     minimums: np.ndarray  # float64 (payloads, tensors): uniform tensors' ranges
     maximums: np.ndarray
     seeds: np.ndarray  # uint64 (payloads, tensors)
-    outliers: np.ndarray  # int64 (payloads, tensors): shared-rotation tensors' counts of exact values
+    outliers: np.ndarray  # int64 (payloads, tensors): shared-rotation tensors' counts of corrections
     offsets: np.ndarray  # int64 (payloads, tensors): where each tensor's data starts
 
     def rows(self, payloads: list[int]) -> SharedLayout:
@@ -345,7 +348,7 @@ def match_layout(buffers: Sequence[memoryview], template: list[Entry]) -> Shared
     with np.errstate(invalid="ignore"):
         valid = np.isfinite(minimums) & np.isfinite(maximums) & (minimums <= maximums)
     matches &= (valid | (layout.codecs != CODEC_UNIFORM)).all(axis=1)
-    # A shared-rotation tensor's count of exact values sets its length, and the lengths the offsets and size.
+    # A shared-rotation tensor's count of corrections sets its length, and the lengths the offsets and size.
     shared = layout.codecs == CODEC_ROTATED_SHARED
     padded = np.array([entry.padded for entry in template], dtype=np.int64)
     template_outliers = np.array([entry.outliers for entry in template], dtype=np.int64)

@@ -108,7 +108,7 @@ class RotatedQuantizer:
       randomness so that each coordinate is unbiased on its own (Ben Basat et al., ICML 2024,
       "Accelerating Federated Learning with Quick Distributed Mean Estimation", QUIC-FL): the
       server sums the levels in the rotated domain in one pass and inverts one rotation per round.
-      About 1 coordinate in 512 falls outside the quantizer's support and is sent exactly.
+      The 1 coordinate in 512 beyond the quantizer's support also carries a correction (8 bytes).
 
     Args:
       bits: bits per value, 1..8.

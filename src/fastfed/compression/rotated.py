@@ -17,7 +17,8 @@ round. Deterministic rounding would then make every client's error the same func
 rotation, so each coordinate is instead quantized unbiasedly on its own, with randomness that the
 sender and receiver share: ``z`` (clipped to the support, about +-3.1) is sent as a level ``X``,
 chosen knowing a row index ``h``, and the receiver's value is ``sigma R[h, X]`` with
-``E[R[h, X] | z] = z``. The ~1/512 of coordinates beyond the support are sent exactly. The sender's
+``E[R[h, X] | z] = z``. The ~1/512 of coordinates beyond the support (1/512) also carry a
+correction, ``y - sigma R[h, X]``, so that they decode exactly. The sender's
 rule for a table is stochastic rounding along its "staircase": sorting all ``H (2^b - 1)`` midpoints
 ``(R[h, k] + R[h, k+1]) / 2``, configuration ``c`` raises each row to the level that counts its
 midpoints among the ``c`` smallest, and ``m_c``, the configuration's mean over rows, increases with
@@ -94,7 +95,7 @@ class SharedCodebook:
     table: np.ndarray  # float32 (rows, 2^bits): the receiver's value of level X in row h, in units of sigma
     breakpoints: np.ndarray | None  # float64 staircase means m_0..m_M of an optimised table; None for dither
     ranks: np.ndarray | None  # int32 (rows, 2^bits - 1): each midpoint's position among all of them
-    low: float  # the support: coordinates outside [low, high] are sent exactly
+    low: float  # the support: coordinates outside [low, high] also carry a correction
     high: float
 
     @property
@@ -143,14 +144,14 @@ def _frozen(array: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class RotatedTensor:
-    """One rotated, quantized tensor: block scales, packed levels and (shared rotation) exact values."""
+    """One rotated, quantized tensor: block scales, packed levels and (shared rotation) corrections."""
 
     block: int
     rotation_seed: int  # the shared rotation's seed; 0 for an independent rotation
     scales: np.ndarray  # float32 per block: EDEN's S, or the shared codec's sigma
     packed: np.ndarray  # uint8
-    outlier_index: np.ndarray  # uint32, ascending positions in the padded tensor
-    outlier_value: np.ndarray  # float32, their rotated values
+    outlier_index: np.ndarray  # uint32: ascending positions (in the padded tensor) of values beyond the support
+    outlier_value: np.ndarray  # float32: their corrections, value - sigma R[h, level]
 
     def pieces(self) -> list[memoryview]:
         """The payload's bytes, in wire order (little-endian)."""
@@ -189,12 +190,13 @@ def quantize_rotated(values: np.ndarray, codec: RotatedQuantizer, seed: int, rot
     keys = [stream_key(rotation_seed, STREAM_SIGNS), stream_key(seed, STREAM_COIN)]
     offset, stride = shared_rows(seed, book.rows)
     if book.breakpoints is not None and book.ranks is not None:
+        breakpoints, ranks = book.breakpoints, book.ranks
         count = quantize.encode_shared_table(
-            x, codec.bits, block, keys, offset, stride, book.breakpoints, book.ranks, scales, packed, index, value
+            x, codec.bits, block, keys, offset, stride, book.table, breakpoints, ranks, scales, packed, index, value
         )
     else:
         count = quantize.encode_shared_dither(
-            x, codec.bits, block, keys, offset, stride, book.rows, SUPPORT, scales, packed, index, value
+            x, codec.bits, block, keys, offset, stride, book.table, SUPPORT, scales, packed, index, value
         )
     return RotatedTensor(block, rotation_seed, scales, packed, index[:count].copy(), value[:count].copy())
 
@@ -223,20 +225,11 @@ def decode_rotated(
 def shared_rotated_values(
     bits: int, block: int, seed: int, scales: np.ndarray, packed: np.ndarray, outliers: tuple[np.ndarray, np.ndarray]
 ) -> np.ndarray:
-    """A shared-rotation tensor in the rotated domain: ``sigma R[h, X]``, with the exact values put back."""
+    """A shared-rotation tensor in the rotated domain: ``sigma R[h, X]``, with the corrections added."""
     book = shared_codebook(bits)
     rotated = np.empty(scales.shape[0] * block, dtype=np.float32)
     offset, stride = shared_rows(seed, book.rows)
     kernels().quantize.dequantize_shared(packed, bits, block, offset, stride, book.table, scales, rotated)
-    index, value = outliers
-    rotated[index] = value
+    index, correction = outliers
+    rotated[index] += correction
     return rotated
-
-
-def levels_at(packed: np.ndarray, bits: int, positions: np.ndarray) -> np.ndarray:
-    """The packed levels (``bits`` <= 8, LSB first) at these positions, as intp."""
-    bit = positions.astype(np.int64) * bits
-    byte = bit >> 3
-    low = packed[byte].astype(np.intp)
-    high = packed[np.minimum(byte + 1, packed.shape[0] - 1)].astype(np.intp)  # a level's bits span two bytes at most
-    return np.asarray(((low | (high << 8)) >> (bit & 7)) & ((1 << bits) - 1))

@@ -56,8 +56,8 @@ FLAG_STOCHASTIC = 1
 FLAG_ROTATED = 2
 MAX_RANK = 32
 MAX_ELEMENTS = 1 << 40  # far above any model tensor, far below integer overflow anywhere
-MAX_ROTATED_ELEMENTS = 1 << 32  # positions of exact values are u32
-VALUE_LIMIT = 2.0**100  # largest rotated block scale or exact value: every decode stays finite
+MAX_ROTATED_ELEMENTS = 1 << 32  # positions of corrections are u32
+VALUE_LIMIT = 2.0**100  # largest rotated block scale or correction: every decode stays finite
 
 try:  # the native CRC-32 folds with carry-less multiplication on all cores: 10x zlib's speed
     from .._core import crc32 as crc32
@@ -68,7 +68,7 @@ HEADER = struct.Struct("<4sHHIQ")  # magic, version, flags, tensor count, total 
 ENTRY = struct.Struct("<BBBBB3x")  # codec, bits, flags, dtype code, rank
 ENTRY_TAIL = struct.Struct("<QII16sQQ")  # count, block, reserved, codec parameters, seed, payload length
 RANGE = struct.Struct("<dd")  # the codec parameters of raw and uniform tensors: min, max
-ROTATION = struct.Struct("<QQ")  # ... of rotated tensors: shared rotation seed, count of exact values
+ROTATION = struct.Struct("<QQ")  # ... of rotated tensors: shared rotation seed, count of corrections
 CHECKSUM = struct.Struct("<I")  # CRC-32 of every byte before it
 
 DTYPE_CODES = {
@@ -99,7 +99,7 @@ class Entry:
     data: np.ndarray  # uint8 view of the payload bytes
     offset: int  # where data starts in the payload
     rotation_seed: int = 0  # rotated tensors: the shared rotation's seed (0 for an independent rotation)
-    outliers: int = 0  # shared-rotation tensors: how many values travel exactly
+    outliers: int = 0  # shared-rotation tensors: how many values beyond the support carry a correction
 
     def raw_values(self) -> np.ndarray:
         """A raw tensor's flat values in native byte order: a read-only view, or a copy where the
@@ -121,20 +121,20 @@ class Entry:
             return self.data[self.scale_bytes : self.scale_bytes + (self.padded * self.bits + 7) // 8]
         return self.data
 
-    def exact_values(self) -> tuple[np.ndarray, np.ndarray]:
-        """A shared-rotation tensor's exact values: (uint32 positions in the rotated tensor, float32 values)."""
+    def corrections(self) -> tuple[np.ndarray, np.ndarray]:
+        """A shared-rotation tensor's corrections: (uint32 positions in the rotated tensor, float32 corrections)."""
         start = self.data.shape[0] - 8 * self.outliers
         positions = raw_view(self.data[start : start + 4 * self.outliers], np.dtype(np.uint32))
         return positions, raw_view(self.data[start + 4 * self.outliers :], np.dtype(np.float32))
 
     def check_values(self) -> str | None:
-        """What is wrong with a rotated tensor's scales or exact values, or ``None``; the decoder relies
+        """What is wrong with a rotated tensor's scales or corrections, or ``None``; the decoder relies
         on these bounds to stay in range and finite."""
         if self.codec not in ROTATED_CODECS:
             return None
         if not scales_valid(self.scales()):
             return SCALES_PROBLEM
-        return exact_values_problem(*self.exact_values(), self.padded)
+        return corrections_problem(*self.corrections(), self.padded)
 
     def decode(self) -> np.ndarray:
         if self.codec == CODEC_RAW:
@@ -142,7 +142,7 @@ class Entry:
         if self.codec in ROTATED_CODECS:
             shared = self.rotation_seed if self.codec == CODEC_ROTATED_SHARED else None
             flat = decode_rotated(
-                self.bits, self.count, self.block, self.seed, shared, self.scales(), self.levels(), self.exact_values()
+                self.bits, self.count, self.block, self.seed, shared, self.scales(), self.levels(), self.corrections()
             )
         else:
             flat = dequantize_tensor(
@@ -160,12 +160,12 @@ def scales_valid(scales: np.ndarray) -> np.ndarray:
         return np.asarray((np.isfinite(scales) & (scales >= 0) & (scales <= VALUE_LIMIT)).all(axis=-1))
 
 
-def exact_values_problem(positions: np.ndarray, values: np.ndarray, padded: int) -> str | None:
-    """What is wrong with a shared-rotation tensor's exact values (positions in the padded tensor), or ``None``."""
+def corrections_problem(positions: np.ndarray, corrections: np.ndarray, padded: int) -> str | None:
+    """What is wrong with a shared-rotation tensor's corrections (positions in the padded tensor), or ``None``."""
     if positions.size and (positions[-1] >= padded or (positions[1:] <= positions[:-1]).any()):
-        return f"positions of exact values must increase and stay below {padded}"
-    if not (np.isfinite(values).all() and (np.abs(values) <= VALUE_LIMIT).all()):
-        return "exact values must be finite and at most 2^100 in magnitude"
+        return f"positions of corrections must increase and stay below {padded}"
+    if not (np.isfinite(corrections).all() and (np.abs(corrections) <= VALUE_LIMIT).all()):
+        return "corrections must be finite and at most 2^100 in magnitude"
     return None
 
 
@@ -280,7 +280,7 @@ def parse(payload: bytes | bytearray | memoryview) -> list[Entry]:
 
 
 def check_values(entries: list[Entry]) -> None:
-    """Validates what lies inside rotated tensors' payloads (block scales, exact values), which the
+    """Validates what lies inside rotated tensors' payloads (block scales, corrections), which the
     structure alone does not bound; ``DecodeError`` names the tensor."""
     for index, entry in enumerate(entries):
         problem = entry.check_values()
@@ -405,7 +405,7 @@ def parse_structure(payload: bytes | bytearray | memoryview) -> list[Entry]:
             if codec == CODEC_ROTATED and (rotation_seed or outliers):
                 raise _fail(f"{where}: independent rotation with shared-rotation fields set")
             if outliers > padded:
-                raise _fail(f"{where}: {outliers} exact values for {padded} rotated values")
+                raise _fail(f"{where}: {outliers} corrections for {padded} rotated values")
             expected = 4 * (padded // block) + (padded * bits + 7) // 8 + 8 * outliers
         else:
             raise _fail(f"{where}: unknown codec {codec}")
@@ -444,7 +444,7 @@ class TableLayout:
     """The header and table of payloads laid out like one template, as a NumPy byte mask.
 
     Payloads of one model encoded with one codec differ in their tables only in each tensor's seed
-    and, for uniform tensors, its range, and for shared-rotation tensors, the count of exact values
+    and, for uniform tensors, its range, and for shared-rotation tensors, the count of corrections
     and so the payload length. A payload whose other header and table bytes equal the template's,
     and whose lengths agree with its counts, passes every structural check the template passed, so
     only its checksum, ranges and values are left to verify; :func:`fastfed.weighted_mean_encoded`
@@ -478,7 +478,7 @@ class TableLayout:
 HEADER_TOTAL = 12  # where the header's total length sits
 
 # Offsets of a table entry's fields from the start of its ENTRY_TAIL; a rotated tensor's count of
-# exact values sits where a uniform tensor's max does.
+# corrections sits where a uniform tensor's max does.
 TAIL_MINIMUM, TAIL_MAXIMUM, TAIL_SEED, TAIL_LENGTH = 16, 24, 32, 40
 TAIL_OUTLIERS = TAIL_MAXIMUM
 
@@ -488,7 +488,7 @@ def table_layout(template: list[Entry], size: int) -> TableLayout:
     table_end = template[0].offset if template else HEADER.size
     varying = np.zeros(table_end, dtype=bool)
     if any(entry.codec == CODEC_ROTATED_SHARED for entry in template):
-        varying[HEADER_TOTAL : HEADER_TOTAL + 8] = True  # the payload length follows the counts of exact values
+        varying[HEADER_TOTAL : HEADER_TOTAL + 8] = True  # the payload length follows the counts of corrections
     tails: list[int] = []
     tail = HEADER.size
     for entry in template:

@@ -134,6 +134,7 @@ def check_weighted_sum_levels(
     block: int,
     table: np.ndarray | None,
     rows: np.ndarray,
+    offsets: np.ndarray | None,
     out: np.ndarray,
     checksums: np.ndarray,
 ) -> np.ndarray:
@@ -151,6 +152,17 @@ def check_weighted_sum_levels(
     if not isinstance(rows, np.ndarray) or rows.dtype != np.uint32 or rows.shape != (len(packed), 2):
         raise ValueError(
             f"rows: expected a uint32 array of shape ({len(packed)}, 2): each client's row offset and stride"
+        )
+    if offsets is not None and (
+        not isinstance(offsets, np.ndarray)
+        or offsets.dtype != np.float64
+        or offsets.ndim != 2
+        or offsets.shape[0] != out.shape[0] // block
+        or offsets.shape[1] < 1
+        or offsets.shape[1] & (offsets.shape[1] - 1)
+    ):
+        raise ValueError(
+            f"offsets: expected a float64 array of {out.shape[0] // block} rows and a power of two columns"
         )
     return scales
 
@@ -174,7 +186,7 @@ def require_codebook(boundaries: np.ndarray, magnitudes: np.ndarray, bits: int) 
 
 
 def outlier_capacity(blocks: int, block: int) -> int:
-    """Room for the exact values of a shared-rotation encode: a block's squared coordinates (relative
+    """Room for the corrections of a shared-rotation encode: a block's squared coordinates (relative
     to its RMS) sum to its length, so fewer than one in nine can exceed the support (3.097)."""
     return blocks * (block // 9)
 

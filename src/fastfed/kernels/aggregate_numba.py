@@ -210,7 +210,8 @@ def weighted_sum_quantized(
 
 
 @numba.njit(inline="always")
-def _sum_levels_tile(packed, example, bits, scales, block, table, rows, divisor, out, begin, end, mask, block_sum, acc):  # type: ignore[no-untyped-def]
+def _sum_levels_tile(packed, example, bits, scales, block, table, rows, offsets, divisor, out, begin, end, mask,  # type: ignore[no-untyped-def]
+                     block_sum, acc):  # fmt: skip
     """One tile of _weighted_sum_levels: float32 block sums of eight clients into the float64 acc."""
     n_clients = len(packed)
     first_byte = (begin // 8) * bits
@@ -242,12 +243,14 @@ def _sum_levels_tile(packed, example, bits, scales, block, table, rows, divisor,
                     block_sum[i] += scale * table[row, level]
         for i in range(end - begin):
             acc[i] += np.float64(block_sum[i])
+    period = offsets.shape[1]
     for i in range(end - begin):
-        out[begin + i] = acc[i] / divisor
+        position = begin + i
+        out[position] = (acc[i] + offsets[position // block, (position >> 3) & (period - 1)]) / divisor
 
 
 @numba.njit(parallel=True, cache=True)
-def _weighted_sum_levels(packed, example, bits, scales, block, table, rows, divisor, out, n_chunks):  # type: ignore[no-untyped-def]
+def _weighted_sum_levels(packed, example, bits, scales, block, table, rows, offsets, divisor, out, n_chunks):  # type: ignore[no-untyped-def]
     n = out.shape[0]
     mask = (np.uint64(1) << np.uint64(bits)) - _ONE
     n_tiles = (n + _QUANTIZED_TILE - 1) // _QUANTIZED_TILE
@@ -258,7 +261,7 @@ def _weighted_sum_levels(packed, example, bits, scales, block, table, rows, divi
         for tile in range(first_tile, last_tile):
             begin = tile * _QUANTIZED_TILE
             end = min(n, begin + _QUANTIZED_TILE)
-            _sum_levels_tile(packed, example, bits, scales, block, table, rows, divisor, out, begin, end, mask,
+            _sum_levels_tile(packed, example, bits, scales, block, table, rows, offsets, divisor, out, begin, end, mask,
                              block_storage[: end - begin], acc_storage[: end - begin])  # fmt: skip
 
 
@@ -269,16 +272,18 @@ def weighted_sum_levels(
     block: int,
     table: np.ndarray | None,
     rows: np.ndarray,
+    offsets: np.ndarray | None,
     divisor: float,
     out: np.ndarray,
     checksums: np.ndarray,
 ) -> None:
     """Weighted sums of table values (or levels) with per-block scales; see the NumPy reference."""
-    scales = check_weighted_sum_levels(packed, bits, scales, block, table, rows, out, checksums)
+    scales = check_weighted_sum_levels(packed, bits, scales, block, table, rows, offsets, out, checksums)
     reference.continue_checksums(packed, checksums)
     values = np.zeros((0, 2**bits), np.float32) if table is None else table
+    added = np.zeros((out.shape[0] // block, 1)) if offsets is None else offsets
     tasks = _tasks(out.shape[0], _QUANTIZED_TILE)
     example = np.empty(0, np.uint8)
     _weighted_sum_levels(
-        data_addresses(packed), example, bits, scales, block, values, rows, float(divisor), out, tasks
+        data_addresses(packed), example, bits, scales, block, values, rows, added, float(divisor), out, tasks
     )  # fmt: skip

@@ -74,18 +74,20 @@ def weighted_sum_levels(
     block: int,
     table: np.ndarray | None,
     rows: np.ndarray,
+    offsets: np.ndarray | None,
     divisor: float,
     out: np.ndarray,
     checksums: np.ndarray,
 ) -> None:
-    """``out[i] = sum_k scales[k, i // block] * value_k(i) / divisor`` over K packed level streams of
-    one bit width, and the continued CRC-32s as in :func:`weighted_sum_quantized`.
+    """``out[i] = (sum_k scales[k, i // block] * value_k(i) + offsets[i // block, (i // 8) % P]) / divisor``
+    over K packed level streams of one bit width (``offsets`` has P columns, or is ``None`` for zero),
+    and the continued CRC-32s as in :func:`weighted_sum_quantized`.
 
     ``value_k(i)`` is ``table[(rows[k, 1] * (i // 8) + rows[k, 0]) mod H, level_k(i)]`` for an H-row table, or the
     level itself when ``table`` is ``None``. The products and their sums run in float32 over blocks
     of eight clients, in client order, each block sum added to a float64 accumulator.
     """
-    scales = check_weighted_sum_levels(packed, bits, scales, block, table, rows, out, checksums)
+    scales = check_weighted_sum_levels(packed, bits, scales, block, table, rows, offsets, out, checksums)
     continue_checksums(packed, checksums)
     n = out.shape[0]
     group = np.arange(n, dtype=np.int64) >> 3
@@ -100,4 +102,5 @@ def weighted_sum_levels(
                 values = table[(group * int(rows[k, 1]) + int(rows[k, 0])) & (table.shape[0] - 1), levels]
             block_sum += np.repeat(scales[k], block) * values
         acc += block_sum.astype(np.float64)
-    out[:] = acc / divisor
+    added = np.zeros((n // block, 1)) if offsets is None else offsets
+    out[:] = (acc + added[np.arange(n) // block, group & (added.shape[1] - 1)]) / divisor

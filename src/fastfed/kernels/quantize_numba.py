@@ -343,9 +343,10 @@ def _row(i, offset, stride, rows):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(parallel=True, cache=True)
-def _encode_shared(x, bits, block, rotation_key, round_scale, coin_key, offset, stride, rows, shift, dithered,  # type: ignore[no-untyped-def]
+def _encode_shared(x, bits, block, rotation_key, round_scale, coin_key, offset, stride, table, shift, dithered,  # type: ignore[no-untyped-def]
                    breakpoints, inverse_width, ranks, low, high, gain, sigmas, packed, outlier_index, outlier_value,
                    found, problems):  # fmt: skip
+    rows = table.shape[0]
     room = block // 9
     steps = breakpoints.shape[0] - 1
     last_step = np.float64(rows * ((1 << bits) - 1) - 1)
@@ -369,13 +370,6 @@ def _encode_shared(x, bits, block, rotation_key, round_scale, coin_key, offset, 
         count = 0
         for j in range(block):
             z = np.float64(y[j] * inverse)
-            if z < low or z > high:
-                if count == room or abs(y[j]) > reference.VALUE_LIMIT:
-                    problems[b] = _NO_ROOM
-                    break
-                outlier_index[b * room + count] = begin + j
-                outlier_value[b * room + count] = y[j]
-                count += 1
             clipped = min(max(z, low), high)
             coin = random_coin(coin_key, begin + j)
             row = _row(begin + j, offset, stride, rows)
@@ -393,6 +387,15 @@ def _encode_shared(x, bits, block, rotation_key, round_scale, coin_key, offset, 
                     if ranks[row, k] < configuration:
                         level += 1
                 levels[j] = level
+            if z < low or z > high:
+                received = sigma32 * table[row, levels[j]]
+                correction = np.float32(np.float64(y[j]) - np.float64(received))
+                if count == room or abs(correction) > reference.VALUE_LIMIT:
+                    problems[b] = _NO_ROOM
+                    break
+                outlier_index[b * room + count] = begin + j
+                outlier_value[b * room + count] = correction
+                count += 1
         found[b] = count
         sigmas[b] = sigma32
         _pack_levels(levels, bits, packed, begin // 8 * bits)
@@ -403,31 +406,31 @@ def _run_encode_shared(
     bits: int,
     block: int,
     keys: list[int],
-    row_offset: int,
-    row_stride: int,
-    rows: int,
+    rows: tuple[int, int, np.ndarray],
     staircase: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
     support: float,
     outputs: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
 ) -> int:
     sigmas, packed, outlier_index, outlier_value = outputs
+    row_offset, row_stride, table = rows
     if len(keys) != 2:
         raise ValueError("keys: expected the rotation key and the coin key")
     _check_encode(x, bits, block, keys[:1], sigmas, packed)
     require_outlier_capacity(outlier_index, outlier_value, sigmas.shape[0], block)
+    n_rows = table.shape[0]
     if staircase is None:
         breakpoints, inverse_width, ranks = np.zeros(2), np.zeros(1), np.zeros((1, 1), np.int32)
         low, high = -support, support
-        gain = rows / (2 * support / (2**bits - 1))
+        gain = n_rows / (2 * support / (2**bits - 1))
     else:
         breakpoints, inverse_width, ranks = staircase
         low, high, gain = float(breakpoints[0]), float(breakpoints[-1]), 0.0
     found = np.zeros(sigmas.shape[0], np.int64)
     problems = np.zeros(sigmas.shape[0], np.int8)
     _encode_shared(
-        x, bits, block, np.uint64(keys[0]), round_scales(block, 1)[0], np.uint64(keys[1]), row_offset, row_stride, rows,
-        rows.bit_length() - 1, staircase is None, breakpoints, inverse_width, ranks, low, high, gain, sigmas, packed,
-        outlier_index, outlier_value, found, problems,
+        x, bits, block, np.uint64(keys[0]), round_scales(block, 1)[0], np.uint64(keys[1]), row_offset, row_stride,
+        table, n_rows.bit_length() - 1, staircase is None, breakpoints, inverse_width, ranks, low, high, gain, sigmas,
+        packed, outlier_index, outlier_value, found, problems,
     )  # fmt: skip
     _raise_problem(problems)
     room, total = block // 9, 0
@@ -445,6 +448,7 @@ def encode_shared_table(
     keys: list[int],
     row_offset: int,
     row_stride: int,
+    table: np.ndarray,
     breakpoints: np.ndarray,
     ranks: np.ndarray,
     sigmas: np.ndarray,
@@ -453,10 +457,13 @@ def encode_shared_table(
     outlier_value: np.ndarray,
 ) -> int:
     """Shared-rotation encode with an optimised table's staircase; see the NumPy reference."""
+    require_table(table, bits)
     require_staircase(breakpoints, ranks, bits)
+    if ranks.shape[0] != table.shape[0]:
+        raise ValueError("ranks: expected one row per row of the table")
     staircase = (breakpoints, 1.0 / np.diff(breakpoints), ranks)
     outputs = (sigmas, packed, outlier_index, outlier_value)
-    return _run_encode_shared(x, bits, block, keys, row_offset, row_stride, ranks.shape[0], staircase, 0.0, outputs)
+    return _run_encode_shared(x, bits, block, keys, (row_offset, row_stride, table), staircase, 0.0, outputs)
 
 
 def encode_shared_dither(
@@ -466,7 +473,7 @@ def encode_shared_dither(
     keys: list[int],
     row_offset: int,
     row_stride: int,
-    rows: int,
+    table: np.ndarray,
     support: float,
     sigmas: np.ndarray,
     packed: np.ndarray,
@@ -474,9 +481,10 @@ def encode_shared_dither(
     outlier_value: np.ndarray,
 ) -> int:
     """Shared-rotation encode with a subtractive-dither table; see the NumPy reference."""
-    require_dither(rows, support)
+    require_table(table, bits)
+    require_dither(table.shape[0], support)
     outputs = (sigmas, packed, outlier_index, outlier_value)
-    return _run_encode_shared(x, bits, block, keys, row_offset, row_stride, rows, None, float(support), outputs)
+    return _run_encode_shared(x, bits, block, keys, (row_offset, row_stride, table), None, float(support), outputs)
 
 
 @numba.njit(parallel=True, cache=True)

@@ -113,7 +113,7 @@ def unpack_dequantize_accumulate(
 
 SUM_LANES = 16  # block sums run in sixteen interleaved lanes, then add the lanes in order
 SMALLEST_SIGMA = 2.0**-100  # a block whose RMS is smaller is sent as zero
-VALUE_LIMIT = 2.0**100  # the largest block scale or exact value a payload carries: decoding stays finite
+VALUE_LIMIT = 2.0**100  # the largest block scale or correction a payload carries: decoding stays finite
 
 
 def block_sums(values: np.ndarray) -> np.ndarray:
@@ -280,17 +280,22 @@ def _shared_coordinates(y: np.ndarray, low: float, high: float) -> tuple[np.ndar
 
 
 def _shared_finish(
-    y: np.ndarray, sigma32: np.ndarray, levels: np.ndarray, outside: np.ndarray, bits: int,
-    sigmas: np.ndarray, packed: np.ndarray, outlier_index: np.ndarray, outlier_value: np.ndarray,
+    y: np.ndarray, sigma32: np.ndarray, levels: np.ndarray, row: np.ndarray, outside: np.ndarray, bits: int,
+    table: np.ndarray, outputs: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
 ) -> int:  # fmt: skip
+    """Writes the sigmas, the packed levels and, for the values outside the support, their positions and
+    corrections ``float32(y - float32(sigma * table[row, level]))``; returns how many corrections."""
+    sigmas, packed, outlier_index, outlier_value = outputs
     index = np.flatnonzero(outside.reshape(-1))
-    values = y.reshape(-1)[index]
-    if (np.abs(values) > VALUE_LIMIT).any():
+    block = y.shape[1]
+    received = sigma32[index // block] * table[row.reshape(-1)[index], levels.reshape(-1)[index]]
+    corrections = (y.reshape(-1)[index].astype(np.float64) - received.astype(np.float64)).astype(np.float32)
+    if (np.abs(corrections) > VALUE_LIMIT).any():
         raise ValueError(f"x: values too large (a rotated value exceeds 2^{int(np.log2(VALUE_LIMIT))})")
     sigmas[:] = sigma32
     packed[:] = pack(levels.reshape(-1).astype(np.uint32), bits)
     outlier_index[: index.size] = index
-    outlier_value[: index.size] = values
+    outlier_value[: index.size] = corrections
     return int(index.size)
 
 
@@ -310,6 +315,7 @@ def encode_shared_table(
     keys: list[int],
     row_offset: int,
     row_stride: int,
+    table: np.ndarray,
     breakpoints: np.ndarray,
     ranks: np.ndarray,
     sigmas: np.ndarray,
@@ -318,17 +324,20 @@ def encode_shared_table(
     outlier_value: np.ndarray,
 ) -> int:
     """Unbiased quantization of one-round rotated blocks with shared randomness (QUIC-FL, Ben Basat et al.
-    2024), for a receiver table whose staircase has these ``breakpoints`` and ``ranks``.
+    2024), for a receiver ``table`` whose staircase has these ``breakpoints`` and ``ranks``.
 
     ``keys`` = (rotation key, coin key). Per block ``z = y * float32(1 / sigma32)``; outside
-    ``[breakpoints[0], breakpoints[-1]]`` a coordinate is also sent exactly (returned count). ``z``
+    ``[breakpoints[0], breakpoints[-1]]`` a coordinate also gets a correction (returned count). ``z``
     clipped to that range lies in step ``j`` (``breakpoints[j] <= z < breakpoints[j+1]``); the
     configuration ``c = j + (coin < p)`` with ``p = (z - breakpoints[j]) * (1 / (breakpoints[j+1] -
     breakpoints[j]))`` and the 32-bit coin ``coin * 2^-32``; the level is how many of the coordinate's
     row of ``ranks`` are ``< c``, the row being :func:`rows_of`.
     """
     y = _shared_input(x, bits, block, keys, sigmas, packed, (outlier_index, outlier_value))
+    require_table(table, bits)
     require_staircase(breakpoints, ranks, bits)
+    if ranks.shape[0] != table.shape[0]:
+        raise ValueError("ranks: expected one row per row of the table")
     sigma32, z, outside = _shared_coordinates(y, float(breakpoints[0]), float(breakpoints[-1]))
     steps = breakpoints.shape[0] - 1
     inverse_width = 1.0 / np.diff(breakpoints)
@@ -339,7 +348,7 @@ def encode_shared_table(
     levels = np.zeros(z.shape, np.uint32)
     for column in range(ranks.shape[1]):
         levels += ranks[row, column] < configuration
-    return _shared_finish(y, sigma32, levels, outside, bits, sigmas, packed, outlier_index, outlier_value)
+    return _shared_finish(y, sigma32, levels, row, outside, bits, table, (sigmas, packed, outlier_index, outlier_value))
 
 
 def encode_shared_dither(
@@ -349,19 +358,21 @@ def encode_shared_dither(
     keys: list[int],
     row_offset: int,
     row_stride: int,
-    rows: int,
+    table: np.ndarray,
     support: float,
     sigmas: np.ndarray,
     packed: np.ndarray,
     outlier_index: np.ndarray,
     outlier_value: np.ndarray,
 ) -> int:
-    """:func:`encode_shared_table` for the subtractive-dither table ``R[h, X] = -support + step * X +
-    step * ((h + 1/2) / rows - 1/2)``, ``step = 2 support / (2^b - 1)``, whose staircase is uniform:
+    """:func:`encode_shared_table` for a subtractive-dither ``table`` of ``rows`` rows, ``R[h, X] = -support +
+    step * X + step * ((h + 1/2) / rows - 1/2)``, ``step = 2 support / (2^b - 1)``, whose staircase is uniform:
     the configuration is ``floor(v) + (coin < v - floor(v))`` with ``v = (z + support) * (rows /
     step)`` (at most ``rows (2^b - 1)``) and the level ``(c + rows - 1 - h) >> log2(rows)``.
     """
     y = _shared_input(x, bits, block, keys, sigmas, packed, (outlier_index, outlier_value))
+    require_table(table, bits)
+    rows = table.shape[0]
     require_dither(rows, support)
     sigma32, z, outside = _shared_coordinates(y, -support, support)
     steps = rows * (2**bits - 1)
@@ -370,7 +381,7 @@ def encode_shared_dither(
     configuration = whole + (_coins(keys[1], z.shape) < v - whole)
     row = rows_of(z.size, row_offset, row_stride, rows).reshape(z.shape)
     levels = (configuration.astype(np.int64) + rows - 1 - row) >> (rows.bit_length() - 1)
-    return _shared_finish(y, sigma32, levels, outside, bits, sigmas, packed, outlier_index, outlier_value)
+    return _shared_finish(y, sigma32, levels, row, outside, bits, table, (sigmas, packed, outlier_index, outlier_value))
 
 
 def dequantize_shared(
@@ -384,7 +395,7 @@ def dequantize_shared(
     out: np.ndarray,
 ) -> None:
     """``out[i] = scales[i // block] * table[row(i), level(i)]`` (float32), the rotated values of a
-    shared-rotation payload before its exact values are put back."""
+    shared-rotation payload before its corrections are added."""
     require_rotated_bits(bits)
     require_block(block)
     require_scales(scales, "scales")
