@@ -40,6 +40,12 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--client-lr", type=float, default=0.1)
     train.add_argument("--server-lr", type=float, default=1.0)
     train.add_argument("--bits", type=int, default=None, help="quantize uploads and broadcast to this many bits")
+    train.add_argument(
+        "--codec",
+        choices=["uniform", "rotated"],
+        default="uniform",
+        help="with --bits: UniformQuantizer or RotatedQuantizer",
+    )
     train.add_argument("--min-size", type=int, default=1000, help="smallest tensor that is quantized")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--output-dir", default="runs/fastfed", help="CSV and TensorBoard logs go here")
@@ -144,13 +150,16 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     from tqdm import tqdm
 
     from . import AdaptiveBound, FedAvg, enable_determinism, evaluate, mean_aggregator, optimizers, save_checkpoint
-    from .compression import UniformQuantizer
+    from .compression import RotatedQuantizer, UniformQuantizer
 
     args, checkpoint = _resumed_arguments(args)
     if args.deterministic:
         enable_determinism()
     clients, test, input_shape = _load_dataset(args)
-    codec = UniformQuantizer(bits=args.bits, min_size=args.min_size) if args.bits else None
+    quantizer = (
+        RotatedQuantizer if getattr(args, "codec", "uniform") == "rotated" else UniformQuantizer
+    )  # older runs: uniform
+    codec = quantizer(bits=args.bits, min_size=args.min_size) if args.bits else None
     clipping: float | AdaptiveBound | None = args.clip
     if args.adaptive_clip:
         clipping = AdaptiveBound(initial=args.clip or 1.0, target_quantile=args.adaptive_clip)
@@ -185,7 +194,8 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     per_round = min(args.clients_per_round, len(clients))
     print(
         f"fastfed train: {args.dataset}, {len(clients)} clients, {per_round} per round, model {args.model}, "
-        f"{'uncompressed' if codec is None else f'{args.bits}-bit'}, backend {__import__('fastfed').backend()}"
+        f"{'uncompressed' if codec is None else f'{args.bits}-bit {type(codec).__name__}'}, "
+        f"backend {__import__('fastfed').backend()}"
     )
     with open(output / "metrics.csv", "a", newline="") as csv_file:
         rows = csv.DictWriter(csv_file, fieldnames=list(history[0]), extrasaction="ignore") if history else None

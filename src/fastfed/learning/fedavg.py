@@ -213,7 +213,7 @@ class FedAvg:
 
         start: list[np.ndarray] | bytes
         if self.broadcast_codec is not None:
-            start = encode(state.weights, self.broadcast_codec, seed=round_seed)
+            start = encode(state.weights, self.broadcast_codec, seed=round_seed, rotation_seed=round_seed)
             broadcast_bits = size_bits(start) * len(arrays)
         else:
             start = state.weights

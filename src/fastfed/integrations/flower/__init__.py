@@ -21,10 +21,19 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi
 
-from ...compression import UniformQuantizer
-from ._averaging import NUMPY_STYPE, TENSOR_TYPE, average_results, encode_delta, npy_view
+from ...compression import Codec
+from ._averaging import (
+    NUMPY_STYPE,
+    ROTATION_SEED_KEY,
+    TENSOR_TYPE,
+    average_results,
+    encode_delta,
+    npy_view,
+    round_rotation_seed,
+)
 
 __all__ = [
+    "ROTATION_SEED_KEY",
     "TENSOR_TYPE",
     "FastAggregationMixin",
     "FastFedAdagrad",
@@ -37,14 +46,17 @@ __all__ = [
 
 
 def compress_parameters(
-    updated: NDArrays, received: NDArrays, codec: UniformQuantizer, *, seed: int | None = None
+    updated: NDArrays, received: NDArrays, codec: Codec, *, seed: int | None = None, rotation_seed: int | None = None
 ) -> Parameters:
     """Client side: the update ``updated - received`` as one fastfed payload in Flower ``Parameters``.
 
     Return it from ``fit`` (e.g. a ``Client`` returning ``FitRes(parameters=...)``); a fastfed
-    strategy decodes and averages it in one pass and adds the round's global weights back.
+    strategy decodes and averages it in one pass and adds the round's global weights back. For
+    ``RotatedQuantizer(shared_rotation=True)``, pass ``rotation_seed=config[ROTATION_SEED_KEY]``
+    from the fit config, which fastfed strategies fill in each round.
     """
-    return Parameters(tensors=[encode_delta(updated, received, codec, seed)], tensor_type=TENSOR_TYPE)
+    payload = encode_delta(updated, received, codec, seed, rotation_seed)
+    return Parameters(tensors=[payload], tensor_type=TENSOR_TYPE)
 
 
 class FastAggregationMixin:
@@ -55,7 +67,11 @@ class FastAggregationMixin:
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager) -> Any:
         # Compressed updates are deltas from the weights sent this round; remember them.
         self._fastfed_global = parameters
-        return super().configure_fit(server_round, parameters, client_manager)  # type: ignore[misc]
+        instructions = super().configure_fit(server_round, parameters, client_manager)  # type: ignore[misc]
+        rotation_seed = round_rotation_seed(self, server_round)
+        for _, fit_ins in instructions:
+            fit_ins.config[ROTATION_SEED_KEY] = rotation_seed
+        return instructions
 
     def aggregate_fit(
         self,

@@ -4,15 +4,30 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from collections.abc import Sequence
 
 import numpy as np
 
 from ...aggregation import LayerSpec, cast_to_layer, weighted_mean, weighted_mean_encoded, weighted_sum
-from ...compression import UniformQuantizer, encode
+from ...compression import Codec, encode
+from ...compression.quantizer import mix64
 
 TENSOR_TYPE = "fastfed.update.v1"  # Parameters.tensor_type of a compressed update (legacy API)
 ARRAY_KEY = "fastfed.update.v1"  # the single key of a compressed update's ArrayRecord (Message API)
+# The fit/train config entry in which fastfed strategies send the round's rotation: pass it as
+# ``rotation_seed`` to compress_parameters / compress_arrays for RotatedQuantizer(shared_rotation=True).
+ROTATION_SEED_KEY = "fastfed.rotation_seed"
+
+
+def round_rotation_seed(strategy: object, server_round: int) -> int:
+    """The rotation shared by a round's clients: drawn once per strategy, then one per round (63 bits, as
+    Flower config integers are signed 64-bit)."""
+    base: int | None = getattr(strategy, "_fastfed_rotation_base", None)
+    if base is None:
+        base = int.from_bytes(os.urandom(8), "little")
+        strategy._fastfed_rotation_base = base  # type: ignore[attr-defined]
+    return mix64(base + server_round) >> 1
 
 
 NUMPY_STYPE = "numpy.ndarray"  # Flower's serialization type for .npy bytes
@@ -46,13 +61,17 @@ def npy_view(data: bytes) -> np.ndarray:
 
 
 def encode_delta(
-    updated: Sequence[np.ndarray], received: Sequence[np.ndarray], codec: UniformQuantizer, seed: int | None
+    updated: Sequence[np.ndarray],
+    received: Sequence[np.ndarray],
+    codec: Codec,
+    seed: int | None,
+    rotation_seed: int | None = None,
 ) -> bytes:
     """A client's update (its weights minus the weights it received), fastfed-encoded."""
     if len(updated) != len(received):
         raise ValueError(f"updated has {len(updated)} arrays but received has {len(received)}")
     delta = [np.asarray(new) - np.asarray(old) for new, old in zip(updated, received)]
-    return encode(delta, codec, seed=seed)
+    return encode(delta, codec, seed=seed, rotation_seed=rotation_seed)
 
 
 def average_results(

@@ -18,11 +18,20 @@ import numpy as np
 from flwr.common import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi
 
-from ...compression import UniformQuantizer
-from ._averaging import ARRAY_KEY, NUMPY_STYPE, average_results, encode_delta, npy_view
+from ...compression import Codec
+from ._averaging import (
+    ARRAY_KEY,
+    NUMPY_STYPE,
+    ROTATION_SEED_KEY,
+    average_results,
+    encode_delta,
+    npy_view,
+    round_rotation_seed,
+)
 
 __all__ = [
     "ARRAY_KEY",
+    "ROTATION_SEED_KEY",
     "FastAggregationMixin",
     "FastFedAdagrad",
     "FastFedAdam",
@@ -34,16 +43,24 @@ __all__ = [
 
 
 def compress_arrays(
-    updated: ArrayRecord, received: ArrayRecord, codec: UniformQuantizer, *, seed: int | None = None
+    updated: ArrayRecord,
+    received: ArrayRecord,
+    codec: Codec,
+    *,
+    seed: int | None = None,
+    rotation_seed: int | None = None,
 ) -> ArrayRecord:
     """Client side: the update ``updated - received`` as one fastfed payload in an ``ArrayRecord``.
 
     Reply with it in place of the trained arrays (``RecordDict({"arrays": compress_arrays(...),
-    "metrics": MetricRecord({"num-examples": n})})``).
+    "metrics": MetricRecord({"num-examples": n})})``). For ``RotatedQuantizer(shared_rotation=True)``,
+    pass ``rotation_seed=config[ROTATION_SEED_KEY]`` from the train message's config record, which
+    fastfed strategies fill in each round.
     """
     if list(updated.keys()) != list(received.keys()):
         raise ValueError("updated and received must hold the same arrays, in the same order")
-    payload = encode_delta(updated.to_numpy_ndarrays(), received.to_numpy_ndarrays(), codec, seed)
+    updated_arrays, received_arrays = updated.to_numpy_ndarrays(), received.to_numpy_ndarrays()
+    payload = encode_delta(updated_arrays, received_arrays, codec, seed, rotation_seed)
     return ArrayRecord({ARRAY_KEY: Array(np.frombuffer(payload, dtype=np.uint8))})
 
 
@@ -56,6 +73,7 @@ class FastAggregationMixin:
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: Any, grid: Any) -> Any:
         # Compressed replies are deltas from the arrays sent this round; remember them.
         self._fastfed_global = arrays
+        config[ROTATION_SEED_KEY] = round_rotation_seed(self, server_round)
         return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
 
     def aggregate_train(
