@@ -76,6 +76,44 @@ class draws_avx2 {
     __m256i counter_, step_;
 };
 
+// GCC 12's AVX-512 intrinsics pass _mm512_undefined_*() as the unused source of their masked forms,
+// which -Wmaybe-uninitialized reports in every caller.
+#if defined(__GNUC__) && !defined(__clang__)
+#define FASTFED_AVX512_BEGIN _Pragma("GCC diagnostic push") _Pragma("GCC diagnostic ignored \"-Wmaybe-uninitialized\"")
+#define FASTFED_AVX512_END _Pragma("GCC diagnostic pop")
+#else
+#define FASTFED_AVX512_BEGIN
+#define FASTFED_AVX512_END
+#endif
+
+FASTFED_AVX512_BEGIN
+// AVX-512DQ multiplies 64-bit lanes: eight draws per step, and their uniforms converted directly.
+class draws_avx512 {
+ public:
+    FASTFED_TARGET("avx512f,avx512dq") draws_avx512(std::uint64_t key, std::uint64_t index) {
+        const std::uint64_t first = key + (index + 1) * kGolden;
+        counter_ = _mm512_add_epi64(
+            _mm512_set1_epi64(static_cast<long long>(first)),
+            _mm512_mullo_epi64(_mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7), _mm512_set1_epi64(static_cast<long long>(kGolden))));
+        step_ = _mm512_set1_epi64(static_cast<long long>(8 * kGolden));
+    }
+    // The next eight uniforms (bits >> 11) * 2^-53.
+    FASTFED_TARGET("avx512f,avx512dq") __m512d uniforms() {
+        __m512i z = counter_;
+        counter_ = _mm512_add_epi64(counter_, step_);
+        z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64(z, 30)),
+                               _mm512_set1_epi64(static_cast<long long>(0xBF58476D1CE4E5B9ULL)));
+        z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64(z, 27)),
+                               _mm512_set1_epi64(static_cast<long long>(0x94D049BB133111EBULL)));
+        z = _mm512_xor_si512(z, _mm512_srli_epi64(z, 31));
+        return _mm512_mul_pd(_mm512_cvtepu64_pd(_mm512_srli_epi64(z, 11)), _mm512_set1_pd(0x1.0p-53));
+    }
+
+ private:
+    __m512i counter_, step_;
+};
+FASTFED_AVX512_END
+
 // Four uniform doubles (bits >> 11) * 2^-53 of four draws, converted exactly: the 53-bit integer is
 // its high 21 and low 32 bits, each made exact by the 2^52 exponent trick.
 FASTFED_TARGET("avx2") inline __m256d uniform_avx2(__m256i draws) {
