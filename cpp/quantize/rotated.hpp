@@ -194,11 +194,7 @@ inline lane_sums eden_levels(const float* y, std::size_t length, float inverse, 
 
 // Packs one block's levels (one byte each) at `bits` bits; for 8 bits they are already packed.
 inline void pack_block(const std::uint8_t* levels, std::size_t length, unsigned bits, std::uint8_t* out) {
-    if (bits == 8) {
-        if (levels != out) std::copy(levels, levels + length, out);
-        return;
-    }
-    pack::pack_range(0, length, bits, out, [&](std::size_t i) { return static_cast<std::uint32_t>(levels[i]); });
+    if (levels != out) pack::pack_bytes(levels, length, bits, out);
 }
 
 [[noreturn]] inline void too_large(const char* what) {

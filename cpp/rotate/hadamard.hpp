@@ -148,11 +148,96 @@ FASTFED_TARGET("avx2") inline __m256 sign_mask_avx2(std::uint64_t word, std::siz
     return _mm256_castsi256_ps(_mm256_and_si256(set, _mm256_set1_epi32(static_cast<int>(0x80000000u))));
 }
 
-FASTFED_TARGET("avx2") inline void hadamard_avx2(float* x, std::size_t length) {
-    for (std::size_t i = 0; i < length; i += 8) _mm256_storeu_ps(x + i, vector_stages(_mm256_loadu_ps(x + i)));
+// Stages h, 2h and 4h of eight vectors a[k] = x[j + k h]: radix 8, three stages per load and store.
+FASTFED_TARGET("avx2") inline void butterfly8(__m256 (&a)[8]) {
+    for (int h = 1; h < 8; h *= 2) {
+        for (int k = 0; k < 8; ++k) {
+            if (k & h) continue;
+            const __m256 low = a[k], high = a[k + h];
+            a[k] = _mm256_add_ps(low, high);
+            a[k + h] = _mm256_sub_ps(low, high);
+        }
+    }
+}
+
+FASTFED_TARGET("avx2") inline void radix8_stages_avx2(float* x, std::size_t length, std::size_t half) {
+    for (std::size_t start = 0; start < length; start += 8 * half) {
+        for (std::size_t j = start; j < start + half; j += 8) {
+            __m256 a[8];
+            for (std::size_t k = 0; k < 8; ++k) a[k] = _mm256_loadu_ps(x + j + k * half);
+            butterfly8(a);
+            for (std::size_t k = 0; k < 8; ++k) _mm256_storeu_ps(x + j + k * half, a[k]);
+        }
+    }
+}
+
+// Stages first, 2 first, ... below `last` of floats, three at a time where they fit.
+FASTFED_TARGET("avx2") inline void float_stages_avx2(float* x, std::size_t length, std::size_t first, std::size_t last) {
+    std::size_t half = first;
+    for (; 8 * half <= last; half *= 8) radix8_stages_avx2(x, length, half);
+    stages_between_avx2(x, length, half, last);
+}
+
+// The values a first pass reads: x itself, ...
+struct plain_values {
+    const float* x;
+    FASTFED_TARGET("avx2") __m256 operator()(std::size_t i) const { return _mm256_loadu_ps(x + i); }
+};
+
+// ... or source[0, valid) padded with zeros, scaled and sign-flipped by the random draws of `key`
+// (runs of 64 values start at multiples of 64 of the stream, so each run reads one draw).
+struct signed_values {
+    const float* source;
+    std::size_t valid;
+    std::uint64_t key;
+    std::size_t first_index;
+    float scale;
+    std::uint64_t word = 0;
+
+    FASTFED_TARGET("avx2") __m256 operator()(std::size_t i) {
+        const std::size_t index = first_index + i;
+        if (index % 64 == 0) word = random::bits(key, index / 64);
+        __m256 v;
+        if (i + 8 <= valid) {
+            v = _mm256_loadu_ps(source + i);
+        } else {
+            alignas(32) float tail[8] = {};
+            for (std::size_t j = i; j < valid && j < i + 8; ++j) tail[j - i] = source[j];
+            v = _mm256_load_ps(tail);
+        }
+        return _mm256_xor_ps(_mm256_mul_ps(v, _mm256_set1_ps(scale)), sign_mask_avx2(word, index));
+    }
+};
+
+// The first six stages of each run of 64 floats, whose values come from load(i) (eight at x + i):
+// three inside each register, three across eight registers.
+template <class Load>
+FASTFED_TARGET("avx2")
+void first_stages_avx2(float* x, std::size_t length, Load& load) {
+    for (std::size_t i = 0; i < length; i += 64) {
+        __m256 a[8];
+        for (std::size_t k = 0; k < 8; ++k) a[k] = vector_stages(load(i + 8 * k));
+        butterfly8(a);
+        for (std::size_t k = 0; k < 8; ++k) _mm256_storeu_ps(x + i + 8 * k, a[k]);
+    }
+}
+
+// The stages after the first six: within L1-sized chunks, then across the whole block.
+FASTFED_TARGET("avx2") inline void later_stages_avx2(float* x, std::size_t length) {
     const std::size_t chunk = std::min(length, kL1Chunk);
-    for (std::size_t start = 0; start < length; start += chunk) stages_between_avx2(x + start, chunk, 8, chunk);
-    stages_between_avx2(x, length, chunk, length);
+    for (std::size_t start = 0; start < length; start += chunk) float_stages_avx2(x + start, chunk, 64, chunk);
+    float_stages_avx2(x, length, chunk, length);
+}
+
+FASTFED_TARGET("avx2") inline void hadamard_avx2(float* x, std::size_t length) {
+    if (length < 64) {
+        for (std::size_t i = 0; i < length; i += 8) _mm256_storeu_ps(x + i, vector_stages(_mm256_loadu_ps(x + i)));
+        stages_between_avx2(x, length, 8, length);
+        return;
+    }
+    plain_values load{x};
+    first_stages_avx2(x, length, load);
+    later_stages_avx2(x, length);
 }
 
 FASTFED_TARGET("avx2") inline void hadamard_avx2(double* x, std::size_t length) {
@@ -165,25 +250,9 @@ FASTFED_TARGET("avx2") inline void hadamard_avx2(double* x, std::size_t length) 
 FASTFED_TARGET("avx2")
 inline void signed_hadamard_avx2(const float* source, std::size_t valid, float* x, std::size_t length, std::uint64_t key,
                                  std::size_t first_index, float scale) {
-    const __m256 factor = _mm256_set1_ps(scale);
-    std::uint64_t word = 0;
-    for (std::size_t i = 0; i < length; i += 8) {
-        const std::size_t index = first_index + i;
-        if (i == 0 || index % 64 == 0) word = random::bits(key, index / 64);
-        __m256 v;
-        if (i + 8 <= valid) {
-            v = _mm256_loadu_ps(source + i);
-        } else {
-            alignas(32) float tail[8] = {};
-            for (std::size_t j = i; j < valid && j < i + 8; ++j) tail[j - i] = source[j];
-            v = _mm256_load_ps(tail);
-        }
-        v = _mm256_xor_ps(_mm256_mul_ps(v, factor), sign_mask_avx2(word, index));
-        _mm256_storeu_ps(x + i, vector_stages(v));
-    }
-    const std::size_t chunk = std::min(length, kL1Chunk);
-    for (std::size_t start = 0; start < length; start += chunk) stages_between_avx2(x + start, chunk, 8, chunk);
-    stages_between_avx2(x, length, chunk, length);
+    signed_values load{source, valid, key, first_index, scale};
+    first_stages_avx2(x, length, load);
+    later_stages_avx2(x, length);
 }
 #endif
 
@@ -239,7 +308,7 @@ void hadamard(T* x, std::size_t length) {
 inline void signed_hadamard(const float* source, std::size_t valid, float* x, std::size_t length, std::uint64_t key,
                             std::size_t first_index, float scale) {
 #if defined(FASTFED_X86_DISPATCH)
-    if (active_isa() >= isa::avx2) {
+    if (active_isa() >= isa::avx2 && length >= 64 && first_index % 64 == 0) {
         signed_hadamard_avx2(source, valid, x, length, key, first_index, scale);
         return;
     }
