@@ -21,6 +21,8 @@ BASELINES = (
     "numpy reference",
     "compute floor",
     "float32 aggregation",
+    "fused 8-bit native",
+    "TF-MOT tensor_encoding",
 )
 
 
@@ -63,4 +65,8 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
             first_text = f"{first:>14.2f}" if first is not None else ""
             moved = bench.extra_info.get("bytes_per_element")
             moved_text = f"  {moved:.1f} bytes moved per element (cache simulator)" if moved is not None else ""
-            terminalreporter.write_line(f"{label:34s}{median * 1e3:>11.2f}{ratios}{peak_text}{first_text}{moved_text}")
+            processed = bench.extra_info.get("input_bytes")
+            rate_text = f"  {processed / median / 1e9:.2f} GB/s of input" if processed is not None else ""
+            terminalreporter.write_line(
+                f"{label:34s}{median * 1e3:>11.2f}{ratios}{peak_text}{first_text}{moved_text}{rate_text}"
+            )
