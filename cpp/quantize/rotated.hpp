@@ -237,8 +237,42 @@ inline void encode_rotated(const float* x, std::size_t n, unsigned bits, std::si
     });
 }
 
+#if defined(FASTFED_X86_DISPATCH)
+// dequantize_block for 1..4 bits, eight values at a time: the scaled codebook (the same float32
+// products) fills one or two registers, and a permutation picks each value's level.
+template <unsigned Bits>
+FASTFED_TARGET("avx2")
+void dequantize_block_avx2(const std::uint8_t* packed, std::size_t block, float scale, const float* codebook, float* y) {
+    alignas(32) float scaled[16] = {};
+    for (unsigned q = 0; q < (1u << Bits); ++q) scaled[q] = scale * codebook[q];
+    const __m256 low = _mm256_load_ps(scaled), high = _mm256_load_ps(scaled + 8);
+    const __m256i shifts = _mm256_setr_epi32(0, Bits, 2 * Bits, 3 * Bits, 4 * Bits, 5 * Bits, 6 * Bits, 7 * Bits);
+    const __m256i mask = _mm256_set1_epi32((1 << Bits) - 1);
+    for (std::size_t i = 0; i < block; i += 8) {
+        std::uint32_t word = 0;
+        std::memcpy(&word, packed + i / 8 * Bits, Bits);
+        const __m256i level = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts), mask);
+        __m256 value = _mm256_permutevar8x32_ps(low, level);
+        if constexpr (Bits == 4)
+            value = _mm256_blendv_ps(value, _mm256_permutevar8x32_ps(high, level), _mm256_castsi256_ps(_mm256_slli_epi32(level, 28)));
+        _mm256_storeu_ps(y + i, value);
+    }
+}
+#endif
+
 // y[0, block) = scale * codebook[level] of one block; codebook holds the 2^bits level values.
 inline void dequantize_block(const std::uint8_t* packed, std::size_t block, unsigned bits, float scale, const float* codebook, float* y) {
+#if defined(FASTFED_X86_DISPATCH)
+    if (active_isa() >= isa::avx2) {
+        switch (bits) {
+            case 1: return dequantize_block_avx2<1>(packed, block, scale, codebook, y);
+            case 2: return dequantize_block_avx2<2>(packed, block, scale, codebook, y);
+            case 3: return dequantize_block_avx2<3>(packed, block, scale, codebook, y);
+            case 4: return dequantize_block_avx2<4>(packed, block, scale, codebook, y);
+            default: break;
+        }
+    }
+#endif
     pack::unpack_range(packed, 0, block, bits, [&](std::size_t i, std::uint32_t q) { y[i] = scale * codebook[q]; });
 }
 
