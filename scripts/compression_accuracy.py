@@ -1,15 +1,20 @@
 """Final accuracy and total bits of FedAvg with compressed uploads, for the README: uncompressed,
 UniformQuantizer and RotatedQuantizer (independent and shared rotation) at 1, 2, 4 and 8 bits.
 
-The scenario is benchmarks/test_fedavg_bench.py's CNN one: the FedAvg CNN of McMahan et al. 2017 on
-10 clients x 400 MNIST test images (the first 4,000), batch 20, client SGD at 0.02, server SGD at 1,
-every client every round, one local epoch; accuracy is measured on the other 6,000 test images.
-Uploads are compressed (tensors of 1,000 values or more); the broadcast is exact. Every run starts
-from the same weights and seed.
+Scenarios (benchmarks/test_fedavg_bench.py's), on the MNIST test set:
 
-Usage: ``python scripts/compression_accuracy.py --rounds 25 --output docs/compression-accuracy``
-writes ``.md`` (a Markdown table) and ``.png`` (accuracy against total bits). Needs TensorFlow,
-matplotlib and the MNIST test set (``--mnist``, default ../shared/data/mnist).
+* ``cnn``: the FedAvg CNN of McMahan et al. 2017 on 10 clients x 400 images (the first 4,000),
+  batch 20, client SGD at 0.02; accuracy on the other 6,000 images.
+* ``mlp-by-digit``: a 784-512-10 MLP on 10 clients each holding 1,000 images of one digit (as
+  non-IID as it gets), batch 100, client SGD at 0.1; accuracy on the whole test set.
+
+Server SGD at 1, every client every round, one local epoch. Uploads are compressed (tensors of
+1,000 values or more); the broadcast is exact. Every run starts from the same weights and seed.
+
+Usage: ``python scripts/compression_accuracy.py --scenario cnn --rounds 25 --output
+docs/compression-accuracy`` writes ``.md`` (a Markdown table) and ``.png`` (accuracy against
+uploaded bits). Needs TensorFlow, matplotlib and the MNIST test set (``--mnist``, default
+../shared/data/mnist).
 """
 
 from __future__ import annotations
@@ -34,21 +39,28 @@ def codecs() -> dict[str, Any]:
     return runs
 
 
-def run(codec: Any, rounds: int, mnist: Path) -> dict[str, float]:
+def run(codec: Any, scenario: str, rounds: int, mnist: Path) -> dict[str, float]:
     import keras
 
     import fastfed
     from fastfed import data, models, optimizers
 
     x, y = data.load_mnist_idx(mnist)
-    clients = [(x[400 * k : 400 * (k + 1)], y[400 * k : 400 * (k + 1)]) for k in range(10)]
-    held_out = (x[4000:], y[4000:])
+    if scenario == "cnn":
+        clients = [(x[400 * k : 400 * (k + 1)], y[400 * k : 400 * (k + 1)]) for k in range(10)]
+        held_out = (x[4000:], y[4000:])
+        model_fn, batch_size, learning_rate = (lambda: models.cnn((28, 28))), 20, 0.02
+    else:
+        flat = x.reshape(len(x), 784)
+        clients = data.partition_by_label(flat, y, per_client=1000).all()
+        held_out = (flat, y)
+        model_fn, batch_size, learning_rate = (lambda: models.mlp((784,), hidden=512)), 100, 0.1
     process = fastfed.FedAvg(
-        lambda: models.cnn((28, 28)),
-        client_optimizer=lambda: keras.optimizers.SGD(learning_rate=0.02),
+        model_fn,
+        client_optimizer=lambda: keras.optimizers.SGD(learning_rate=learning_rate),
         server_optimizer=optimizers.SGD(learning_rate=1.0),
         aggregator=fastfed.mean_aggregator(codec=codec),
-        batch_size=20,
+        batch_size=batch_size,
         seed=0,
     )
     state = process.initialize()
@@ -78,7 +90,7 @@ def table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(results: dict[str, dict[str, float]], path: Path) -> None:
+def plot(results: dict[str, dict[str, float]], title: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,7 +110,7 @@ def plot(results: dict[str, dict[str, float]], path: Path) -> None:
     axis.set_xscale("log")
     axis.set_xlabel("uploaded Mbit, all rounds (log scale)")
     axis.set_ylabel("held-out accuracy (%)")
-    axis.set_title("FedAvg CNN, 10 clients x 400 MNIST images")
+    axis.set_title(title)
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
@@ -107,6 +119,7 @@ def plot(results: dict[str, dict[str, float]], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenario", choices=["cnn", "mlp-by-digit"], default="cnn")
     parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--mnist", type=Path, default=REPOSITORY.parent / "shared" / "data" / "mnist")
     parser.add_argument("--output", type=Path, default=REPOSITORY / "docs" / "compression-accuracy")
@@ -117,14 +130,18 @@ def main() -> None:
     for name, codec in codecs().items():
         if args.only and name not in args.only and name != "float32":
             continue
-        results[name] = run(codec, args.rounds, args.mnist)
+        results[name] = run(codec, args.scenario, args.rounds, args.mnist)
         print(f"{name}: {results[name]}", flush=True)
     text = f"After {args.rounds} rounds:\n\n" + table(results)
     print(text)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.with_suffix(".md").write_text(text)
     if not args.only:
-        plot(results, args.output.with_suffix(".png"))
+        titles = {
+            "cnn": "FedAvg CNN, 10 clients x 400 MNIST images",
+            "mlp-by-digit": "FedAvg MLP, one MNIST digit per client",
+        }
+        plot(results, f"{titles[args.scenario]}, {args.rounds} rounds", args.output.with_suffix(".png"))
 
 
 if __name__ == "__main__":

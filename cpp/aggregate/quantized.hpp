@@ -220,34 +220,46 @@ struct level_values {
 // Eight clients' table values for the groups of eight values in [begin, end) (inside one block),
 // summed in a register in client order and added to acc (relative to begin). Bits = 1..4: a row of
 // 2^Bits floats is one or two registers, and a permutation picks each value's level from it. Each
-// client's table is first multiplied by its scale (`scaled`, room for kClientBlock tables of
-// rows * 2^Bits + 8 floats): the same float32 products as multiplying each value, made once.
+// client's rows are first laid out in the order its groups visit them, from the segment's first
+// group on, and multiplied by its scale (`scaled`: room for kClientBlock sequences of rows * 2^Bits
+// + 8 floats); a row repeats every `rows` groups, so group t reads entry t mod rows of every
+// client's sequence. The products are the float32 products of multiplying each value.
+//
+// The shuffle port is the limit here, so each client's level bits are broadcast straight from memory
+// (four bytes, where they lie inside the stream) rather than moved into a register and shuffled.
 template <unsigned Bits>
 FASTFED_TARGET("avx2")
 void sum_table_groups_avx2(const std::uint8_t* const* packed, std::size_t first, std::size_t clients, const level_values& values,
-                           std::size_t blocks, std::size_t begin, std::size_t end, double* acc, float* scaled) {
+                           std::size_t blocks, std::size_t begin, std::size_t end, double* acc, float* scaled, std::size_t total_bytes) {
     constexpr std::size_t kLevels = std::size_t{1} << Bits;
-    const std::size_t table_size = values.rows * kLevels, stride = table_size + 8, mask = values.rows - 1;
-    const float* tables[kClientBlock];
-    std::size_t row[kClientBlock], step[kClientBlock];
+    const std::size_t rows = values.rows, stride = rows * kLevels + 8;
+    const float* sequences[kClientBlock];
     for (std::size_t j = 0; j < clients; ++j) {
         float* own = scaled + j * stride;
         const float scale = values.scale(first + j, begin, blocks);
-        for (std::size_t e = 0; e < table_size; ++e) own[e] = scale * values.table[e];
-        tables[j] = own;
-        row[j] = values.row(first + j, begin);
-        step[j] = values.row_parameters[2 * (first + j) + 1] & mask;  // the row moves by the stride every group
+        for (std::size_t t = 0; t < rows; ++t) {
+            const float* row = values.table + values.row(first + j, begin + 8 * t) * kLevels;
+            for (std::size_t q = 0; q < kLevels; ++q) own[t * kLevels + q] = scale * row[q];
+        }
+        sequences[j] = own;
     }
     const __m256i shifts = _mm256_setr_epi32(0, Bits, 2 * Bits, 3 * Bits, 4 * Bits, 5 * Bits, 6 * Bits, 7 * Bits);
     const __m256i level_mask = _mm256_set1_epi32(kLevels - 1);
-    for (std::size_t i = begin; i < end; i += 8) {
+    for (std::size_t i = begin, t = 0; i < end; i += 8, t = (t + 1) & (rows - 1)) {
+        const std::size_t byte = i / 8 * Bits;
+        const bool inside = byte + 4 <= total_bytes;
         __m256 sum = _mm256_setzero_ps();
         for (std::size_t j = 0; j < clients; ++j) {
-            std::uint32_t word = 0;
-            std::memcpy(&word, packed[first + j] + i / 8 * Bits, Bits);
-            const __m256i level = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts), level_mask);
-            const float* own = tables[j] + row[j] * kLevels;
-            row[j] = (row[j] + step[j]) & mask;
+            __m256i word;
+            if (inside) {
+                word = _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float*>(packed[first + j] + byte)));
+            } else {
+                std::uint32_t bytes = 0;
+                std::memcpy(&bytes, packed[first + j] + byte, Bits);
+                word = _mm256_set1_epi32(static_cast<int>(bytes));
+            }
+            const float* own = sequences[j] + t * kLevels;
+            const __m256i level = _mm256_and_si256(_mm256_srlv_epi32(word, shifts), level_mask);
             __m256 value = _mm256_permutevar8x32_ps(_mm256_loadu_ps(own), level);
             if constexpr (kLevels == 16)
                 value = _mm256_blendv_ps(value, _mm256_permutevar8x32_ps(_mm256_loadu_ps(own + 8), level),
@@ -268,12 +280,12 @@ inline bool vector_levels(unsigned bits, const level_values& values) { return va
 inline void sum_level_segment_avx2(const std::vector<const std::uint8_t*>& packed, unsigned bits, std::size_t first, std::size_t last,
                                    const level_values& values, std::size_t blocks, std::size_t start, std::size_t stop, double* acc,
                                    float* scaled, const std::uint8_t* const* next, std::size_t n_next) {
-    const std::size_t clients = last - first;
+    const std::size_t clients = last - first, total = packed_bytes(blocks * values.block, bits);
     switch (values.table != nullptr ? bits : 0) {
-        case 1: return sum_table_groups_avx2<1>(packed.data(), first, clients, values, blocks, start, stop, acc, scaled);
-        case 2: return sum_table_groups_avx2<2>(packed.data(), first, clients, values, blocks, start, stop, acc, scaled);
-        case 3: return sum_table_groups_avx2<3>(packed.data(), first, clients, values, blocks, start, stop, acc, scaled);
-        case 4: return sum_table_groups_avx2<4>(packed.data(), first, clients, values, blocks, start, stop, acc, scaled);
+        case 1: return sum_table_groups_avx2<1>(packed.data(), first, clients, values, blocks, start, stop, acc, scaled, total);
+        case 2: return sum_table_groups_avx2<2>(packed.data(), first, clients, values, blocks, start, stop, acc, scaled, total);
+        case 3: return sum_table_groups_avx2<3>(packed.data(), first, clients, values, blocks, start, stop, acc, scaled, total);
+        case 4: return sum_table_groups_avx2<4>(packed.data(), first, clients, values, blocks, start, stop, acc, scaled, total);
         default: {  // 8-bit levels themselves: the block summation of weighted_sum_quantized
             const std::uint8_t* q[kClientBlock];
             float scale[kClientBlock];

@@ -17,16 +17,16 @@ round. Deterministic rounding would then make every client's error the same func
 rotation, so each coordinate is instead quantized unbiasedly on its own, with randomness that the
 sender and receiver share: ``z`` (clipped to the support, about +-3.1) is sent as a level ``X``,
 chosen knowing a row index ``h``, and the receiver's value is ``sigma R[h, X]`` with
-``E[R[h, X] | z] = z``. The ~1/512 of coordinates beyond the support (1/512) also carry a
-correction, ``y - sigma R[h, X]``, so that they decode exactly. The sender's
-rule for a table is stochastic rounding along its "staircase": sorting all ``H (2^b - 1)`` midpoints
+``E[R[h, X] | z] = z``. The coordinates beyond the support (1 in 512 of Gaussian ones) also carry
+a correction, ``y - sigma R[h, X]``, so that they decode to ``y``. The sender's rule for a table
+is stochastic rounding along its "staircase": sorting all ``H (2^b - 1)`` midpoints
 ``(R[h, k] + R[h, k+1]) / 2``, configuration ``c`` raises each row to the level that counts its
 midpoints among the ``c`` smallest, and ``m_c``, the configuration's mean over rows, increases with
 ``c``; ``z`` in ``[m_j, m_j+1)`` takes configuration ``j + 1`` with probability ``(z - m_j) /
 (m_j+1 - m_j)``, so the mean is ``z`` exactly. That is the variance-optimal sender for the table.
 
 Tables: at 1-4 bits, tables optimised for N(0, 1) (scripts/codec_tables.py), which meet the issue's
-error targets where a plain dither misses them by 1.5-2x. At 5-8 bits, subtractive dither with 16
+error targets where a plain dither misses them by 1.5-2.2x. At 5-8 bits, subtractive dither with 16
 rows, ``R[h, X] = -T + step X + step ((h + 1/2)/16 - 1/2)``: within 1.5x of an optimised table there,
 where the error is already tiny, and its levels sum as plain integers (the per-row offsets add up to a
 periodic term), so aggregation runs through the same kernel as uniform 8-bit levels.
@@ -40,7 +40,7 @@ coordinate by coordinate, and each one's variance is the same). The stride matte
 around that expectation: with a shift alone, two clients whose offsets coincide use the same row
 at every coordinate, and the errors of clients with similar vectors then add up coherently; with
 random strides they coincide on few coordinates, and the error of a 1-bit mean of 10 clients varies
-by 1.2% between rounds instead of 3%.
+by 1.2% between rounds instead of 2-3%.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""NumPy reference for ``cpp/quantize``: uniform quantization and bit-packing.
+"""NumPy reference for ``cpp/quantize``: uniform and rotated quantization, and bit-packing.
 
 Quantization follows tensor_encoding's uniform quantizer: ``v = (x - min) * (2^b - 1) / (max - min)``
 rounded to ``floor(v + 0.5)`` (nearest) or ``floor(v + u)`` with ``u ~ U[0, 1)`` (unbiased stochastic
@@ -6,6 +6,11 @@ rounding, Suresh et al. 2017, "Distributed Mean Estimation with Limited Communic
 come from the counter-based stream of :mod:`fastfed.kernels.random_numpy`.
 
 Packing: value ``i`` occupies bits ``[i*b, (i+1)*b)`` of a little-endian, LSB-first bit stream.
+
+RotatedQuantizer's kernels (EDEN and the shared-rotation quantizer; see
+:mod:`fastfed.compression.rotated`) follow below: each block of the float32 rotation is measured
+with :func:`block_sums` and quantized with float32 and float64 operations that the Numba and native
+kernels repeat one for one.
 """
 
 from __future__ import annotations
