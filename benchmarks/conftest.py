@@ -24,6 +24,8 @@ BASELINES = (
     "plain Keras per-step loop",
     "compiled-epoch floor",
     "float32 aggregation",
+    "fused 8-bit native",
+    "TF-MOT tensor_encoding",
 )
 
 
@@ -68,5 +70,7 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
             moved_text = f"  {moved:.1f} bytes moved per element (cache simulator)" if moved is not None else ""
             others = [(key, value) for key, value in bench.extra_info.items() if key.startswith("vs ")]
             external = "".join(f"  {key}: {value:.2f}" for key, value in others)
-            line = f"{label:34s}{median * 1e3:>11.2f}{ratios}{peak_text}{first_text}{moved_text}{external}"
+            processed = bench.extra_info.get("input_bytes")
+            rate_text = f"  {processed / median / 1e9:.2f} GB/s of input" if processed is not None else ""
+            line = f"{label:34s}{median * 1e3:>11.2f}{ratios}{peak_text}{first_text}{moved_text}{external}{rate_text}"
             terminalreporter.write_line(line)

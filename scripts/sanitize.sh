@@ -32,5 +32,7 @@ assert fastfed._core.__file__.startswith(os.getcwd()), fastfed._core.__file__
 print("sanitized extension:", fastfed._core.__file__, flush=True)
 import pytest
 tests = [f"{repo}/tests/{name}" for name in ("test_aggregate_kernels.py", "test_quantize_kernels.py", "test_rotate_kernels.py", "test_native_isa.py", "test_compression.py", "test_aggregation.py")]
-sys.exit(pytest.main(["-q", "--capture=sys", "-p", "no:cacheprovider", "-k", "native", "--rootdir", repo, "-c", f"{repo}/pyproject.toml", *tests, *args]))
+# Kernel tests parametrized by backend, plus the codec-level tests that run on the default (native) backend.
+selected = "native or rotated or shared or nmse or unbiased or fuzzed or version"
+sys.exit(pytest.main(["-q", "--capture=sys", "-p", "no:cacheprovider", "-k", selected, "--rootdir", repo, "-c", f"{repo}/pyproject.toml", *tests, *args]))
 PY

@@ -9,6 +9,7 @@ import pytest
 
 import fastfed
 from fastfed._backend import _require
+from fastfed.compression.rotated import shared_codebook
 
 DTYPES = [
     "float16",
@@ -272,3 +273,26 @@ def test_robust_kernels_past_the_sorting_network_limit(backend: str, dtype: str)
                 _require(name).aggregate.median(sources, out, flags)
             runs.append(out)
         assert runs[0].tobytes() == runs[1].tobytes()
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("with_table", [True, False])
+def test_weighted_sum_levels_matches_reference(backend: str, bits: int, with_table: bool) -> None:
+    rng = np.random.default_rng(bits)
+    clients, block = 11, 4096
+    n = 5 * block  # blocks cross the kernel's tiles
+    packed = [rng.integers(0, 256, n * bits // 8, dtype=np.uint8) for _ in range(clients)]
+    scales = rng.random((clients, n // block)).astype(np.float32)
+    rows = np.stack([rng.integers(0, 2**32, clients), rng.integers(0, 128, clients) * 2 + 1], axis=1).astype(np.uint32)
+    table = shared_codebook(bits).table if with_table else None
+    offsets = None if with_table else rng.standard_normal((n // block, 16))
+    results = []
+    for name in ("numpy", backend):
+        out, checksums = np.empty(n), np.full(clients, 9, np.uint32)
+        _require(name).aggregate.weighted_sum_levels(
+            packed, bits, scales, block, table, rows, offsets, 3.0, out, checksums
+        )
+        results.append((out, checksums))
+    np.testing.assert_array_equal(results[1][0], results[0][0])
+    np.testing.assert_array_equal(results[1][1], results[0][1])
+    assert results[0][1][0] == zlib.crc32(packed[0], 9)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import fastfed
-from fastfed.compression import UniformQuantizer, encode
+from fastfed.compression import RotatedQuantizer, UniformQuantizer, encode
 
 
 def _run(code: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -57,11 +57,18 @@ def _random_update(seed: int) -> list[np.ndarray]:
 
 def test_backends_produce_identical_bytes() -> None:
     update = _random_update(3)
-    for codec in (UniformQuantizer(bits=8), UniformQuantizer(bits=3, stochastic=False, rotate=True, min_size=500)):
+    codecs = [
+        UniformQuantizer(bits=8),
+        UniformQuantizer(bits=3, stochastic=False, rotate=True, min_size=500),
+        RotatedQuantizer(2, min_size=500),
+        RotatedQuantizer(1, shared_rotation=True, min_size=500),
+        RotatedQuantizer(6, shared_rotation=True, min_size=500),
+    ]
+    for codec in codecs:
         payloads = {}
         for name in fastfed.available_backends():
             with fastfed.use_backend(name):
-                payloads[name] = encode(update, codec, seed=9)
+                payloads[name] = encode(update, codec, seed=9, rotation_seed=4)
         assert len(set(payloads.values())) == 1, sorted(payloads)
 
 

@@ -11,7 +11,7 @@ keras = pytest.importorskip("keras")
 
 import fastfed
 from fastfed import data, models, optimizers
-from fastfed.compression import UniformQuantizer
+from fastfed.compression import RotatedQuantizer, UniformQuantizer
 
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 TFF_TRAIN_ACCURACY = [0.911, 0.925, 0.944, 0.955, 0.962, 0.967]  # TFF 0.87, same data and settings
@@ -92,21 +92,33 @@ def test_training_learns_and_evaluation_is_example_weighted() -> None:
     assert state.round == 5 and metrics["round"] == 5
 
 
+CODECS = {
+    "raw": None,
+    "uniform 8-bit": UniformQuantizer(bits=8, min_size=100),
+    "rotated 2-bit": RotatedQuantizer(2, min_size=100),
+    "rotated 2-bit shared": RotatedQuantizer(2, shared_rotation=True, min_size=100),
+}
+
+
 def test_compression_cuts_bits_and_keeps_accuracy() -> None:
     clients, test = _digits_clients()
     results = {}
-    for bits in (None, 8):
-        codec = UniformQuantizer(bits=bits, min_size=100) if bits else None
-        process = _process(aggregator=fastfed.mean_aggregator(codec=codec), broadcast_codec=codec)
+    for name, codec in CODECS.items():
+        # 2-bit uploads only (a 2-bit model would be far off); shared rotation: FedAvg gives every
+        # client the round's rotation.
+        broadcast = codec if isinstance(codec, UniformQuantizer) else None
+        process = _process(aggregator=fastfed.mean_aggregator(codec=codec), broadcast_codec=broadcast)
         state = process.initialize()
         for _ in range(5):
             state, metrics = process.next(state, clients)
-        results[bits] = (fastfed.evaluate(process.model_fn, state.weights, [test])["accuracy"], metrics)
-    raw, compressed = results[None][1], results[8][1]
-    assert compressed["aggregate_bits"] < raw["aggregate_bits"] / 3
-    assert compressed["broadcast_bits"] < raw["broadcast_bits"] / 3
+        results[name] = (fastfed.evaluate(process.model_fn, state.weights, [test])["accuracy"], metrics)
+    raw = results["raw"][1]
     assert raw["broadcast_bits"] == 5 * 8 * len(fastfed.compression.encode(_process().initialize().weights))
-    assert abs(results[8][0] - results[None][0]) <= 0.03
+    assert results["uniform 8-bit"][1]["broadcast_bits"] < raw["broadcast_bits"] / 3
+    for name, shrink in (("uniform 8-bit", 3), ("rotated 2-bit", 8), ("rotated 2-bit shared", 8)):
+        accuracy, compressed = results[name]
+        assert compressed["aggregate_bits"] < raw["aggregate_bits"] / shrink
+        assert abs(accuracy - results["raw"][0]) <= 0.03, name
 
 
 def test_non_finite_update_is_rejected_and_counted() -> None:

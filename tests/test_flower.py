@@ -28,6 +28,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.serverapp import Grid
 from flwr.serverapp import strategy as message_api
 
+from fastfed.compression import RotatedQuantizer
 from fastfed.integrations import flower as fast_legacy
 from fastfed.integrations.flower import serverapp as fast_message
 from flower_clients import CODEC, NUM_CLIENTS, ROUNDS, accuracy, initial_arrays, local_train
@@ -66,7 +67,7 @@ def _fit_res(arrays: Model | Any, count: int) -> FitRes:
     return FitRes(Status(Code.OK, ""), parameters, count, {})
 
 
-def run_legacy(strategy: Any, compress: bool = False) -> list[Model]:
+def run_legacy(strategy: Any, compress: bool = False, codec: Any = CODEC) -> list[Model]:
     """Rounds of a legacy strategy: configure_fit, local training of every shard, aggregate_fit."""
     manager = _client_manager()
     parameters = ndarrays_to_parameters(initial_arrays())
@@ -75,11 +76,12 @@ def run_legacy(strategy: Any, compress: bool = False) -> list[Model]:
         instructions = strategy.configure_fit(server_round, parameters, manager)
         received = parameters_to_ndarrays(instructions[0][1].parameters)
         results = []
-        for proxy, _ in instructions:
+        for proxy, fit_ins in instructions:
             shard = int(proxy.cid)
             arrays, count = local_train(received, shard)
             if compress:
-                arrays = fast_legacy.compress_parameters(arrays, received, CODEC, seed=shard)
+                rotation = fit_ins.config[fast_legacy.ROTATION_SEED_KEY]
+                arrays = fast_legacy.compress_parameters(arrays, received, codec, seed=shard, rotation_seed=rotation)
             results.append((proxy, _fit_res(arrays, count)))
         parameters, _ = strategy.aggregate_fit(server_round, results, [])
         models.append(parameters_to_ndarrays(parameters))
@@ -99,21 +101,23 @@ def _train_content(record: ArrayRecord, count: int) -> RecordDict:
     return RecordDict({"arrays": record, "metrics": MetricRecord({"num-examples": count})})
 
 
-def run_message(strategy: Any, compress: bool = False) -> list[Model]:
+def run_message(strategy: Any, compress: bool = False, codec: Any = CODEC) -> list[Model]:
     """Rounds of a Message-API strategy: configure_train, local training, aggregate_train."""
     grid = Mock(spec=Grid)
     grid.get_node_ids.return_value = list(range(1, NUM_CLIENTS + 1))
     arrays = ArrayRecord(initial_arrays())
     models = []
     for server_round in range(1, ROUNDS + 1):
-        strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
+        config = ConfigRecord()
+        strategy.configure_train(server_round, arrays, config, grid)
         received = arrays.to_numpy_ndarrays()
         replies = []
         for shard in range(NUM_CLIENTS):
             trained, count = local_train(received, shard)
             record = ArrayRecord(trained)
             if compress:
-                record = fast_message.compress_arrays(record, arrays, CODEC, seed=shard)
+                rotation = config[fast_message.ROTATION_SEED_KEY]
+                record = fast_message.compress_arrays(record, arrays, codec, seed=shard, rotation_seed=rotation)
             replies.append(reply(_train_content(record, count), shard + 1, server_round))
         arrays, _ = strategy.aggregate_train(server_round, replies)
         models.append(arrays.to_numpy_ndarrays())
@@ -179,11 +183,15 @@ def test_flower_inplace_zeroes_the_integer_tensor_fastfed_averages() -> None:
     assert fast[0][2] >= 11
 
 
+@pytest.mark.parametrize("codec", [CODEC, RotatedQuantizer(4, shared_rotation=True, min_size=0)])
 @pytest.mark.parametrize("run", [run_legacy, run_message])
-def test_compressed_updates_converge_within_a_point_of_uncompressed(run: Callable[..., list[Model]]) -> None:
+def test_compressed_updates_converge_within_a_point_of_uncompressed(
+    run: Callable[..., list[Model]], codec: Any
+) -> None:
+    # Shared rotation: the strategies send each round's rotation in the fit/train config.
     strategy = fast_legacy.FastFedAvg if run is run_legacy else fast_message.FastFedAvg
     plain = run(strategy())
-    compressed = run(strategy(), compress=True)
+    compressed = run(strategy(), compress=True, codec=codec)
     assert abs(accuracy(compressed[-1]) - accuracy(plain[-1])) <= 0.01
     assert compressed[-1][2].dtype == np.int64 and compressed[-1][2] == plain[-1][2]
 

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 from fastfed._backend import available_backends
+from fastfed.compression.rotated import eden_codebook, shared_codebook
+from fastfed.compression.tables import SUPPORT
 
 pytestmark = pytest.mark.skipif("native" not in available_backends(), reason="the native extension is not built")
 
@@ -61,7 +63,57 @@ def _all_kernel_outputs() -> list[np.ndarray]:
     updates = [rng.standard_normal(50_001).astype(np.float32) for _ in range(11)]
     weighted = np.empty(50_001, np.float32)
     core.aggregate.weighted_sum_layer(updates, rng.random(11), 2.0, weighted)
-    return [*outputs, mean, checksums, weighted]
+    return [*outputs, mean, checksums, weighted, *_rotated_kernel_outputs(rng)]
+
+
+def _rotated_kernel_outputs(rng: np.random.Generator) -> list[np.ndarray]:
+    """Every kernel of RotatedQuantizer, at the bit widths whose code paths differ."""
+    core = _core()
+    x = (rng.standard_normal(70_001) * np.exp(rng.standard_normal(70_001))).astype(np.float32)
+    block, padded = 65536, 131072
+    outputs: list[np.ndarray] = []
+    for data in (x[:65536], rng.standard_normal(4 * 65536)):
+        transformed = data.copy()
+        core.rotate.walsh_hadamard(transformed, 65536)
+        outputs.append(transformed)
+    for bits in (1, 2, 4, 5, 8):
+        eden_scales, packed = np.empty(2, np.float32), np.empty(padded * bits // 8, np.uint8)
+        core.quantize.encode_rotated(x, bits, block, [3, 4], *eden_codebook(bits), eden_scales, packed)
+        decoded = np.empty(x.size, np.float32)
+        core.quantize.decode_rotated(packed, bits, block, [3, 4], eden_codebook(bits)[1], eden_scales, decoded)
+        book = shared_codebook(bits)
+        sigmas, levels = np.empty(2, np.float32), np.empty(padded * bits // 8, np.uint8)
+        index, value = np.empty(padded, np.uint32), np.empty(padded, np.float32)
+        if book.breakpoints is not None and book.ranks is not None:
+            args = (book.table, book.breakpoints, book.ranks, sigmas, levels, index, value)
+            count = core.quantize.encode_shared_table(x, bits, block, [5, 6], 7, 3, *args)
+        else:
+            count = core.quantize.encode_shared_dither(
+                x, bits, block, [5, 6], 7, 3, book.table, SUPPORT, sigmas, levels, index, value
+            )
+        rotated = np.empty(padded, np.float32)
+        core.quantize.dequantize_shared(levels, bits, block, 7, 3, book.table, sigmas, rotated)
+        mean, crcs = np.empty(padded), np.zeros(19, np.uint32)
+        clients = [levels] * 19
+        rows = np.tile(np.array([[5, 3]], np.uint32), (19, 1))
+        scales = np.ones((19, 2), np.float32)
+        core.aggregate.weighted_sum_levels(clients, bits, scales, block, book.table, rows, None, 2.0, mean, crcs)
+        affine, offsets = np.empty(padded), rng.standard_normal((2, 16))
+        core.aggregate.weighted_sum_levels(clients, bits, scales, block, None, rows, offsets, 2.0, affine, crcs)
+        outputs += [
+            eden_scales,
+            packed,
+            decoded,
+            sigmas,
+            levels,
+            index[:count],
+            value[:count],
+            rotated,
+            mean,
+            affine,
+            crcs,
+        ]
+    return outputs
 
 
 @pytest.mark.parametrize("level", _supported()[1:])

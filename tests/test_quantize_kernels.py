@@ -1,4 +1,5 @@
-"""The three implementations of cpp/quantize give identical bytes and values (native, Numba, NumPy)."""
+"""The three implementations of cpp/quantize give identical bytes and values (native, Numba, NumPy),
+for uniform and for rotated quantization."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import numpy as np
 import pytest
 
 from fastfed._backend import _require
+from fastfed.compression.rotated import eden_codebook, shared_codebook
+from fastfed.compression.tables import SUPPORT
 
 BITS = [1, 2, 3, 4, 5, 7, 8, 11, 12, 16]
 
@@ -66,3 +69,87 @@ def test_kernel_boundary_rejects_bad_arguments(backend: str) -> None:
         kernel.min_max(np.array([1.0, -np.inf], np.float64))
     with pytest.raises(ValueError, match="int32|float32 or float64|unsupported"):
         kernel.min_max(np.ones(4, np.int32))
+
+
+# ---- RotatedQuantizer's kernels ----
+
+
+def _rotated_inputs(n: int) -> np.ndarray:
+    """Heavy-tailed values, a zero block and a 2-sparse block: every branch of the codecs."""
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal(n) * np.exp(rng.standard_normal(n))).astype(np.float32)
+    x[64:128] = 0.0
+    x[128:192] = 0.0
+    x[[130, 170]] = [1.0, -0.5]
+    return x
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize(("n", "block"), [(1_000, 64), (5_000, 4096)])
+def test_encode_rotated_matches_reference(backend: str, bits: int, n: int, block: int) -> None:
+    x = _rotated_inputs(n)
+    padded = -(-n // block) * block
+    codebook = eden_codebook(bits)
+    results = []
+    for kernel in (_reference(), _require(backend).quantize):
+        scales, packed = np.empty(padded // block, np.float32), np.empty(padded * bits // 8, np.uint8)
+        kernel.encode_rotated(x, bits, block, [3, 4], *codebook, scales, packed)
+        decoded = np.empty(n, np.float32)
+        kernel.decode_rotated(packed, bits, block, [3, 4], codebook[1], scales, decoded)
+        acc = np.ones(n)
+        kernel.accumulate_rotated(packed, bits, block, [3, 4], codebook[1], scales, 0.3, acc)
+        results.append((scales, packed, decoded, acc))
+    for want, got in zip(*results, strict=True):
+        np.testing.assert_array_equal(got, want)
+    scales, _, decoded, acc = results[0]
+    np.testing.assert_array_equal(acc, 1.0 + 0.3 * decoded.astype(np.float64))
+    # EDEN's scale makes <decoded, x> = <x, x> per block of the rotated domain, so over the whole vector.
+    x64, decoded64 = x.astype(np.float64), decoded.astype(np.float64)
+    np.testing.assert_allclose(decoded64 @ x64, x64 @ x64, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_encode_shared_matches_reference(backend: str, bits: int) -> None:
+    n, block = 3_000, 1024
+    x = _rotated_inputs(n)
+    x[7] = 1e3  # far beyond the support: sent exactly
+    padded = -(-n // block) * block
+    book = shared_codebook(bits)
+    results = []
+    for kernel in (_reference(), _require(backend).quantize):
+        sigmas, packed = np.empty(padded // block, np.float32), np.empty(padded * bits // 8, np.uint8)
+        index, value = np.empty(padded, np.uint32), np.empty(padded, np.float32)
+        outputs = (sigmas, packed, index, value)
+        if book.breakpoints is not None and book.ranks is not None:
+            count = kernel.encode_shared_table(
+                x, bits, block, [5, 6], 7, 3, book.table, book.breakpoints, book.ranks, *outputs
+            )
+        else:
+            count = kernel.encode_shared_dither(x, bits, block, [5, 6], 7, 3, book.table, SUPPORT, *outputs)
+        rotated = np.empty(padded, np.float32)
+        kernel.dequantize_shared(packed, bits, block, 7, 3, book.table, sigmas, rotated)
+        results.append((sigmas, packed, index[:count], value[:count], rotated))
+    for want, got in zip(*results, strict=True):
+        np.testing.assert_array_equal(got, want)
+    index = results[0][2]
+    assert index.size >= 1 and (np.diff(index.astype(np.int64)) > 0).all()
+
+
+def test_rotated_kernels_reject_bad_input(backend: str) -> None:
+    kernel = _require(backend).quantize
+    codebook = eden_codebook(2)
+    scales, packed = np.empty(1, np.float32), np.empty(16, np.uint8)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        kernel.encode_rotated(np.array([1.0, np.nan] * 5, np.float32), 2, 64, [1, 2], *codebook, scales, packed)
+    with pytest.raises(ValueError, match="too large"):
+        kernel.encode_rotated(np.full(10, 1e34, np.float32), 2, 64, [1, 2], *codebook, scales, packed)
+    with pytest.raises(ValueError, match="bits"):
+        kernel.encode_rotated(np.ones(10, np.float32), 9, 64, [1, 2], *codebook, scales, packed)
+    book = shared_codebook(2)
+    assert book.breakpoints is not None and book.ranks is not None
+    small = np.empty(3, np.uint32)
+    with pytest.raises(ValueError, match="outlier_index"):
+        staircase = (book.table, book.breakpoints, book.ranks)
+        kernel.encode_shared_table(
+            np.ones(10, np.float32), 2, 64, [1, 2], 0, 1, *staircase, scales, packed, small, np.empty(64, np.float32)
+        )

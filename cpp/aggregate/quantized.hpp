@@ -3,6 +3,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "../common/cpu.hpp"
@@ -165,23 +166,18 @@ void sum_quantized_tiles(const std::vector<const std::uint8_t*>& packed, unsigne
     }
 }
 
-template <class Output>
-void weighted_sum_quantized(const std::vector<const std::uint8_t*>& packed, unsigned bits, const float* scales, double offset,
-                            double divisor, Output* out, std::size_t n, std::uint32_t* checksums) {
-    const std::size_t n_clients = packed.size();
+// Runs sum_tiles(first_tile, end_tile, checksums) over contiguous runs of tiles, about eight per
+// thread for balance: each run checksums its own byte range from zero, and the runs' CRCs are combined
+// into checksums[k] in order afterwards.
+template <class SumTiles>
+void for_tile_runs(std::size_t n_clients, unsigned bits, std::size_t n, std::uint32_t* checksums, SumTiles&& sum_tiles) {
     const std::size_t n_tiles = (n + kQuantizedTile - 1) / kQuantizedTile;
-    // Contiguous runs of tiles, about eight per thread for balance: each run checksums its own byte
-    // range from zero and the runs are combined in order afterwards.
     const std::size_t run = std::max<std::size_t>(1, n_tiles / (8 * num_threads()));
     const std::size_t n_runs = (n_tiles + run - 1) / run;
     std::vector<std::uint32_t> run_checksums(n_runs * n_clients, 0);
     parallel_for(n_runs, 1, run * n_clients * kQuantizedTile / 4, [&](std::size_t first_run, std::size_t end_run) {
-        for (std::size_t r = first_run; r < end_run; ++r) {
-            run_vectorized([&] {
-                sum_quantized_tiles(packed, bits, scales, offset, divisor, out, n, r * run, std::min(n_tiles, (r + 1) * run),
-                                    run_checksums.data() + r * n_clients);
-            });
-        }
+        for (std::size_t r = first_run; r < end_run; ++r)
+            run_vectorized([&] { sum_tiles(r * run, std::min(n_tiles, (r + 1) * run), run_checksums.data() + r * n_clients); });
     });
     const std::size_t total_bytes = packed_bytes(n, bits);
     const std::uint32_t full_run_shift = crc32_shift(run * kQuantizedTile / 8 * bits);  // all runs but the last
@@ -192,6 +188,191 @@ void weighted_sum_quantized(const std::vector<const std::uint8_t*>& packed, unsi
         for (std::size_t k = 0; k < n_clients; ++k)
             checksums[k] = crc32_combine_shifted(shift, checksums[k], run_checksums[r * n_clients + k]);
     }
+}
+
+template <class Output>
+void weighted_sum_quantized(const std::vector<const std::uint8_t*>& packed, unsigned bits, const float* scales, double offset,
+                            double divisor, Output* out, std::size_t n, std::uint32_t* checksums) {
+    for_tile_runs(packed.size(), bits, n, checksums, [&](std::size_t first_tile, std::size_t end_tile, std::uint32_t* run_checksums) {
+        sum_quantized_tiles(packed, bits, scales, offset, divisor, out, n, first_tile, end_tile, run_checksums);
+    });
+}
+
+// ---- weighted_sum_levels: per-block scales, values from a table with rows shared per group of 8 ----
+
+// What each client's levels stand for in weighted_sum_levels.
+struct level_values {
+    const float* scales;  // (clients, n / block): the scale of each client's block
+    std::size_t block;
+    const float* table;  // (rows, 2^bits) followed by 8 spare floats, or nullptr for the levels themselves
+    std::size_t rows;
+    const std::uint32_t* row_parameters;  // (clients, 2): row offset and row stride
+    const double* offsets;                // (n / block, period) added per block and group of eight, or nullptr
+    std::size_t period;
+
+    float scale(std::size_t k, std::size_t i, std::size_t blocks) const { return scales[k * blocks + i / block]; }
+    std::size_t row(std::size_t k, std::size_t i) const {
+        return static_cast<std::size_t>((std::uint64_t{row_parameters[2 * k + 1]} * (i >> 3) + row_parameters[2 * k]) & (rows - 1));
+    }
+};
+
+#if defined(FASTFED_X86_DISPATCH)
+// Eight clients' table values for the groups of eight values in [begin, end) (inside one block),
+// summed in a register in client order and added to acc (relative to begin). Bits = 1..4: a row of
+// 2^Bits floats is one or two registers, and a permutation picks each value's level from it. Each
+// client's rows are first laid out in the order its groups visit them, from the segment's first
+// group on, and multiplied by its scale (`scaled`: room for kClientBlock sequences of rows * 2^Bits
+// + 8 floats); a row repeats every `rows` groups, so group t reads entry t mod rows of every
+// client's sequence. The products are the float32 products of multiplying each value.
+//
+// The shuffle port is the limit here, so each client's level bits are broadcast straight from memory
+// (four bytes, where they lie inside the stream) rather than moved into a register and shuffled.
+template <unsigned Bits>
+FASTFED_TARGET("avx2")
+void sum_table_groups_avx2(const std::uint8_t* const* packed, std::size_t first, std::size_t clients, const level_values& values,
+                           std::size_t blocks, std::size_t begin, std::size_t end, double* acc, float* scaled, std::size_t total_bytes) {
+    constexpr std::size_t kLevels = std::size_t{1} << Bits;
+    const std::size_t rows = values.rows, stride = rows * kLevels + 8;
+    const float* sequences[kClientBlock];
+    for (std::size_t j = 0; j < clients; ++j) {
+        float* own = scaled + j * stride;
+        const float scale = values.scale(first + j, begin, blocks);
+        for (std::size_t t = 0; t < rows; ++t) {
+            const float* row = values.table + values.row(first + j, begin + 8 * t) * kLevels;
+            for (std::size_t q = 0; q < kLevels; ++q) own[t * kLevels + q] = scale * row[q];
+        }
+        sequences[j] = own;
+    }
+    const __m256i shifts = _mm256_setr_epi32(0, Bits, 2 * Bits, 3 * Bits, 4 * Bits, 5 * Bits, 6 * Bits, 7 * Bits);
+    const __m256i level_mask = _mm256_set1_epi32(kLevels - 1);
+    for (std::size_t i = begin, t = 0; i < end; i += 8, t = (t + 1) & (rows - 1)) {
+        const std::size_t byte = i / 8 * Bits;
+        const bool inside = byte + 4 <= total_bytes;
+        __m256 sum = _mm256_setzero_ps();
+        for (std::size_t j = 0; j < clients; ++j) {
+            __m256i word;
+            if (inside) {
+                word = _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float*>(packed[first + j] + byte)));
+            } else {
+                std::uint32_t bytes = 0;
+                std::memcpy(&bytes, packed[first + j] + byte, Bits);
+                word = _mm256_set1_epi32(static_cast<int>(bytes));
+            }
+            const float* own = sequences[j] + t * kLevels;
+            const __m256i level = _mm256_and_si256(_mm256_srlv_epi32(word, shifts), level_mask);
+            __m256 value = _mm256_permutevar8x32_ps(_mm256_loadu_ps(own), level);
+            if constexpr (kLevels == 16)
+                value = _mm256_blendv_ps(value, _mm256_permutevar8x32_ps(_mm256_loadu_ps(own + 8), level),
+                                         _mm256_castsi256_ps(_mm256_slli_epi32(level, 28)));
+            sum = _mm256_add_ps(sum, value);
+        }
+        double* a = acc + (i - begin);
+        _mm256_storeu_pd(a, _mm256_add_pd(_mm256_loadu_pd(a), _mm256_cvtps_pd(_mm256_castps256_ps128(sum))));
+        _mm256_storeu_pd(a + 4, _mm256_add_pd(_mm256_loadu_pd(a + 4), _mm256_cvtps_pd(_mm256_extractf128_ps(sum, 1))));
+    }
+}
+
+// Whether sum_level_segment_avx2 has a vector path for these values.
+inline bool vector_levels(unsigned bits, const level_values& values) { return values.table != nullptr ? bits <= 4 : bits == 8; }
+
+// One segment (inside one block) of up to eight clients, as sum_level_tiles's scalar loop does it;
+// `next` are the clients whose bytes are checksummed next, prefetched meanwhile.
+inline void sum_level_segment_avx2(const std::vector<const std::uint8_t*>& packed, unsigned bits, std::size_t first, std::size_t last,
+                                   const level_values& values, std::size_t blocks, std::size_t start, std::size_t stop, double* acc,
+                                   float* scaled, const std::uint8_t* const* next, std::size_t n_next) {
+    const std::size_t clients = last - first, total = packed_bytes(blocks * values.block, bits);
+    switch (values.table != nullptr ? bits : 0) {
+        case 1: return sum_table_groups_avx2<1>(packed.data(), first, clients, values, blocks, start, stop, acc, scaled, total);
+        case 2: return sum_table_groups_avx2<2>(packed.data(), first, clients, values, blocks, start, stop, acc, scaled, total);
+        case 3: return sum_table_groups_avx2<3>(packed.data(), first, clients, values, blocks, start, stop, acc, scaled, total);
+        case 4: return sum_table_groups_avx2<4>(packed.data(), first, clients, values, blocks, start, stop, acc, scaled, total);
+        default: {  // 8-bit levels themselves: the block summation of weighted_sum_quantized
+            const std::uint8_t* q[kClientBlock];
+            float scale[kClientBlock];
+            for (std::size_t j = 0; j < clients; ++j) {
+                q[j] = packed[first + j] + start;
+                scale[j] = values.scale(first + j, start, blocks);
+            }
+            sum_clients_avx2(clients, q, scale, acc, stop - start, next, n_next);
+        }
+    }
+}
+#endif
+
+template <class Output>
+void sum_level_tiles(const std::vector<const std::uint8_t*>& packed, unsigned bits, const level_values& values, double divisor, Output* out,
+                     std::size_t n, std::size_t first_tile, std::size_t end_tile, std::uint32_t* checksums) {
+    const std::size_t n_clients = packed.size(), blocks = n / values.block, levels = std::size_t{1} << bits;
+    const std::size_t total_bytes = packed_bytes(n, bits);
+    std::vector<double> acc_storage(kQuantizedTile);
+    std::vector<float> block_storage(kQuantizedTile);
+    double* FASTFED_RESTRICT acc = acc_storage.data();
+    float* FASTFED_RESTRICT block_sum = block_storage.data();
+    [[maybe_unused]] bool fast = false;
+    [[maybe_unused]] std::vector<float> scaled_tables;
+#if defined(FASTFED_X86_DISPATCH)
+    fast = active_isa() >= isa::avx2 && vector_levels(bits, values);
+    if (fast && values.table != nullptr) scaled_tables.resize(kClientBlock * (values.rows * levels + 8));
+#endif
+    for (std::size_t tile = first_tile; tile < end_tile; ++tile) {
+        const std::size_t begin = tile * kQuantizedTile;
+        const std::size_t length = std::min(kQuantizedTile, n - begin);
+        const std::size_t first_byte = begin / 8 * bits;
+        const std::size_t tile_bytes = std::min(total_bytes, (begin + kQuantizedTile) / 8 * bits) - first_byte;
+        for (std::size_t i = 0; i < length; ++i) acc[i] = 0.0;
+        for (std::size_t first = 0; first < n_clients; first += kClientBlock) {
+            const std::size_t last = std::min(n_clients, first + kClientBlock);
+            for (std::size_t k = first; k < last; ++k) checksums[k] = crc32_update(checksums[k], packed[k] + first_byte, tile_bytes);
+            // Segments of the tile inside one block, where each client's scale is constant.
+            for (std::size_t start = begin; start < begin + length;) {
+                const std::size_t stop = std::min(begin + length, (start / values.block + 1) * values.block);
+#if defined(FASTFED_X86_DISPATCH)
+                if (fast) {
+                    // The clients checksummed next: the rest of this tile's clients, then the next tile's.
+                    const std::uint8_t* next[kClientBlock];
+                    std::size_t n_next = 0;
+                    for (std::size_t k = last; k < n_clients && n_next < kClientBlock; ++k) next[n_next++] = packed[k] + first_byte;
+                    for (std::size_t k = 0; k < n_clients && n_next < kClientBlock && tile + 1 < end_tile; ++k)
+                        next[n_next++] = packed[k] + first_byte + tile_bytes;
+                    sum_level_segment_avx2(packed, bits, first, last, values, blocks, start, stop, acc + (start - begin),
+                                           scaled_tables.data(), next, n_next);
+                    start = stop;
+                    continue;
+                }
+#endif
+                for (std::size_t i = start; i < stop; ++i) block_sum[i - begin] = 0.0f;
+                for (std::size_t k = first; k < last; ++k) {
+                    const float scale = values.scale(k, start, blocks);
+                    unpack_range(packed[k], start, stop, bits, [&](std::size_t i, std::uint32_t q) {
+                        const float value = values.table != nullptr ? values.table[values.row(k, i) * levels + q] : static_cast<float>(q);
+                        block_sum[i - begin] += scale * value;
+                    });
+                }
+                for (std::size_t i = start; i < stop; ++i) acc[i - begin] += static_cast<double>(block_sum[i - begin]);
+                start = stop;
+            }
+        }
+        // The offsets of a block repeat every `period` groups of eight (zero without offsets).
+        for (std::size_t start = begin; start < begin + length;) {
+            const std::size_t stop = std::min(begin + length, (start / values.block + 1) * values.block);
+            const double zero = 0.0;
+            const double* offsets = values.offsets != nullptr ? values.offsets + start / values.block * values.period : &zero;
+            const std::size_t mask = values.offsets != nullptr ? values.period - 1 : 0;
+            for (std::size_t i = start; i < stop; ++i) out[i] = static_cast<Output>((acc[i - begin] + offsets[(i >> 3) & mask]) / divisor);
+            start = stop;
+        }
+    }
+}
+
+// out[i] = (sum_k scales[k, i / block] * value_k(i) + offsets[i / block, (i / 8) mod period]) / divisor
+// (see fastfed.kernels.aggregate_numpy.weighted_sum_levels), and checksums[k] continued over
+// packed[k], as weighted_sum_quantized.
+template <class Output>
+void weighted_sum_levels(const std::vector<const std::uint8_t*>& packed, unsigned bits, const level_values& values, double divisor,
+                         Output* out, std::size_t n, std::uint32_t* checksums) {
+    for_tile_runs(packed.size(), bits, n, checksums, [&](std::size_t first_tile, std::size_t end_tile, std::uint32_t* run_checksums) {
+        sum_level_tiles(packed, bits, values, divisor, out, n, first_tile, end_tile, run_checksums);
+    });
 }
 
 }  // namespace fastfed::aggregate

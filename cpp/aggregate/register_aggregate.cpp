@@ -1,6 +1,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -82,6 +83,26 @@ void accumulate(py::array_t<double, py::array::c_style>& acc, const py::array& s
     });
 }
 
+// The packed level arrays of weighted_sum_quantized and weighted_sum_levels, each checked to hold n values.
+std::vector<packed_array> packed_list(const py::list& packed, std::size_t n, unsigned bits) {
+    std::vector<packed_array> arrays;
+    arrays.reserve(py::len(packed));
+    for (std::size_t k = 0; k < py::len(packed); ++k) {
+        auto object = py::reinterpret_borrow<py::object>(packed[k]);
+        if (!py::isinstance<packed_array>(object)) throw std::invalid_argument("packed[" + std::to_string(k) + "]: expected a uint8 array");
+        arrays.push_back(py::reinterpret_borrow<packed_array>(object));
+        require_packed_size(arrays.back(), n, bits);
+    }
+    return arrays;
+}
+
+void require_checksums(const py::array& checksums, std::size_t n_clients) {
+    if (!checksums.dtype().is(py::dtype::of<std::uint32_t>()) || checksums.ndim() != 1 ||
+        static_cast<std::size_t>(checksums.shape(0)) != n_clients || !checksums.writeable() || !(checksums.flags() & py::array::c_style))
+        throw std::invalid_argument("checksums: expected a writable, contiguous uint32 array of shape (" + std::to_string(n_clients) +
+                                    ",)");
+}
+
 void weighted_sum_quantized(const py::list& packed, unsigned bits, const py::array_t<float, py::array::c_style>& scales, double offset,
                             double divisor, py::array& out, py::array& checksums) {
     require_bits(bits);
@@ -91,22 +112,11 @@ void weighted_sum_quantized(const py::list& packed, unsigned bits, const py::arr
     if (n_clients == 0) throw std::invalid_argument("packed: expected at least one array");
     if (scales.ndim() != 1 || static_cast<std::size_t>(scales.shape(0)) != n_clients)
         throw std::invalid_argument("scales: expected shape (" + std::to_string(n_clients) + ",)");
-    if (!checksums.dtype().is(py::dtype::of<std::uint32_t>()) || checksums.ndim() != 1 ||
-        static_cast<std::size_t>(checksums.shape(0)) != n_clients || !checksums.writeable() || !(checksums.flags() & py::array::c_style))
-        throw std::invalid_argument("checksums: expected a writable, contiguous uint32 array of shape (" + std::to_string(n_clients) +
-                                    ",)");
+    require_checksums(checksums, n_clients);
     const auto n = static_cast<std::size_t>(out.shape(0));
-    std::vector<packed_array> arrays;
-    arrays.reserve(n_clients);
+    const std::vector<packed_array> arrays = packed_list(packed, n, bits);
     std::vector<const std::uint8_t*> pointers;
-    pointers.reserve(n_clients);
-    for (std::size_t k = 0; k < n_clients; ++k) {
-        auto object = py::reinterpret_borrow<py::object>(packed[k]);
-        if (!py::isinstance<packed_array>(object)) throw std::invalid_argument("packed[" + std::to_string(k) + "]: expected a uint8 array");
-        arrays.push_back(py::reinterpret_borrow<packed_array>(object));
-        require_packed_size(arrays.back(), n, bits);
-        pointers.push_back(arrays.back().data());
-    }
+    for (const auto& array : arrays) pointers.push_back(array.data());
     const float* scale_data = scales.data();
     auto* checksum_data = static_cast<std::uint32_t*>(checksums.mutable_data());
     dispatch_float(out, "out", [&](auto tag) {
@@ -192,6 +202,60 @@ void trimmed_mean(const py::list& sources, std::size_t cut, py::array& out, py::
     });
 }
 
+void weighted_sum_levels(const py::list& packed, unsigned bits, const py::array_t<float, py::array::c_style>& scales, std::size_t block,
+                         const std::optional<py::array_t<float, py::array::c_style>>& table,
+                         const py::array_t<std::uint32_t, py::array::c_style>& rows,
+                         const std::optional<py::array_t<double, py::array::c_style>>& offsets, double divisor, py::array& out,
+                         py::array& checksums) {
+    require_bits(bits);
+    require_block(block);
+    require_flat_contiguous(out, "out");
+    if (!out.writeable()) throw std::invalid_argument("out: array is read-only");
+    const auto n = static_cast<std::size_t>(out.shape(0));
+    if (n % block != 0) throw std::invalid_argument("out: expected a multiple of " + std::to_string(block) + " values");
+    const std::size_t n_clients = py::len(packed);
+    if (n_clients == 0) throw std::invalid_argument("packed: expected at least one array");
+    if (scales.ndim() != 2 || static_cast<std::size_t>(scales.shape(0)) != n_clients ||
+        static_cast<std::size_t>(scales.shape(1)) != n / block)
+        throw std::invalid_argument("scales: expected shape (" + std::to_string(n_clients) + ", " + std::to_string(n / block) + ")");
+    if (rows.ndim() != 2 || static_cast<std::size_t>(rows.shape(0)) != n_clients || rows.shape(1) != 2)
+        throw std::invalid_argument("rows: expected a uint32 array of shape (" + std::to_string(n_clients) + ", 2)");
+    require_checksums(checksums, n_clients);
+    const std::vector<packed_array> arrays = packed_list(packed, n, bits);
+    std::vector<const std::uint8_t*> pointers;
+    for (const auto& array : arrays) pointers.push_back(array.data());
+    // The table with eight spare floats, so that a row can be read as a whole vector at any row.
+    std::vector<float> values;
+    std::size_t n_rows = 0;
+    if (table) {
+        if (bits > 8) throw std::invalid_argument("bits: expected 1..8 with a table, got " + std::to_string(bits));
+        n_rows = static_cast<std::size_t>(table->shape(0));
+        if (table->ndim() != 2 || static_cast<std::size_t>(table->shape(1)) != (std::size_t{1} << bits) || n_rows == 0 ||
+            (n_rows & (n_rows - 1)) != 0)
+            throw std::invalid_argument("table: expected a float32 array of a power of two rows and " + std::to_string(1u << bits) +
+                                        " columns");
+        values.assign(table->data(), table->data() + table->size());
+        values.resize(values.size() + 8, 0.0f);
+    }
+    std::size_t period = 0;
+    if (offsets) {
+        period = static_cast<std::size_t>(offsets->shape(1));
+        if (offsets->ndim() != 2 || static_cast<std::size_t>(offsets->shape(0)) != n / block || period == 0 || (period & (period - 1)) != 0)
+            throw std::invalid_argument("offsets: expected a float64 array of " + std::to_string(n / block) +
+                                        " rows and a power of two columns");
+    }
+    const aggregate::level_values level_values{
+        scales.data(), block, table ? values.data() : nullptr, n_rows, rows.data(), offsets ? offsets->data() : nullptr, period};
+    auto* checksum_data = static_cast<std::uint32_t*>(checksums.mutable_data());
+    dispatch_float(out, "out", [&](auto tag) {
+        using Output = decltype(tag);
+        auto* out_data = static_cast<Output*>(out.mutable_data());
+        // Safe: raw pointers only; `arrays`, `values` and the caller keep every buffer alive until return.
+        const py::gil_scoped_release release;
+        aggregate::weighted_sum_levels(pointers, bits, level_values, divisor, out_data, n, checksum_data);
+    });
+}
+
 }  // namespace
 
 void register_aggregate(py::module_& m) {
@@ -209,6 +273,10 @@ void register_aggregate(py::module_& m) {
     m.def("trimmed_mean", &trimmed_mean, py::arg("sources"), py::arg("cut"), py::arg("out"), py::arg("non_finite"),
           "Coordinate-wise mean of K sources without the cut smallest and cut largest values; NaN where a coordinate holds "
           "one. non_finite[k] = 1 where sources[k] holds NaN or infinity.");
+    m.def("weighted_sum_levels", &weighted_sum_levels, py::arg("packed"), py::arg("bits"), py::arg("scales"), py::arg("block"),
+          py::arg("table"), py::arg("rows"), py::arg("offsets"), py::arg("divisor"), py::arg("out"), py::arg("checksums"),
+          "out[i] = (sum_k scales[k, i / block] * value_k(i) + offsets[i / block, (i / 8) % period]) / divisor, value_k(i) = "
+          "table[row_k(i), level] or the level; checksums[k] = crc32(packed[k], checksums[k]).");
 }
 
 }  // namespace fastfed

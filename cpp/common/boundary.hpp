@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "pack.hpp"
 #include "scalar.hpp"
@@ -68,6 +69,31 @@ inline void require_packed_size(const packed_array& packed, std::size_t n, unsig
     if (static_cast<std::size_t>(packed.shape(0)) != pack::packed_bytes(n, bits))
         throw std::invalid_argument("packed: expected " + std::to_string(pack::packed_bytes(n, bits)) + " bytes for " + std::to_string(n) +
                                     " values of " + std::to_string(bits) + " bits, got " + std::to_string(packed.shape(0)));
+}
+
+inline void require_rotation_shape(std::size_t n, std::size_t chunk, std::size_t padded) {
+    if (chunk == 0 || (chunk & (chunk - 1)) != 0)
+        throw std::invalid_argument("chunk: expected a power of two, got " + std::to_string(chunk));
+    if (padded % chunk != 0 || padded < n || padded - n >= chunk)
+        throw std::invalid_argument("padded length " + std::to_string(padded) + " does not fit " + std::to_string(n) +
+                                    " values in chunks of " + std::to_string(chunk));
+}
+
+// The rotation blocks of RotatedQuantizer's kernels: whole groups of eight levels and sixteen-lane sums.
+inline void require_block(std::size_t block) {
+    if (block < 64 || (block & (block - 1)) != 0)
+        throw std::invalid_argument("block: expected a power of two >= 64, got " + std::to_string(block));
+}
+
+inline void require_rounds(const std::vector<std::uint64_t>& keys) {
+    if (keys.size() != 1 && keys.size() != 2)
+        throw std::invalid_argument("keys: expected one or two rotation keys (one per round), got " + std::to_string(keys.size()));
+}
+
+inline void require_float32(const py::array& array, const char* argument) {
+    require_flat_contiguous(array, argument);
+    if (scalar_type_of(array.dtype(), argument) != scalar_type::f32)
+        throw std::invalid_argument(std::string(argument) + ": expected float32");
 }
 
 }  // namespace fastfed

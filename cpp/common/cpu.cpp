@@ -11,7 +11,9 @@ isa detect() {
     __builtin_cpu_init();
     // libgcc and compiler-rt report AVX features only when the OS saves the wider registers.
     const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("pclmul");
-    if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("vpclmulqdq")) return isa::avx512;
+    const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+                        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("vpclmulqdq");
+    if (avx2 && avx512) return isa::avx512;
     if (avx2) return isa::avx2;
 #endif
     return isa::baseline;

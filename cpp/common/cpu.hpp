@@ -20,7 +20,8 @@ namespace fastfed {
 // Ordered: each level includes the ones before it.
 //   baseline: SSE2 and table-driven CRC-32.
 //   avx2:     AVX2 kernels and PCLMULQDQ CRC-32 folding.
-//   avx512:   additionally AVX-512 VPCLMULQDQ CRC-32 folding, 64 bytes per instruction.
+//   avx512:   additionally AVX-512 VPCLMULQDQ CRC-32 folding, 64 bytes per instruction, and
+//             AVX-512DQ random numbers (64-bit multiplies) for stochastic rounding.
 enum class isa { baseline = 0, avx2 = 1, avx512 = 2 };
 
 isa best_isa();           // the highest level this CPU and OS support

@@ -3,10 +3,19 @@
 //
 // Element i of a stream depends only on (key, i), so results do not depend on threading or on the
 // order in which elements are visited, and fastfed.kernels.random_numpy reproduces every value.
+//
+// A draw can serve several values: its 64 bits are the random signs of 64 coordinates, or the
+// 32-bit coins of two (fastfed.kernels.random_numpy.sign_flips and random_halves).
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+
+#include "cpu.hpp"
+
+#if defined(FASTFED_X86_DISPATCH)
+#include <immintrin.h>
+#endif
 
 namespace fastfed::random {
 
@@ -26,5 +35,96 @@ inline double uniform(std::uint64_t key, std::uint64_t index) { return static_ca
 
 // +1.0 if the top bit is set, else -1.0.
 inline double sign(std::uint64_t key, std::size_t index) { return (bits(key, index) >> 63) ? 1.0 : -1.0; }
+
+// The 32-bit coin of value `index`: the low half of draw index / 2 for even index, else the high half.
+inline std::uint32_t coin(std::uint64_t key, std::uint64_t index) {
+    return static_cast<std::uint32_t>(bits(key, index / 2) >> (32 * (index & 1)));
+}
+
+#if defined(FASTFED_X86_DISPATCH)
+// The low 64 bits of a * b in four lanes; AVX2 multiplies 32 x 32 -> 64 bits only, so
+// a * b = a_lo b_lo + ((a_hi b_lo + a_lo b_hi) << 32) mod 2^64, with b = (b_lo, b_hi) given split.
+FASTFED_TARGET("avx2") inline __m256i multiply_avx2(__m256i a, __m256i b_lo, __m256i b_hi) {
+    const __m256i cross = _mm256_add_epi64(_mm256_mul_epu32(_mm256_srli_epi64(a, 32), b_lo), _mm256_mul_epu32(a, b_hi));
+    return _mm256_add_epi64(_mm256_mul_epu32(a, b_lo), _mm256_slli_epi64(cross, 32));
+}
+
+FASTFED_TARGET("avx2") inline __m256i mix64_avx2(__m256i z) {
+    const __m256i mix1_lo = _mm256_set1_epi64x(0x1CE4E5B9), mix1_hi = _mm256_set1_epi64x(0xBF58476D);
+    const __m256i mix2_lo = _mm256_set1_epi64x(0x133111EB), mix2_hi = _mm256_set1_epi64x(0x94D049BB);
+    z = multiply_avx2(_mm256_xor_si256(z, _mm256_srli_epi64(z, 30)), mix1_lo, mix1_hi);
+    z = multiply_avx2(_mm256_xor_si256(z, _mm256_srli_epi64(z, 27)), mix2_lo, mix2_hi);
+    return _mm256_xor_si256(z, _mm256_srli_epi64(z, 31));
+}
+
+// Draws index .. index + 3 of the stream `key`, four at a time: next() returns them and moves on by four.
+class draws_avx2 {
+ public:
+    FASTFED_TARGET("avx2") draws_avx2(std::uint64_t key, std::uint64_t index) {
+        const std::uint64_t first = key + (index + 1) * kGolden;
+        counter_ = _mm256_setr_epi64x(static_cast<long long>(first), static_cast<long long>(first + kGolden),
+                                      static_cast<long long>(first + 2 * kGolden), static_cast<long long>(first + 3 * kGolden));
+        step_ = _mm256_set1_epi64x(static_cast<long long>(4 * kGolden));
+    }
+    FASTFED_TARGET("avx2") __m256i next() {
+        const __m256i out = mix64_avx2(counter_);
+        counter_ = _mm256_add_epi64(counter_, step_);
+        return out;
+    }
+
+ private:
+    __m256i counter_, step_;
+};
+
+// GCC 12's AVX-512 intrinsics pass _mm512_undefined_*() as the unused source of their masked forms,
+// which -Wmaybe-uninitialized reports in every caller.
+#if defined(__GNUC__) && !defined(__clang__)
+#define FASTFED_AVX512_BEGIN _Pragma("GCC diagnostic push") _Pragma("GCC diagnostic ignored \"-Wmaybe-uninitialized\"")
+#define FASTFED_AVX512_END _Pragma("GCC diagnostic pop")
+#else
+#define FASTFED_AVX512_BEGIN
+#define FASTFED_AVX512_END
+#endif
+
+FASTFED_AVX512_BEGIN
+// AVX-512DQ multiplies 64-bit lanes: eight draws per step, and their uniforms converted directly.
+class draws_avx512 {
+ public:
+    FASTFED_TARGET("avx512f,avx512dq") draws_avx512(std::uint64_t key, std::uint64_t index) {
+        const std::uint64_t first = key + (index + 1) * kGolden;
+        counter_ = _mm512_add_epi64(
+            _mm512_set1_epi64(static_cast<long long>(first)),
+            _mm512_mullo_epi64(_mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7), _mm512_set1_epi64(static_cast<long long>(kGolden))));
+        step_ = _mm512_set1_epi64(static_cast<long long>(8 * kGolden));
+    }
+    // The next eight uniforms (bits >> 11) * 2^-53.
+    FASTFED_TARGET("avx512f,avx512dq") __m512d uniforms() {
+        __m512i z = counter_;
+        counter_ = _mm512_add_epi64(counter_, step_);
+        z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64(z, 30)),
+                               _mm512_set1_epi64(static_cast<long long>(0xBF58476D1CE4E5B9ULL)));
+        z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64(z, 27)),
+                               _mm512_set1_epi64(static_cast<long long>(0x94D049BB133111EBULL)));
+        z = _mm512_xor_si512(z, _mm512_srli_epi64(z, 31));
+        return _mm512_mul_pd(_mm512_cvtepu64_pd(_mm512_srli_epi64(z, 11)), _mm512_set1_pd(0x1.0p-53));
+    }
+
+ private:
+    __m512i counter_, step_;
+};
+FASTFED_AVX512_END
+
+// Four uniform doubles (bits >> 11) * 2^-53 of four draws, converted exactly: the 53-bit integer is
+// its high 21 and low 32 bits, each made exact by the 2^52 exponent trick.
+FASTFED_TARGET("avx2") inline __m256d uniform_avx2(__m256i draws) {
+    const __m256i value = _mm256_srli_epi64(draws, 11);
+    const __m256i magic = _mm256_set1_epi64x(0x4330000000000000);
+    const __m256d two52 = _mm256_set1_pd(0x1.0p52);
+    const __m256d high = _mm256_sub_pd(_mm256_castsi256_pd(_mm256_or_si256(_mm256_srli_epi64(value, 32), magic)), two52);
+    const __m256d low =
+        _mm256_sub_pd(_mm256_castsi256_pd(_mm256_or_si256(_mm256_and_si256(value, _mm256_set1_epi64x(0xFFFFFFFF)), magic)), two52);
+    return _mm256_mul_pd(_mm256_add_pd(_mm256_mul_pd(high, _mm256_set1_pd(0x1.0p32)), low), _mm256_set1_pd(0x1.0p-53));
+}
+#endif
 
 }  // namespace fastfed::random

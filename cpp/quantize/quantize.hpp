@@ -61,19 +61,27 @@ inline std::size_t min_max_avx2(const float* x, std::size_t begin, std::size_t e
     return i;
 }
 
-// quantize_pack_range for 8-bit nearest rounding of float32, eight values per step with the same
-// double-precision operations; min(q, 255) then truncation equals the scalar clamp.
+// quantize_pack_range for 8-bit levels of float32, eight values per step with the same double-precision
+// operations: the dither is 1/2 (nearest) or the value's uniform from the counter-based stream,
+// four splitmix64 draws at a time (random.hpp); min(q, 255) then truncation equals the scalar clamp.
+template <bool Stochastic>
 FASTFED_TARGET("avx2")
-inline std::size_t quantize_nearest_u8_avx2(const float* x, std::size_t begin, std::size_t end, double offset, double scale,
-                                            std::uint8_t* out) {
+std::size_t quantize_u8_avx2(const float* x, std::size_t begin, std::size_t end, double offset, double scale, std::uint64_t key,
+                             std::uint8_t* out) {
     const __m256d origin = _mm256_set1_pd(offset), factor = _mm256_set1_pd(scale), half = _mm256_set1_pd(0.5), top = _mm256_set1_pd(255.0);
     const __m128i low_bytes = _mm_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+    random::draws_avx2 draws(key, begin);
     std::size_t i = begin;
     for (; i + 8 <= end; i += 8) {
         const __m256 v = _mm256_loadu_ps(x + i);
         const __m256d low = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), high = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
-        const __m256d q_low = _mm256_min_pd(_mm256_add_pd(_mm256_mul_pd(_mm256_sub_pd(low, origin), factor), half), top);
-        const __m256d q_high = _mm256_min_pd(_mm256_add_pd(_mm256_mul_pd(_mm256_sub_pd(high, origin), factor), half), top);
+        __m256d dither_low = half, dither_high = half;
+        if constexpr (Stochastic) {
+            dither_low = random::uniform_avx2(draws.next());
+            dither_high = random::uniform_avx2(draws.next());
+        }
+        const __m256d q_low = _mm256_min_pd(_mm256_add_pd(_mm256_mul_pd(_mm256_sub_pd(low, origin), factor), dither_low), top);
+        const __m256d q_high = _mm256_min_pd(_mm256_add_pd(_mm256_mul_pd(_mm256_sub_pd(high, origin), factor), dither_high), top);
         // The low byte of each int32, as the scalar cast keeps it (packing would saturate instead).
         const __m128i bytes_low = _mm_shuffle_epi8(_mm256_cvttpd_epi32(q_low), low_bytes);
         const __m128i bytes_high = _mm_shuffle_epi8(_mm256_cvttpd_epi32(q_high), low_bytes);
@@ -81,6 +89,25 @@ inline std::size_t quantize_nearest_u8_avx2(const float* x, std::size_t begin, s
     }
     return i;
 }
+
+// quantize_u8_avx2's stochastic rounding eight values at a time with AVX-512DQ's random numbers:
+// the same uniforms and the same double-precision operations, so the same levels.
+FASTFED_AVX512_BEGIN
+FASTFED_TARGET("avx512f,avx512dq,avx512vl,avx512bw")
+inline std::size_t quantize_stochastic_u8_avx512(const float* x, std::size_t begin, std::size_t end, double offset, double scale,
+                                                 std::uint64_t key, std::uint8_t* out) {
+    const __m512d origin = _mm512_set1_pd(offset), factor = _mm512_set1_pd(scale), top = _mm512_set1_pd(255.0);
+    random::draws_avx512 draws(key, begin);
+    std::size_t i = begin;
+    for (; i + 8 <= end; i += 8) {
+        const __m512d v = _mm512_cvtps_pd(_mm256_loadu_ps(x + i));
+        const __m512d q = _mm512_min_pd(_mm512_add_pd(_mm512_mul_pd(_mm512_sub_pd(v, origin), factor), draws.uniforms()), top);
+        // The low byte of each int32, as the scalar cast keeps it.
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(out + i), _mm256_cvtepi32_epi8(_mm512_cvttpd_epi32(q)));
+    }
+    return i;
+}
+FASTFED_AVX512_END
 #endif
 
 // Lowest, highest and whether a NaN was seen in x[begin, end), a non-empty range.
@@ -181,8 +208,12 @@ void quantize_pack_range(const Source* FASTFED_RESTRICT x, std::size_t begin, st
     if (bits == 8) {
         std::size_t i = begin;
 #if defined(FASTFED_X86_DISPATCH)
-        if constexpr (!Stochastic && std::is_same_v<Source, float>)
-            if (active_isa() >= isa::avx2) i = quantize_nearest_u8_avx2(x, begin, end, offset, scale, out);
+        if constexpr (std::is_same_v<Source, float>) {
+            if (Stochastic && active_isa() >= isa::avx512)
+                i = quantize_stochastic_u8_avx512(x, begin, end, offset, scale, key, out);
+            else if (active_isa() >= isa::avx2)
+                i = quantize_u8_avx2<Stochastic>(x, begin, end, offset, scale, key, out);
+        }
 #endif
         for (; i < end; ++i) out[i] = static_cast<std::uint8_t>(quantize_value<Stochastic>(x[i], i, offset, scale, levels, key));
         return;

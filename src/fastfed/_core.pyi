@@ -31,6 +31,19 @@ class _Aggregate(ModuleType):
     def trimmed_mean(
         self, sources: list[np.ndarray], cut: int, out: np.ndarray, non_finite: npt.NDArray[np.uint8]
     ) -> None: ...
+    def weighted_sum_levels(
+        self,
+        packed: list[npt.NDArray[np.uint8]],
+        bits: int,
+        scales: npt.NDArray[np.float32],
+        block: int,
+        table: npt.NDArray[np.float32] | None,
+        rows: npt.NDArray[np.uint32],
+        offsets: npt.NDArray[np.float64] | None,
+        divisor: float,
+        out: np.ndarray,
+        checksums: npt.NDArray[np.uint32],
+    ) -> None: ...
 
 class _Quantize(ModuleType):
     def min_max(self, x: np.ndarray) -> tuple[float, float]: ...
@@ -56,10 +69,91 @@ class _Quantize(ModuleType):
         weight: float,
         acc: npt.NDArray[np.float64],
     ) -> None: ...
+    def encode_rotated(
+        self,
+        x: npt.NDArray[np.float32],
+        bits: int,
+        block: int,
+        keys: list[int],
+        boundaries: npt.NDArray[np.float32],
+        magnitudes: npt.NDArray[np.float32],
+        scales: npt.NDArray[np.float32],
+        packed: npt.NDArray[np.uint8],
+    ) -> None: ...
+    def decode_rotated(
+        self,
+        packed: npt.NDArray[np.uint8],
+        bits: int,
+        block: int,
+        keys: list[int],
+        magnitudes: npt.NDArray[np.float32],
+        scales: npt.NDArray[np.float32],
+        out: npt.NDArray[np.float32],
+    ) -> None: ...
+    def accumulate_rotated(
+        self,
+        packed: npt.NDArray[np.uint8],
+        bits: int,
+        block: int,
+        keys: list[int],
+        magnitudes: npt.NDArray[np.float32],
+        scales: npt.NDArray[np.float32],
+        weight: float,
+        acc: npt.NDArray[np.float64],
+    ) -> None: ...
+    def encode_shared_table(
+        self,
+        x: npt.NDArray[np.float32],
+        bits: int,
+        block: int,
+        keys: list[int],
+        row_offset: int,
+        row_stride: int,
+        table: npt.NDArray[np.float32],
+        breakpoints: npt.NDArray[np.float64],
+        ranks: npt.NDArray[np.int32],
+        sigmas: npt.NDArray[np.float32],
+        packed: npt.NDArray[np.uint8],
+        outlier_index: npt.NDArray[np.uint32],
+        outlier_value: npt.NDArray[np.float32],
+    ) -> int: ...
+    def encode_shared_dither(
+        self,
+        x: npt.NDArray[np.float32],
+        bits: int,
+        block: int,
+        keys: list[int],
+        row_offset: int,
+        row_stride: int,
+        table: npt.NDArray[np.float32],
+        support: float,
+        sigmas: npt.NDArray[np.float32],
+        packed: npt.NDArray[np.uint8],
+        outlier_index: npt.NDArray[np.uint32],
+        outlier_value: npt.NDArray[np.float32],
+    ) -> int: ...
+    def dequantize_shared(
+        self,
+        packed: npt.NDArray[np.uint8],
+        bits: int,
+        block: int,
+        row_offset: int,
+        row_stride: int,
+        table: npt.NDArray[np.float32],
+        scales: npt.NDArray[np.float32],
+        out: npt.NDArray[np.float32],
+    ) -> None: ...
 
 class _Rotate(ModuleType):
     def rotate(self, x: np.ndarray, chunk: int, key: int, out: npt.NDArray[np.float64]) -> None: ...
     def unrotate(self, y: npt.NDArray[np.float64], chunk: int, key: int, out: np.ndarray) -> None: ...
+    def walsh_hadamard(self, x: np.ndarray, block: int) -> None: ...
+    def rotate_blocks(
+        self, x: npt.NDArray[np.float32], block: int, keys: list[int], out: npt.NDArray[np.float32]
+    ) -> None: ...
+    def unrotate_blocks(
+        self, y: npt.NDArray[np.float32], block: int, keys: list[int], out: npt.NDArray[np.float32]
+    ) -> None: ...
 
 aggregate: _Aggregate
 quantize: _Quantize

@@ -103,6 +103,12 @@ def _parser(defaults: bool = True) -> _Parser:
     codec.add_argument(
         "--bits", type=_number(int, 1, 16), default=None, help="quantize uploads and broadcast to 1..16 bits"
     )
+    codec.add_argument(
+        "--codec",
+        choices=["uniform", "rotated"],
+        default="uniform",
+        help="uniform: min/max levels (UniformQuantizer); rotated: EDEN-grade error, 1..8 bits (RotatedQuantizer)",
+    )
     codec.add_argument("--min-size", type=NON_NEGATIVE_INT, default=1000, help="smallest tensor that is quantized")
     robust = train.add_argument_group("robustness")
     robust.add_argument("--clip", type=POSITIVE, default=None, help="clip client updates to this L2 norm")
@@ -170,6 +176,8 @@ def _check_train(args: argparse.Namespace) -> None:
 
     if args.clients_per_round > args.num_clients and args.dataset != "emnist":
         _fail(f"--clients-per-round {args.clients_per_round} is more than --num-clients {args.num_clients}")
+    if args.codec == "rotated" and (args.bits is None or args.bits > 8):
+        _fail(f"--codec rotated needs --bits 1..8, got {args.bits}")
     if args.min_clients > args.clients_per_round:
         _fail(f"--min-clients {args.min_clients} is more than --clients-per-round {args.clients_per_round}")
     if args.dataset == "mnist" and not args.data_dir:
@@ -282,13 +290,14 @@ def train(args: argparse.Namespace, given: argparse.Namespace) -> int:
     import keras
 
     from . import AdaptiveBound, FedAvg, backend, enable_determinism, mean_aggregator, optimizers
-    from .compression import UniformQuantizer
+    from .compression import RotatedQuantizer, UniformQuantizer
     from .learning.training import TrainingInterrupted, run_training
 
     if args.deterministic:
         enable_determinism()
     clients, test, input_shape = _load_dataset(args)
-    codec = UniformQuantizer(bits=args.bits, min_size=args.min_size) if args.bits else None
+    quantizer = RotatedQuantizer if args.codec == "rotated" else UniformQuantizer
+    codec = quantizer(bits=args.bits, min_size=args.min_size) if args.bits else None
     clipping: float | AdaptiveBound | None = args.clip
     if args.adaptive_clip:
         clipping = AdaptiveBound(initial=args.clip or 1.0, target_quantile=args.adaptive_clip)
@@ -310,7 +319,7 @@ def train(args: argparse.Namespace, given: argparse.Namespace) -> int:
     per_round = min(args.clients_per_round, len(clients))
     print(
         f"fastfed train: {args.dataset}, {len(clients)} clients, {per_round} per round, model {args.model}, "
-        f"{'uncompressed' if codec is None else f'{args.bits}-bit'}, backend {backend()}",
+        f"{'uncompressed' if codec is None else f'{args.bits}-bit {args.codec}'}, backend {backend()}",
         flush=True,
     )
 

@@ -1,9 +1,14 @@
 """The weighted mean of encoded updates, computed from their packed levels without decoding them.
 
-Quantized layers are averaged as ``sum_k w_k min_k + sum_k (w_k step_k) q_k``: the offsets add up
+Uniform layers are averaged as ``sum_k w_k min_k + sum_k (w_k step_k) q_k``: the offsets add up
 once and the levels stream through the tiled ``weighted_sum_quantized`` kernel, which also
 continues each payload's CRC-32, so a model's payloads are read once and verified in that pass
 (see ``docs/wire-format.md``).
+
+Shared-rotation layers (``RotatedQuantizer(shared_rotation=True)``, QUIC-FL) are summed in the
+rotated domain, ``sum_k w_k sigma_k R[h_k, X_k]``, by the same kind of tiled pass
+(``weighted_sum_levels``), then rotated back once; independently rotated layers (EDEN) need every
+client's rotation inverted, one fused decode-and-accumulate per client.
 """
 
 from __future__ import annotations
@@ -15,16 +20,25 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._backend import kernels
-from ..compression.quantizer import dequantization_step
+from ..compression.quantizer import STREAM_SIGNS, dequantization_step, stream_key
+from ..compression.rotated import eden_codebook, eden_keys, shared_codebook, shared_rows
 from ..compression.wire import (
+    CHECKSUM,
     CODEC_RAW,
+    CODEC_ROTATED,
+    CODEC_ROTATED_SHARED,
     CODEC_UNIFORM,
+    ROTATED_CODECS,
+    SCALES_PROBLEM,
+    VALUE_LIMIT,
     Entry,
     checksummed_length,
+    corrections_problem,
     crc32,
     parse,
     parse_structure,
     raw_view,
+    scales_valid,
     stored_checksum,
     table_layout,
 )
@@ -60,9 +74,14 @@ def accumulate_entry(acc: np.ndarray, entry: Entry, weight: float) -> None:
     """``acc += weight * decode(entry)`` with the values decode() gives (float32 for quantized tensors)."""
     if entry.codec == CODEC_RAW:
         kernels().aggregate.accumulate(acc, entry.raw_values(), weight)
-    elif entry.block == 0:
+    elif entry.codec == CODEC_UNIFORM and entry.block == 0:
         step = dequantization_step(entry.bits, entry.minimum, entry.maximum)
         kernels().quantize.unpack_dequantize_accumulate(entry.data, entry.bits, entry.minimum, step, weight, acc)
+    elif entry.codec == CODEC_ROTATED:
+        magnitudes = eden_codebook(entry.bits)[1]
+        kernels().quantize.accumulate_rotated(
+            entry.levels(), entry.bits, entry.block, eden_keys(entry.seed), magnitudes, entry.scales(), weight, acc
+        )
     else:  # a rotation mixes whole blocks, so rotated tensors are decoded first
         kernels().aggregate.accumulate(acc, entry.decode().astype(np.float32, copy=False).reshape(-1), weight)
 
@@ -130,6 +149,11 @@ def _mean_of_levels(
     return cast_to_layer(out, spec)
 
 
+def _in_one_pass(entry: Entry) -> bool:
+    """Whether the one-pass mean reads this kind of tensor (uniform rotation takes the verify-first path)."""
+    return entry.codec in (CODEC_RAW, *ROTATED_CODECS) or entry.block == 0
+
+
 def _mean_of_column(column: list[Entry], weights: np.ndarray, total: float, spec: LayerSpec) -> np.ndarray:
     """The weighted mean of one layer over clients' verified entries, by the fastest exact route."""
     first = column[0]
@@ -152,16 +176,128 @@ def _mean_of_column(column: list[Entry], weights: np.ndarray, total: float, spec
     return cast_to_layer(acc / total, spec)
 
 
-def _continue_checksums(checksums: np.ndarray, buffers: list[memoryview], start: int, stop: int) -> None:
-    for k, buffer in enumerate(buffers):
+def _continue_checksums(
+    checksums: np.ndarray, buffers: list[memoryview], starts: np.ndarray, stops: np.ndarray
+) -> None:
+    """Continues each payload's CRC-32 over its bytes [starts[k], stops[k])."""
+    for k, (buffer, start, stop) in enumerate(zip(buffers, starts.tolist(), stops.tolist())):
         checksums[k] = crc32(buffer[start:stop], int(checksums[k]))
+
+
+@dataclass(frozen=True)
+class _RotatedColumn:
+    """One rotated layer of every payload of a shared layout: views of its scales, levels and corrections."""
+
+    entry: Entry  # the template's
+    scales: np.ndarray  # float32 (payloads, blocks)
+    levels: list[np.ndarray]
+    counts: np.ndarray  # int64 (payloads,): shared rotation, how many corrections each payload has
+    positions: np.ndarray  # int64: every payload's correction positions, one payload after the other
+    corrections: np.ndarray  # float32, likewise
+
+    @classmethod
+    def of(cls, entry: Entry, payloads: list[np.ndarray], starts: list[int], counts: list[int]) -> _RotatedColumn:
+        level_bytes = (entry.padded * entry.bits + 7) // 8
+        scales, levels, positions, corrections = [], [], [], []
+        for payload, start, count in zip(payloads, starts, counts):
+            scales.append(payload[start : start + entry.scale_bytes])
+            first = start + entry.scale_bytes
+            levels.append(payload[first : first + level_bytes])
+            first += level_bytes
+            positions.append(payload[first : first + 4 * count])
+            corrections.append(payload[first + 4 * count : first + 8 * count])
+        # Joined once (a copy, aligned by np.concatenate): checked and applied in a few vectorized passes.
+        joined_scales = raw_view(np.concatenate(scales), np.dtype(np.float32)).reshape(len(payloads), -1)
+        joined_positions = raw_view(np.concatenate(positions), np.dtype(np.uint32)).astype(np.int64)
+        joined_corrections = raw_view(np.concatenate(corrections), np.dtype(np.float32))
+        return cls(entry, joined_scales, levels, np.array(counts, np.int64), joined_positions, joined_corrections)
+
+    def problem(self) -> tuple[int, str] | None:
+        """The first payload whose values are out of bounds, and what is wrong (see Entry.check_values)."""
+        valid = scales_valid(self.scales)
+        if not valid.all():
+            return int(np.argmin(valid)), SCALES_PROBLEM
+        ends = np.cumsum(self.counts)
+        rising = np.ones(self.positions.shape[0], dtype=bool)
+        rising[1:] = self.positions[1:] > self.positions[:-1]
+        rising[(ends - self.counts)[self.counts > 0]] = True  # each payload's first position starts afresh
+        with np.errstate(invalid="ignore"):
+            bad = ~rising | (self.positions >= self.entry.padded) | ~(np.abs(self.corrections) <= VALUE_LIMIT)
+        if not bad.any():
+            return None
+        k = int(np.searchsorted(ends, np.argmax(bad), side="right"))
+        own = slice(int(ends[k] - self.counts[k]), int(ends[k]))
+        return k, corrections_problem(self.positions[own], self.corrections[own], self.entry.padded) or ""
+
+
+def _mean_of_rotated(
+    column: _RotatedColumn, seeds: np.ndarray, weights: np.ndarray, total: float, spec: LayerSpec
+) -> np.ndarray:
+    """EDEN layers: every client's rotation inverted, fused with the weighted accumulation."""
+    entry = column.entry
+    magnitudes = eden_codebook(entry.bits)[1]
+    acc = np.zeros(entry.count)
+    accumulate = kernels().quantize.accumulate_rotated
+    for levels, scales, seed, weight in zip(column.levels, column.scales, seeds.tolist(), weights.tolist()):
+        accumulate(levels, entry.bits, entry.block, eden_keys(seed), magnitudes, scales, weight, acc)
+    return cast_to_layer(acc / total, spec)
+
+
+def _mean_of_shared_rotation(
+    column: _RotatedColumn, seeds: np.ndarray, weights: np.ndarray, total: float, spec: LayerSpec, checksums: np.ndarray
+) -> np.ndarray:
+    """QUIC-FL layers: ``sum_k (w_k / W) sigma_k R[h_k, X_k]`` in the rotated domain, in one pass over
+    the levels (which also continues the checksums), plus the clients' corrections, then one inverse
+    rotation.
+
+    With a dither table, ``R[h, X] = -T + step X + offset_h``: the kernel sums the integer levels and
+    adds the offsets, which repeat every ``rows`` groups of eight values.
+    """
+    entry = column.entry
+    book = shared_codebook(entry.bits)
+    rows = np.array([shared_rows(seed, book.rows) for seed in seeds.tolist()], dtype=np.uint32).reshape(-1, 2)
+    coefficients = (weights / total)[:, None] * column.scales.astype(np.float64)  # (clients, blocks)
+    rotated = np.empty(entry.padded, dtype=np.float32)
+    weighted_sum_levels = kernels().aggregate.weighted_sum_levels
+    if book.breakpoints is not None:
+        scales = coefficients.astype(np.float32)
+        weighted_sum_levels(
+            column.levels, entry.bits, scales, entry.block, book.table, rows, None, 1.0, rotated, checksums
+        )
+    else:
+        step = (book.high - book.low) / (2**entry.bits - 1)
+        scales = (coefficients * step).astype(np.float32)
+        offsets = _dither_offsets(coefficients, rows, book.rows, book.low, step)
+        weighted_sum_levels(
+            column.levels, entry.bits, scales, entry.block, None, rows, offsets, 1.0, rotated, checksums
+        )
+    shares = np.repeat((weights / total).astype(np.float32), column.counts)
+    np.add.at(rotated, column.positions, shares * column.corrections)
+    mean = np.empty(entry.count, dtype=np.float32)
+    kernels().rotate.unrotate_blocks(rotated, entry.block, [stream_key(entry.rotation_seed, STREAM_SIGNS)], mean)
+    return cast_to_layer(mean, spec)
+
+
+def _dither_offsets(coefficients: np.ndarray, rows: np.ndarray, n_rows: int, low: float, step: float) -> np.ndarray:
+    """``sum_k coefficients[k, b] * (low + step ((h_k + 1/2) / rows - 1/2))`` for each block ``b`` and each
+    group of eight ``g mod rows`` (a client's row repeats every ``rows`` groups): (blocks, rows)."""
+    offsets = low + step * ((np.arange(n_rows) + 0.5) / n_rows - 0.5)
+    phase = np.arange(n_rows, dtype=np.int64)
+    per_row = offsets[(phase[None, :] * rows[:, 1:].astype(np.int64) + rows[:, :1].astype(np.int64)) & (n_rows - 1)]
+    return np.ascontiguousarray(coefficients.T @ per_row)
+
+
+def _verified_problem(buffer: memoryview, client: int, tensor: int, message: str) -> DecodeError:
+    """The error for values out of bounds, reported as parse() would: a bad checksum first."""
+    if crc32(buffer[: checksummed_length(buffer.nbytes)]) != stored_checksum(buffer):
+        return DecodeError(f"client {client}: invalid fastfed payload: checksum mismatch (corrupted in transit?)")
+    return DecodeError(f"client {client}: invalid fastfed payload: tensor {tensor}: {message}")
 
 
 def _mean_of_shared_layout(
     buffers: list[memoryview],
     template: list[Entry],
-    minimums: np.ndarray,
-    maximums: np.ndarray,
+    layout: SharedLayout,
     weights: np.ndarray,
     total: float,
     clients: list[int],
@@ -171,11 +307,12 @@ def _mean_of_shared_layout(
     nothing is returned unless every payload's checksum matches."""
     checksums = np.zeros(len(buffers), dtype=np.uint32)
     payloads = [np.frombuffer(buffer, dtype=np.uint8) for buffer in buffers]  # sliced below: views are cheap
-    position = 0
+    position = np.zeros(len(buffers), dtype=np.int64)  # each payload's bytes before it are checksummed
     means: list[np.ndarray] = []
     j = 0
     while j < len(template):
         entry = template[j]
+        starts = layout.offsets[:, j]
         if entry.codec == CODEC_RAW:
             # Adjacent raw tensors of one dtype (biases, small kernels) are averaged as one run.
             run = [entry]
@@ -185,21 +322,35 @@ def _mean_of_shared_layout(
                 and template[j + len(run)].dtype == entry.dtype
             ):
                 run.append(template[j + len(run)])
-            end = entry.offset + sum(e.count for e in run) * entry.dtype.itemsize
-            values = [raw_view(p[entry.offset : end], entry.dtype) for p in payloads]
+            run_bytes = sum(e.count for e in run) * entry.dtype.itemsize
+            values = [
+                raw_view(p[start : start + run_bytes], entry.dtype) for p, start in zip(payloads, starts.tolist())
+            ]
             means += _means_of_raw(values, weights, total, [LayerSpec(e.shape, e.dtype) for e in run])
             j += len(run)
             continue
         spec = LayerSpec(entry.shape, entry.dtype)
-        length = entry.data.nbytes
-        _continue_checksums(checksums, buffers, position, entry.offset)
-        levels = [p[entry.offset : entry.offset + length] for p in payloads]
-        means.append(
-            _mean_of_levels(levels, entry.bits, minimums[:, j], maximums[:, j], weights, total, spec, checksums)
-        )
-        position = entry.offset + length
+        if entry.codec == CODEC_UNIFORM:
+            _continue_checksums(checksums, buffers, position, starts)
+            length = entry.data.nbytes
+            levels = [p[start : start + length] for p, start in zip(payloads, starts.tolist())]
+            minimums, maximums = layout.minimums[:, j], layout.maximums[:, j]
+            means.append(_mean_of_levels(levels, entry.bits, minimums, maximums, weights, total, spec, checksums))
+            position = starts + length
+            j += 1
+            continue
+        column = _RotatedColumn.of(entry, payloads, starts.tolist(), layout.outliers[:, j].tolist())
+        problem = column.problem()
+        if problem is not None:
+            raise _verified_problem(buffers[problem[0]], clients[problem[0]], j, problem[1])
+        if entry.codec == CODEC_ROTATED:
+            means.append(_mean_of_rotated(column, layout.seeds[:, j], weights, total, spec))
+        else:
+            _continue_checksums(checksums, buffers, position, starts + entry.scale_bytes)
+            means.append(_mean_of_shared_rotation(column, layout.seeds[:, j], weights, total, spec, checksums))
+            position = starts + entry.scale_bytes + (entry.padded * entry.bits + 7) // 8
         j += 1
-    _continue_checksums(checksums, buffers, position, checksummed_length(buffers[0].nbytes))
+    _continue_checksums(checksums, buffers, position, np.array([checksummed_length(b.nbytes) for b in buffers]))
     for k, buffer in enumerate(buffers):
         if int(checksums[k]) != stored_checksum(buffer):
             raise DecodeError(
@@ -210,30 +361,47 @@ def _mean_of_shared_layout(
 
 @dataclass(frozen=True)
 class SharedLayout:
-    """Which payloads are laid out exactly like a validated template (see :class:`TableLayout`),
-    and every payload's quantization ranges."""
+    """Which payloads are laid out exactly like a validated template (see :class:`TableLayout`), and
+    what varies between them; rows of non-matching payloads are undefined."""
 
     matches: np.ndarray  # bool, one per payload
-    minimums: np.ndarray  # float64 (payloads, tensors); rows of non-matching payloads are undefined
+    minimums: np.ndarray  # float64 (payloads, tensors): uniform tensors' ranges
     maximums: np.ndarray
+    seeds: np.ndarray  # uint64 (payloads, tensors)
+    outliers: np.ndarray  # int64 (payloads, tensors): shared-rotation tensors' counts of corrections
+    offsets: np.ndarray  # int64 (payloads, tensors): where each tensor's data starts
+
+    def rows(self, payloads: list[int]) -> SharedLayout:
+        return SharedLayout(*(getattr(self, name)[payloads] for name in self.__dataclass_fields__))
 
 
 def match_layout(buffers: Sequence[memoryview], template: list[Entry]) -> SharedLayout:
     """Compares K payloads with the template's table in a few vectorized passes (no per-entry Python)."""
     layout = table_layout(template, buffers[0].nbytes)
-    same_size = np.array([buffer.nbytes == layout.size for buffer in buffers])
-    # Every payload of the template's size holds a full table; others get a zero row.
+    sizes = np.array([buffer.nbytes for buffer in buffers], dtype=np.int64)
+    # Every payload long enough holds a full table; others get a zero row.
+    long_enough = sizes >= layout.table_end
     prefixes = [
-        buffer[: layout.table_end] if same else bytes(layout.table_end) for buffer, same in zip(buffers, same_size)
+        buffer[: layout.table_end] if whole else bytes(layout.table_end) for buffer, whole in zip(buffers, long_enough)
     ]
     tables = np.frombuffer(b"".join(prefixes), dtype=np.uint8).reshape(len(buffers), layout.table_end)
     fixed = ~layout.varying
-    matches = same_size & (tables[:, fixed] == tables[0, fixed]).all(axis=1)
+    matches = long_enough & (tables[:, fixed] == tables[0, fixed]).all(axis=1)
     minimums, maximums = layout.ranges(tables)
     with np.errstate(invalid="ignore"):
         valid = (minimums <= maximums) & (np.maximum(-minimums, maximums) <= layout.limits)  # NaN fails both
-    matches &= (valid | ~layout.quantized).all(axis=1)
-    return SharedLayout(matches, minimums, maximums)
+    matches &= (valid | (layout.codecs != CODEC_UNIFORM)).all(axis=1)
+    # A shared-rotation tensor's count of corrections sets its length, and the lengths the offsets and size.
+    shared = layout.codecs == CODEC_ROTATED_SHARED
+    padded = np.array([entry.padded for entry in template], dtype=np.int64)
+    template_outliers = np.array([entry.outliers for entry in template], dtype=np.int64)
+    counts = layout.correction_counts(tables)
+    outliers = np.where(shared, np.minimum(counts, padded + 1).astype(np.int64), template_outliers)
+    lengths = np.array([entry.data.nbytes for entry in template], dtype=np.int64) + 8 * (outliers - template_outliers)
+    matches &= (outliers <= padded).all(axis=1) & (layout.payload_lengths(tables) == lengths).all(axis=1)
+    matches &= (sizes == layout.table_end + lengths.sum(axis=1) + CHECKSUM.size) & (layout.totals(tables) == sizes)
+    offsets = layout.table_end + np.cumsum(lengths, axis=1) - lengths
+    return SharedLayout(matches, minimums, maximums, layout.seeds(tables), outliers, offsets)
 
 
 def weighted_mean_encoded(
@@ -307,20 +475,14 @@ def _mean_of_encoded(buffers: list[memoryview], weight_values: list[float], temp
     active = [k for k, w in enumerate(weight_values) if w > 0.0]
     active_weights, total, _ = normalized_weights([weight_values[k] for k in active])
     layout = match_layout(buffers, template)
-    if layout.matches.all() and all(entry.codec == CODEC_RAW or entry.block == 0 for entry in template):
+    if layout.matches.all() and all(_in_one_pass(entry) for entry in template):
         for k, weight in enumerate(weight_values):
             if weight == 0.0:  # not read by the pass, still verified
                 parse_client(buffers[k], k)
         return _mean_of_shared_layout(
-            [buffers[k] for k in active],
-            template,
-            layout.minimums[active],
-            layout.maximums[active],
-            active_weights,
-            total,
-            active,
+            [buffers[k] for k in active], template, layout.rows(active), active_weights, total, active
         )
-    # Differently laid out payloads (or rotated tensors): each is verified, then averaged by column.
+    # Differently laid out payloads (or uniform rotated tensors): each is verified, then averaged by column.
     parsed = [parse_client(buffer, k) for k, buffer in enumerate(buffers)]
     specs = [LayerSpec(entry.shape, entry.dtype) for entry in parsed[0]]
     for client, entries in enumerate(parsed):

@@ -17,7 +17,9 @@ import numpy as np
 
 from ..errors import DecodeError
 from .quantizer import (
+    ROTATED_BLOCKS,
     Codec,
+    RotatedQuantizer,
     as_float_source,
     decodable_limit,
     dequantize_tensor,
@@ -25,6 +27,7 @@ from .quantizer import (
     rotation_shape,
     tensor_seed,
 )
+from .rotated import decode_rotated, quantize_rotated, rotated_shape
 
 __all__ = [
     "Entry",
@@ -42,14 +45,21 @@ __all__ = [
 ]
 
 MAGIC = b"FFUP"
-VERSION = 1
+# Version 2 adds the rotated codecs. A payload is written with the lowest version that holds it, so
+# payloads without rotated tensors stay version 1, byte for byte as before, for older readers.
+VERSIONS = (1, 2)
 CODEC_RAW = 0
 CODEC_UNIFORM = 1
+CODEC_ROTATED = 2  # RotatedQuantizer, independent rotation (version 2)
+CODEC_ROTATED_SHARED = 3  # RotatedQuantizer(shared_rotation=True) (version 2)
+ROTATED_CODECS = (CODEC_ROTATED, CODEC_ROTATED_SHARED)
 FLAG_STOCHASTIC = 1
 FLAG_ROTATED = 2
 MAX_RANK = 32
 MAX_ELEMENTS = 1 << 40  # far above any model tensor, far below integer overflow anywhere
 MAX_TENSORS = 1 << 16  # far above any model's layer count; bounds the work a hostile table can ask for
+MAX_ROTATED_ELEMENTS = 1 << 32  # positions of corrections are u32
+VALUE_LIMIT = 2.0**100  # largest rotated block scale or correction: every decode stays finite
 
 try:  # the native CRC-32 folds with carry-less multiplication on all cores: 10x zlib's speed
     from .._core import crc32 as crc32
@@ -58,8 +68,11 @@ except ImportError:  # pragma: no cover - exercised where the extension did not 
 
 HEADER = struct.Struct("<4sHHIQ")  # magic, version, flags, tensor count, total length
 ENTRY = struct.Struct("<BBBBB3x")  # codec, bits, flags, dtype code, rank
-ENTRY_TAIL = struct.Struct("<QIIddQQ")  # count, block, reserved, min, max, seed, payload length
+ENTRY_TAIL = struct.Struct("<QII16sQQ")  # count, block, reserved, codec parameters, seed, payload length
+RANGE = struct.Struct("<dd")  # the codec parameters of raw and uniform tensors: min, max
+ROTATION = struct.Struct("<QQ")  # ... of rotated tensors: shared rotation seed, count of corrections
 CHECKSUM = struct.Struct("<I")  # CRC-32 of every byte before it
+NO_PARAMETERS = bytes(RANGE.size)
 
 DTYPE_CODES = {
     np.dtype(name): code
@@ -88,19 +101,78 @@ class Entry:
     seed: int
     data: np.ndarray  # uint8 view of the payload bytes
     offset: int  # where data starts in the payload
+    rotation_seed: int = 0  # rotated tensors: the shared rotation's seed (0 for an independent rotation)
+    outliers: int = 0  # shared-rotation tensors: how many values beyond the support carry a correction
 
     def raw_values(self) -> np.ndarray:
         """A raw tensor's flat values in native byte order: a read-only view, or a copy where the
         payload places them at an address that is not a multiple of the item size."""
         return raw_view(self.data, self.dtype)
 
+    @property
+    def scale_bytes(self) -> int:
+        """Rotated tensors: the bytes of the float32 block scales that open the payload."""
+        return 4 * (self.padded // self.block)
+
+    def scales(self) -> np.ndarray:
+        """A rotated tensor's float32 block scales."""
+        return raw_view(self.data[: self.scale_bytes], np.dtype(np.float32))
+
+    def levels(self) -> np.ndarray:
+        """A quantized tensor's packed levels (uint8)."""
+        if self.codec in ROTATED_CODECS:
+            return self.data[self.scale_bytes : self.scale_bytes + (self.padded * self.bits + 7) // 8]
+        return self.data
+
+    def corrections(self) -> tuple[np.ndarray, np.ndarray]:
+        """A shared-rotation tensor's corrections: (uint32 positions in the rotated tensor, float32 corrections)."""
+        start = self.data.shape[0] - 8 * self.outliers
+        positions = raw_view(self.data[start : start + 4 * self.outliers], np.dtype(np.uint32))
+        return positions, raw_view(self.data[start + 4 * self.outliers :], np.dtype(np.float32))
+
+    def check_values(self) -> str | None:
+        """What is wrong with a rotated tensor's scales or corrections, or ``None``; the decoder relies
+        on these bounds to stay in range and finite."""
+        if self.codec not in ROTATED_CODECS:
+            return None
+        if not scales_valid(self.scales()):
+            return SCALES_PROBLEM
+        return corrections_problem(*self.corrections(), self.padded)
+
     def decode(self) -> np.ndarray:
         if self.codec == CODEC_RAW:
             return self.raw_values().reshape(self.shape).copy()
-        flat = dequantize_tensor(
-            self.data, self.count, self.bits, self.minimum, self.maximum, self.block, self.padded, self.seed
-        )
+        if self.codec in ROTATED_CODECS:
+            shared = self.rotation_seed if self.codec == CODEC_ROTATED_SHARED else None
+            flat = decode_rotated(
+                self.bits, self.count, self.block, self.seed, shared, self.scales(), self.levels(), self.corrections()
+            )
+            if self.dtype == np.float16:  # saturate: quantization error must not carry a value past float16's range
+                float16_max = float(np.finfo(np.float16).max)
+                np.clip(flat, -float16_max, float16_max, out=flat)
+        else:
+            flat = dequantize_tensor(
+                self.data, self.count, self.bits, self.minimum, self.maximum, self.block, self.padded, self.seed
+            )
         return flat.astype(self.dtype, copy=False).reshape(self.shape)
+
+
+SCALES_PROBLEM = "block scales must be finite, non-negative and at most 2^100"
+
+
+def scales_valid(scales: np.ndarray) -> np.ndarray:
+    """Whether a rotated tensor's block scales (the last axis) are finite, non-negative and at most 2^100."""
+    with np.errstate(invalid="ignore"):
+        return np.asarray((np.isfinite(scales) & (scales >= 0) & (scales <= VALUE_LIMIT)).all(axis=-1))
+
+
+def corrections_problem(positions: np.ndarray, corrections: np.ndarray, padded: int) -> str | None:
+    """What is wrong with a shared-rotation tensor's corrections (positions in the padded tensor), or ``None``."""
+    if positions.size and (positions[-1] >= padded or (positions[1:] <= positions[:-1]).any()):
+        return f"positions of corrections must increase and stay below {padded}"
+    if not (np.isfinite(corrections).all() and (np.abs(corrections) <= VALUE_LIMIT).all()):
+        return "corrections must be finite and at most 2^100 in magnitude"
+    return None
 
 
 def raw_view(data: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
@@ -115,24 +187,41 @@ def _random_seed() -> int:
     return int.from_bytes(os.urandom(8), "little")
 
 
-def encode(update: Sequence[Any], codec: Codec | None = None, *, seed: int | None = None) -> bytes:
+def _check_seed(name: str, seed: object) -> int:
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= seed < 2**64:
+        raise ValueError(f"{name} must be an integer in [0, 2**64), got {seed!r}")
+    return int(seed)
+
+
+def encode(
+    update: Sequence[Any], codec: Codec | None = None, *, seed: int | None = None, rotation_seed: int | None = None
+) -> bytes:
     """Encodes a model update (a list of arrays) into one self-describing payload.
 
     Args:
       update: the tensors, e.g. Keras ``get_weights()`` or a model delta.
       codec: the quantizer; ``None`` sends every tensor raw (lossless).
-      seed: drives stochastic rounding and rotation; the same input and seed give the same bytes on
-        every backend. ``None`` draws a fresh seed from the OS.
+      seed: drives stochastic rounding, rotation and shared randomness; the same input and seeds
+        give the same bytes on every backend. ``None`` draws a fresh seed from the OS. Each client
+        needs its own.
+      rotation_seed: the round's rotation, which every client of a round must share, for
+        ``RotatedQuantizer(shared_rotation=True)`` (the server chooses it: :class:`fastfed.FedAvg`
+        uses its round seed, the Flower strategies send it in the fit config). Other codecs ignore it.
     """
     candidate: object = update  # checked as whatever the caller passed, not as annotated
     if isinstance(candidate, np.ndarray) or not isinstance(candidate, Sequence):
         raise TypeError(f"update: expected a list of arrays, got {type(candidate).__name__}")
-    if seed is None:
-        seed = _random_seed()
-    if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    seed = _check_seed("seed", _random_seed() if seed is None else seed)
+    shared = isinstance(codec, RotatedQuantizer) and codec.shared_rotation
+    if shared and rotation_seed is None:
+        raise ValueError(
+            "RotatedQuantizer(shared_rotation=True) needs rotation_seed: the round's seed, the same for "
+            "every client of the round, which the server chooses"
+        )
+    round_seed = _check_seed("rotation_seed", rotation_seed) if shared and rotation_seed is not None else 0
     if len(update) > MAX_TENSORS:
         raise ValueError(f"update has {len(update)} tensors; the wire format holds at most {MAX_TENSORS}")
+    version = 1
     table: list[bytes] = []
     payloads: list[memoryview] = []
     for index, layer in enumerate(update):
@@ -144,33 +233,48 @@ def encode(update: Sequence[Any], codec: Codec | None = None, *, seed: int | Non
             raise TypeError(f"layer {index}: dtype {array.dtype} cannot be encoded; expected a float or integer array")
         if array.ndim > MAX_RANK:
             raise ValueError(f"layer {index}: rank {array.ndim} exceeds {MAX_RANK}")
-        own_seed = tensor_seed(int(seed), index)
+        own_seed = tensor_seed(seed, index)
         if codec is not None and codec.applies_to(array):
             try:
-                quantized = quantize_tensor(as_float_source(array), codec, own_seed, dtype)
+                head, block, parameters, pieces = _quantized(
+                    array, dtype, codec, own_seed, tensor_seed(round_seed, index)
+                )
             except ValueError as error:
                 raise ValueError(f"layer {index}: cannot quantize ({error})") from None
-            flags = (FLAG_STOCHASTIC if codec.stochastic else 0) | (FLAG_ROTATED if codec.rotate else 0)
-            head = (CODEC_UNIFORM, codec.bits, flags)
-            tail = (quantized.block, quantized.minimum, quantized.maximum, quantized.packed.nbytes)
-            data = quantized.packed.data  # the array's own memoryview: no copy
+            version = max(version, 2 if head[0] in ROTATED_CODECS else 1)
         else:
             raw = np.ascontiguousarray(array, dtype=dtype.newbyteorder("<")).tobytes()
-            head, tail, data = (CODEC_RAW, 0, 0), (0, 0.0, 0.0, len(raw)), memoryview(raw)
-        block, minimum, maximum, length = tail
+            head, block, parameters, pieces = (CODEC_RAW, 0, 0), 0, RANGE.pack(0.0, 0.0), [memoryview(raw)]
         table.append(
             ENTRY.pack(*head, DTYPE_CODES[dtype], array.ndim)
             + struct.pack(f"<{array.ndim}Q", *array.shape)
-            + ENTRY_TAIL.pack(array.size, block, 0, minimum, maximum, own_seed, length)
+            + ENTRY_TAIL.pack(array.size, block, 0, parameters, own_seed, sum(piece.nbytes for piece in pieces))
         )
-        payloads.append(data)
+        payloads.extend(pieces)
     body_length = HEADER.size + sum(map(len, table)) + sum(p.nbytes for p in payloads)
-    header = HEADER.pack(MAGIC, VERSION, 0, len(table), body_length + CHECKSUM.size)
-    pieces: list[bytes | memoryview] = [header, *table, *payloads]
+    header = HEADER.pack(MAGIC, version, 0, len(table), body_length + CHECKSUM.size)
+    parts: list[bytes | memoryview] = [header, *table, *payloads]
     checksum = 0
-    for piece in pieces:  # continued piece by piece: the body is copied once, by the join
-        checksum = crc32(piece, checksum)
-    return b"".join([*pieces, CHECKSUM.pack(checksum)])
+    for part in parts:  # continued part by part: the body is copied once, by the join
+        checksum = crc32(part, checksum)
+    return b"".join([*parts, CHECKSUM.pack(checksum)])
+
+
+def _quantized(
+    array: np.ndarray, dtype: np.dtype[Any], codec: Codec, seed: int, rotation_seed: int
+) -> tuple[tuple[int, int, int], int, bytes, list[memoryview]]:
+    """A quantized tensor's (codec, bits, flags), rotation block, codec parameters and payload pieces."""
+    if isinstance(codec, RotatedQuantizer):
+        if array.size > MAX_ROTATED_ELEMENTS:
+            raise ValueError(f"{array.size} elements; RotatedQuantizer takes at most 2^32")
+        rotated = quantize_rotated(as_float_source(array), codec, seed, rotation_seed)
+        head = (CODEC_ROTATED_SHARED if codec.shared_rotation else CODEC_ROTATED, codec.bits, 0)
+        parameters = ROTATION.pack(rotated.rotation_seed, rotated.outlier_index.shape[0])
+        return head, rotated.block, parameters, rotated.pieces()
+    quantized = quantize_tensor(as_float_source(array), codec, seed, dtype)
+    flags = (FLAG_STOCHASTIC if codec.stochastic else 0) | (FLAG_ROTATED if codec.rotate else 0)
+    parameters = RANGE.pack(quantized.minimum, quantized.maximum)
+    return (CODEC_UNIFORM, codec.bits, flags), quantized.block, parameters, [quantized.packed.data]  # no copy
 
 
 def _fail(message: str) -> DecodeError:
@@ -183,7 +287,17 @@ def parse(payload: bytes | bytearray | memoryview) -> list[Entry]:
     entries = parse_structure(buffer)
     if crc32(buffer[: buffer.nbytes - CHECKSUM.size]) != stored_checksum(buffer):
         raise _fail("checksum mismatch (corrupted in transit?)")
+    check_values(entries)
     return entries
+
+
+def check_values(entries: list[Entry]) -> None:
+    """Validates what lies inside rotated tensors' payloads (block scales, corrections), which the
+    structure alone does not bound; ``DecodeError`` names the tensor."""
+    for index, entry in enumerate(entries):
+        problem = entry.check_values()
+        if problem is not None:
+            raise _fail(f"tensor {index}: {problem}")
 
 
 def _as_buffer(payload: bytes | bytearray | memoryview) -> memoryview:
@@ -207,8 +321,8 @@ def parse_structure(payload: bytes | bytearray | memoryview) -> list[Entry]:
     magic, version, flags, n_tensors, total = HEADER.unpack_from(buffer, 0)
     if magic != MAGIC:
         raise _fail(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}")
-    if version != VERSION:
-        raise _fail(f"format version {version} is not supported (this fastfed reads version {VERSION})")
+    if version not in VERSIONS:
+        raise _fail(f"format version {version} is not supported (this fastfed reads versions 1 and 2)")
     if flags != 0:
         raise _fail(f"unknown container flags {flags:#x}")
     if total != size:
@@ -230,10 +344,10 @@ def parse_structure(payload: bytes | bytearray | memoryview) -> list[Entry]:
             raise _fail(f"tensor {index}: table runs past the end of the payload")
         shape = struct.unpack_from(f"<{rank}Q", buffer, offset)
         offset += 8 * rank
-        count, block, reserved, minimum, maximum, seed, length = ENTRY_TAIL.unpack_from(buffer, offset)
+        count, block, reserved, parameters, seed, length = ENTRY_TAIL.unpack_from(buffer, offset)
         offset += ENTRY_TAIL.size
         heads.append(
-            (index, codec, bits, entry_flags, dtype_code, shape, count, block, reserved, minimum, maximum, seed, length)
+            (index, codec, bits, entry_flags, dtype_code, shape, count, block, reserved, parameters, seed, length)
         )
     whole = np.frombuffer(buffer, dtype=np.uint8)  # sliced per tensor: a slice is far cheaper than a new view
     entries = []
@@ -247,11 +361,12 @@ def parse_structure(payload: bytes | bytearray | memoryview) -> list[Entry]:
         count,
         block,
         reserved,
-        minimum,
-        maximum,
+        parameters,
         seed,
         length,
     ) in heads:
+        minimum, maximum = RANGE.unpack(parameters)
+        rotation_seed = outliers = 0
         if dtype_code not in DTYPES_BY_CODE:
             raise _fail(f"tensor {index}: unknown dtype code {dtype_code}")
         dtype = DTYPES_BY_CODE[dtype_code]
@@ -263,7 +378,7 @@ def parse_structure(payload: bytes | bytearray | memoryview) -> list[Entry]:
             raise _fail(f"tensor {index}: reserved field is {reserved}, expected 0")
         padded = 0
         if codec == CODEC_RAW:
-            if bits or entry_flags or block or minimum or maximum:
+            if bits or entry_flags or block or parameters != NO_PARAMETERS:
                 raise _fail(f"tensor {index}: raw tensor with quantization fields set")
             expected = count * dtype.itemsize
         elif codec == CODEC_UNIFORM:
@@ -291,6 +406,26 @@ def parse_structure(payload: bytes | bytearray | memoryview) -> list[Entry]:
             if max(-minimum, maximum) > limit:
                 raise _fail(f"tensor {index}: range [{minimum}, {maximum}] exceeds ±{limit:.6g} (decodes to infinity)")
             expected = (values * bits + 7) // 8
+        elif codec in ROTATED_CODECS and version >= 2:
+            minimum = maximum = 0.0
+            rotation_seed, outliers = ROTATION.unpack(parameters)
+            if not 1 <= bits <= 8:
+                raise _fail(f"tensor {index}: {bits} bits is outside 1..8 for a rotated tensor")
+            if dtype.kind != "f":
+                raise _fail(f"tensor {index}: quantized tensor of non-float dtype {dtype}")
+            if entry_flags != 0:
+                raise _fail(f"tensor {index}: unknown flags {entry_flags:#x}")
+            if not 1 <= count <= MAX_ROTATED_ELEMENTS:
+                raise _fail(f"tensor {index}: a rotated tensor holds 1 to 2^32 elements, not {count}")
+            low, high = ROTATED_BLOCKS
+            if not low <= block <= high or block & (block - 1) or rotated_shape(count, block)[0] != block:
+                raise _fail(f"tensor {index}: rotation block {block} is inconsistent with {count} elements")
+            padded = rotated_shape(count, block)[1]
+            if codec == CODEC_ROTATED and (rotation_seed or outliers):
+                raise _fail(f"tensor {index}: independent rotation with shared-rotation fields set")
+            if outliers > padded:
+                raise _fail(f"tensor {index}: {outliers} corrections for {padded} rotated values")
+            expected = 4 * (padded // block) + (padded * bits + 7) // 8 + 8 * outliers
         else:
             raise _fail(f"tensor {index}: unknown codec {codec}")
         if length != expected:
@@ -314,6 +449,8 @@ def parse_structure(payload: bytes | bytearray | memoryview) -> list[Entry]:
                 seed,
                 data,
                 offset - length,
+                rotation_seed,
+                outliers,
             )
         )
     if offset != body_end:
@@ -326,47 +463,80 @@ class TableLayout:
     """The header and table of payloads laid out like one template, as a NumPy byte mask.
 
     Payloads of one model encoded with one codec differ in their tables only in each tensor's seed
-    and, for quantized tensors, its range. A payload whose other header and table bytes equal the
-    template's passes every structural check the template passed, so only its checksum and its
-    ranges are left to verify; :func:`fastfed.weighted_mean_encoded` compares K tables at once this way.
+    and, for uniform tensors, its range, and for shared-rotation tensors, the count of corrections
+    and so the payload length. A payload whose other header and table bytes equal the template's,
+    and whose lengths agree with its counts, passes every structural check the template passed, so
+    only its checksum, ranges and values are left to verify; :func:`fastfed.weighted_mean_encoded`
+    compares K tables at once this way.
     """
 
-    size: int  # payload bytes
+    size: int  # the template's payload bytes
     table_end: int  # where the first tensor's data starts
     varying: np.ndarray  # bool (table_end,): bytes that may differ between payloads of this layout
-    range_bytes: np.ndarray  # intp (tensors, 16): the bytes of each entry's float64 min, then max
-    quantized: np.ndarray  # bool (tensors,)
-    limits: np.ndarray  # float64 (tensors,): the decodable_limit of each quantized tensor's range
+    tails: np.ndarray  # intp (tensors,): where each entry's ENTRY_TAIL starts
+    codecs: np.ndarray  # uint8 (tensors,)
+    limits: np.ndarray  # float64 (tensors,): the decodable_limit of each uniform tensor's range
+
+    def field(self, tables: np.ndarray, offset: int, dtype: str) -> np.ndarray:
+        """An 8-byte field at ``offset`` in every entry's tail, for each payload: (payloads, tensors),
+        from the table bytes (uint8, one row of ``table_end`` bytes per payload)."""
+        columns = self.tails[:, None] + offset + np.arange(8)
+        values = np.ascontiguousarray(tables[:, columns]).view(dtype).reshape(len(tables), -1)
+        return values.astype(np.dtype(dtype).newbyteorder("="))
+
+    def totals(self, tables: np.ndarray) -> np.ndarray:
+        """Each payload's total length, as its header states it."""
+        return (
+            np.ascontiguousarray(tables[:, _HEADER_TOTAL : _HEADER_TOTAL + 8]).view("<u8").reshape(-1).astype(np.uint64)
+        )
 
     def ranges(self, tables: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Each payload's (min, max) per tensor, float64 (payloads, tensors), from its table bytes
-        (uint8, one row of ``table_end`` bytes per payload)."""
-        values = np.ascontiguousarray(tables[:, self.range_bytes]).view("<f8").astype(np.float64)
-        pairs = values.reshape(len(tables), -1, 2)
-        return pairs[:, :, 0], pairs[:, :, 1]
+        """Each payload's (min, max) per tensor, float64 (payloads, tensors)."""
+        return self.field(tables, _TAIL_MINIMUM, "<f8"), self.field(tables, _TAIL_MAXIMUM, "<f8")
+
+    def seeds(self, tables: np.ndarray) -> np.ndarray:
+        """Each payload's seed per tensor, uint64 (payloads, tensors)."""
+        return self.field(tables, _TAIL_SEED, "<u8")
+
+    def correction_counts(self, tables: np.ndarray) -> np.ndarray:
+        """Each payload's count of corrections per shared-rotation tensor, uint64 (payloads, tensors);
+        meaningless for other tensors."""
+        return self.field(tables, _TAIL_OUTLIERS, "<u8")
+
+    def payload_lengths(self, tables: np.ndarray) -> np.ndarray:
+        """Each payload's data length per tensor, uint64 (payloads, tensors)."""
+        return self.field(tables, _TAIL_LENGTH, "<u8")
 
 
-# Offsets of a table entry's min, max and seed fields from the start of its ENTRY_TAIL.
-_TAIL_MINIMUM, _TAIL_MAXIMUM, _TAIL_SEED = 16, 24, 32
+_HEADER_TOTAL = 12  # where the header's total length sits
+
+# Offsets of a table entry's fields from the start of its ENTRY_TAIL; a rotated tensor's count of
+# corrections sits where a uniform tensor's max does.
+_TAIL_MINIMUM, _TAIL_MAXIMUM, _TAIL_SEED, _TAIL_LENGTH = 16, 24, 32, 40
+_TAIL_OUTLIERS = _TAIL_MAXIMUM
 
 
 def table_layout(template: list[Entry], size: int) -> TableLayout:
     """The :class:`TableLayout` of a validated payload of ``size`` bytes with these entries."""
     table_end = template[0].offset if template else HEADER.size
     varying = np.zeros(table_end, dtype=bool)
-    minimum_at: list[int] = []
+    if any(entry.codec == CODEC_ROTATED_SHARED for entry in template):
+        varying[_HEADER_TOTAL : _HEADER_TOTAL + 8] = True  # the payload length follows the counts of corrections
+    tails: list[int] = []
     tail = HEADER.size
     for entry in template:
         tail += ENTRY.size + 8 * len(entry.shape)
-        minimum_at.append(tail + _TAIL_MINIMUM)
+        tails.append(tail)
         varying[tail + _TAIL_SEED : tail + _TAIL_SEED + 8] = True
         if entry.codec == CODEC_UNIFORM:
             varying[tail + _TAIL_MINIMUM : tail + _TAIL_MAXIMUM + 8] = True
+        if entry.codec == CODEC_ROTATED_SHARED:
+            varying[tail + _TAIL_OUTLIERS : tail + _TAIL_OUTLIERS + 8] = True
+            varying[tail + _TAIL_LENGTH : tail + _TAIL_LENGTH + 8] = True
         tail += ENTRY_TAIL.size
-    range_bytes = np.array(minimum_at, dtype=np.intp).reshape(-1, 1) + np.arange(16)
-    quantized = np.array([entry.codec == CODEC_UNIFORM for entry in template], dtype=bool)
+    codecs = np.array([entry.codec for entry in template], dtype=np.uint8)
     limits = np.array([decodable_limit(entry.dtype, entry.block) for entry in template], dtype=np.float64)
-    return TableLayout(size, table_end, varying, range_bytes, quantized, limits)
+    return TableLayout(size, table_end, varying, np.array(tails, dtype=np.intp), codecs, limits)
 
 
 def checksummed_length(size: int) -> int:

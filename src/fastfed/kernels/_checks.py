@@ -73,6 +73,12 @@ def require_float(array: np.ndarray, name: str) -> None:
         raise ValueError(f"{name}: expected float32 or float64")
 
 
+def require_float32(array: np.ndarray, name: str) -> None:
+    require_flat(array, name)
+    if array.dtype != np.float32:
+        raise ValueError(f"{name}: expected float32")
+
+
 def require_packed(packed: np.ndarray, n: int, bits: int, name: str) -> None:
     if not isinstance(packed, np.ndarray) or packed.dtype != np.uint8 or packed.ndim != 1:
         raise ValueError(f"{name}: expected a 1-D uint8 array")
@@ -87,6 +93,19 @@ def require_rotation_shape(n: int, chunk: int, padded: int) -> None:
         raise ValueError(f"chunk: expected a power of two, got {chunk}")
     if padded % chunk or padded < n or padded - n >= chunk:
         raise ValueError(f"padded length {padded} does not fit {n} values in chunks of {chunk}")
+
+
+MIN_ROTATED_BLOCK = 64  # whole groups of eight levels, and sixteen-lane sums, in every block
+
+
+def require_block(block: int) -> None:
+    if block < MIN_ROTATED_BLOCK or block & (block - 1):
+        raise ValueError(f"block: expected a power of two >= {MIN_ROTATED_BLOCK}, got {block}")
+
+
+def require_rounds(keys: Sequence[int]) -> None:
+    if len(keys) not in (1, 2):
+        raise ValueError(f"keys: expected one or two rotation keys (one per round), got {len(keys)}")
 
 
 def check_weighted_sum_quantized(
@@ -134,3 +153,113 @@ def check_robust(sources: Sequence[np.ndarray], out: np.ndarray, non_finite: np.
 def check_cut(cut: int, count: int) -> None:
     if not 0 <= 2 * cut < count:
         raise ValueError(f"cut: expected fewer than half of the {count} sources, got {cut}")
+
+
+def check_weighted_sum_levels(
+    packed: Sequence[np.ndarray],
+    bits: int,
+    scales: np.ndarray,
+    block: int,
+    table: np.ndarray | None,
+    rows: np.ndarray,
+    offsets: np.ndarray | None,
+    out: np.ndarray,
+    checksums: np.ndarray,
+) -> np.ndarray:
+    """Checks the arguments of ``weighted_sum_levels``; returns the scales as float32 (clients, blocks)."""
+    require_block(block)
+    if out.ndim != 1 or out.shape[0] % block:
+        raise ValueError(f"out: expected a multiple of {block} values")
+    scales = np.ascontiguousarray(scales, dtype=np.float32)
+    if scales.shape != (len(packed), out.shape[0] // block):
+        raise ValueError(f"scales: expected shape ({len(packed)}, {out.shape[0] // block})")
+    check_weighted_sum_quantized(packed, bits, scales[:, 0], out, checksums)
+    if table is not None:
+        require_rotated_bits(bits)
+        require_table(table, bits)
+    if not isinstance(rows, np.ndarray) or rows.dtype != np.uint32 or rows.shape != (len(packed), 2):
+        raise ValueError(
+            f"rows: expected a uint32 array of shape ({len(packed)}, 2): each client's row offset and stride"
+        )
+    if offsets is not None and (
+        not isinstance(offsets, np.ndarray)
+        or offsets.dtype != np.float64
+        or offsets.ndim != 2
+        or offsets.shape[0] != out.shape[0] // block
+        or offsets.shape[1] < 1
+        or offsets.shape[1] & (offsets.shape[1] - 1)
+    ):
+        raise ValueError(
+            f"offsets: expected a float64 array of {out.shape[0] // block} rows and a power of two columns"
+        )
+    return scales
+
+
+def require_rotated_bits(bits: int) -> None:
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits: expected 1..8, got {bits}")
+
+
+def require_scales(scales: np.ndarray, name: str) -> None:
+    require_flat(scales, name)
+    if scales.dtype != np.float32:
+        raise ValueError(f"{name}: expected float32")
+
+
+def require_codebook(boundaries: np.ndarray, magnitudes: np.ndarray, bits: int) -> None:
+    half = 2 ** (bits - 1)
+    for array, name, size in ((boundaries, "boundaries", half - 1), (magnitudes, "magnitudes", half)):
+        if not isinstance(array, np.ndarray) or array.dtype != np.float32 or array.shape != (size,):
+            raise ValueError(f"{name}: expected {size} float32 values for {bits} bits")
+
+
+def outlier_capacity(blocks: int, block: int) -> int:
+    """Room for the corrections of a shared-rotation encode: a block's squared coordinates (relative
+    to its RMS) sum to its length, so fewer than one in nine can exceed the support (3.097)."""
+    return blocks * (block // 9)
+
+
+def require_outlier_capacity(index: np.ndarray, value: np.ndarray, blocks: int, block: int) -> None:
+    capacity = outlier_capacity(blocks, block)
+    for array, name, dtype in ((index, "outlier_index", np.uint32), (value, "outlier_value", np.float32)):
+        require_flat(array, name)
+        if array.dtype != dtype or array.shape[0] < capacity or not array.flags.writeable:
+            raise ValueError(f"{name}: expected a writable {np.dtype(dtype)} array of at least {capacity} values")
+
+
+def _require_rows(rows: int) -> None:
+    if rows < 1 or rows & (rows - 1):
+        raise ValueError(f"rows: expected a power of two, got {rows}")
+
+
+def require_staircase(breakpoints: np.ndarray, ranks: np.ndarray, bits: int) -> None:
+    if not isinstance(ranks, np.ndarray) or ranks.dtype != np.int32 or ranks.ndim != 2 or not ranks.flags.c_contiguous:
+        raise ValueError("ranks: expected a C-contiguous 2-D int32 array")
+    _require_rows(ranks.shape[0])
+    if ranks.shape[1] != 2**bits - 1:
+        raise ValueError(f"ranks: expected {2**bits - 1} columns for {bits} bits")
+    steps = ranks.shape[0] * ranks.shape[1]
+    require_flat(breakpoints, "breakpoints")
+    if breakpoints.dtype != np.float64 or breakpoints.shape[0] != steps + 1:
+        raise ValueError(f"breakpoints: expected {steps + 1} float64 values")
+    if not (np.isfinite(breakpoints).all() and (np.diff(breakpoints) > 0).all()):
+        raise ValueError("breakpoints: expected finite, strictly increasing values")
+
+
+def require_dither(rows: int, support: float) -> None:
+    _require_rows(rows)
+    if not (support > 0 and np.isfinite(support)):
+        raise ValueError(f"support: expected a positive finite number, got {support}")
+
+
+def require_table(table: np.ndarray, bits: int) -> None:
+    if (
+        not isinstance(table, np.ndarray)
+        or table.dtype != np.float32
+        or table.ndim != 2
+        or not table.flags.c_contiguous
+    ):
+        raise ValueError("table: expected a C-contiguous 2-D float32 array")
+    _require_rows(table.shape[0])
+    if table.shape[1] != 2**bits:
+        raise ValueError(f"table: expected {2**bits} columns for {bits} bits")

@@ -10,7 +10,14 @@ import numpy as np
 from numba import prange
 
 from . import aggregate_numpy as reference
-from ._checks import check_accumulate, check_cut, check_robust, check_weighted_sum, check_weighted_sum_quantized
+from ._checks import (
+    check_accumulate,
+    check_cut,
+    check_robust,
+    check_weighted_sum,
+    check_weighted_sum_levels,
+    check_weighted_sum_quantized,
+)
 from .numba_arrays import client_view, data_addresses
 
 TILE = 2048  # float64 accumulator tile that stays in L1 while all clients stream through it
@@ -376,3 +383,83 @@ def trimmed_mean(sources: Sequence[np.ndarray], cut: int, out: np.ndarray, non_f
     check_robust(sources, out, non_finite)
     check_cut(cut, len(sources))
     _robust(sources, cut, out, non_finite, median=False)
+
+
+@numba.njit(inline="always")
+def _sum_levels_tile(packed, example, bits, scales, block, table, rows, offsets, divisor, out, begin, end, mask,  # type: ignore[no-untyped-def]
+                     block_sum, acc):  # fmt: skip
+    """One tile of _weighted_sum_levels: float32 block sums of eight clients into the float64 acc."""
+    n_clients = len(packed)
+    first_byte = (begin // 8) * bits
+    last_byte = (end * bits + 7) // 8
+    n_rows = table.shape[0]
+    acc[:] = 0.0
+    for first in range(0, n_clients, _CLIENT_BLOCK):
+        block_sum[:] = 0.0
+        for k in range(first, min(n_clients, first + _CLIENT_BLOCK)):
+            data = client_view(packed, k, example, first_byte, last_byte)
+            offset, stride = np.int64(rows[k, 0]), np.int64(rows[k, 1])
+            byte = 0
+            buffer = np.uint64(0)
+            filled = 0
+            for i in range(end - begin):
+                while filled < bits:
+                    buffer |= np.uint64(data[byte]) << np.uint64(filled)
+                    byte += 1
+                    filled += 8
+                level = buffer & mask
+                buffer >>= np.uint64(bits)
+                filled -= bits
+                position = begin + i
+                scale = scales[k, position // block]
+                if n_rows == 0:
+                    block_sum[i] += scale * np.float32(level)
+                else:
+                    row = ((position >> 3) * stride + offset) & (n_rows - 1)
+                    block_sum[i] += scale * table[row, level]
+        for i in range(end - begin):
+            acc[i] += np.float64(block_sum[i])
+    period = offsets.shape[1]
+    for i in range(end - begin):
+        position = begin + i
+        out[position] = (acc[i] + offsets[position // block, (position >> 3) & (period - 1)]) / divisor
+
+
+@numba.njit(parallel=True, cache=True)
+def _weighted_sum_levels(packed, example, bits, scales, block, table, rows, offsets, divisor, out, n_chunks):  # type: ignore[no-untyped-def]
+    n = out.shape[0]
+    mask = (np.uint64(1) << np.uint64(bits)) - _ONE
+    n_tiles = (n + _QUANTIZED_TILE - 1) // _QUANTIZED_TILE
+    for chunk in prange(n_chunks):
+        first_tile, last_tile = _chunk_of_tiles(chunk, n_chunks, n_tiles)
+        block_storage = np.empty(_QUANTIZED_TILE, dtype=np.float32)
+        acc_storage = np.empty(_QUANTIZED_TILE, dtype=np.float64)
+        for tile in range(first_tile, last_tile):
+            begin = tile * _QUANTIZED_TILE
+            end = min(n, begin + _QUANTIZED_TILE)
+            _sum_levels_tile(packed, example, bits, scales, block, table, rows, offsets, divisor, out, begin, end, mask,
+                             block_storage[: end - begin], acc_storage[: end - begin])  # fmt: skip
+
+
+def weighted_sum_levels(
+    packed: list[np.ndarray],
+    bits: int,
+    scales: np.ndarray,
+    block: int,
+    table: np.ndarray | None,
+    rows: np.ndarray,
+    offsets: np.ndarray | None,
+    divisor: float,
+    out: np.ndarray,
+    checksums: np.ndarray,
+) -> None:
+    """Weighted sums of table values (or levels) with per-block scales; see the NumPy reference."""
+    scales = check_weighted_sum_levels(packed, bits, scales, block, table, rows, offsets, out, checksums)
+    reference.continue_checksums(packed, checksums)
+    values = np.zeros((0, 2**bits), np.float32) if table is None else table
+    added = np.zeros((out.shape[0] // block, 1)) if offsets is None else offsets
+    tasks = _tasks(out.shape[0], _QUANTIZED_TILE)
+    example = np.empty(0, np.uint8)
+    _weighted_sum_levels(
+        data_addresses(packed), example, bits, scales, block, values, rows, added, float(divisor), out, tasks
+    )  # fmt: skip

@@ -14,7 +14,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ._checks import check_accumulate, check_cut, check_robust, check_weighted_sum, check_weighted_sum_quantized
+from ._checks import (
+    check_accumulate,
+    check_cut,
+    check_robust,
+    check_weighted_sum,
+    check_weighted_sum_levels,
+    check_weighted_sum_quantized,
+)
 from .quantize_numpy import unpack
 
 
@@ -172,3 +179,42 @@ def trimmed_mean(sources: Sequence[np.ndarray], cut: int, out: np.ndarray, non_f
     else:
         result = integer_mean((kept >> 32).sum(axis=0), (kept & 0xFFFFFFFF).sum(axis=0), len(kept))
     out[:] = robust_result(result, sources[0].dtype)
+
+
+def weighted_sum_levels(
+    packed: list[np.ndarray],
+    bits: int,
+    scales: np.ndarray,
+    block: int,
+    table: np.ndarray | None,
+    rows: np.ndarray,
+    offsets: np.ndarray | None,
+    divisor: float,
+    out: np.ndarray,
+    checksums: np.ndarray,
+) -> None:
+    """``out[i] = (sum_k scales[k, i // block] * value_k(i) + offsets[i // block, (i // 8) % P]) / divisor``
+    over K packed level streams of one bit width (``offsets`` has P columns, or is ``None`` for zero),
+    and the continued CRC-32s as in :func:`weighted_sum_quantized`.
+
+    ``value_k(i)`` is ``table[(rows[k, 1] * (i // 8) + rows[k, 0]) mod H, level_k(i)]`` for an H-row table, or the
+    level itself when ``table`` is ``None``. The products and their sums run in float32 over blocks
+    of eight clients, in client order, each block sum added to a float64 accumulator.
+    """
+    scales = check_weighted_sum_levels(packed, bits, scales, block, table, rows, offsets, out, checksums)
+    continue_checksums(packed, checksums)
+    n = out.shape[0]
+    group = np.arange(n, dtype=np.int64) >> 3
+    acc = np.zeros(n, dtype=np.float64)
+    for first in range(0, len(packed), CLIENT_BLOCK):
+        block_sum = np.zeros(n, dtype=np.float32)
+        for k in range(first, min(len(packed), first + CLIENT_BLOCK)):
+            levels = unpack(packed[k], n, bits)
+            if table is None:
+                values = levels.astype(np.float32)
+            else:
+                values = table[(group * int(rows[k, 1]) + int(rows[k, 0])) & (table.shape[0] - 1), levels]
+            block_sum += np.repeat(scales[k], block) * values
+        acc += block_sum.astype(np.float64)
+    added = np.zeros((n // block, 1)) if offsets is None else offsets
+    out[:] = (acc + added[np.arange(n) // block, group & (added.shape[1] - 1)]) / divisor

@@ -29,3 +29,22 @@ def random_uniform(key, index):  # type: ignore[no-untyped-def]
 @numba.njit(inline="always")
 def random_sign(key, index):  # type: ignore[no-untyped-def]
     return 1.0 if (random_bits(key, index) >> np.uint64(63)) == _ONE else -1.0
+
+
+@numba.njit(inline="always")
+def sign_word(key, index):  # type: ignore[no-untyped-def]
+    """The draw whose bit ``index % 64`` flips the sign of value ``index``."""
+    return random_bits(key, np.uint64(index) >> np.uint64(6))
+
+
+@numba.njit(inline="always")
+def flips(word, index):  # type: ignore[no-untyped-def]
+    return (word >> np.uint64(index & 63)) & _ONE == _ONE
+
+
+@numba.njit(inline="always")
+def random_coin(key, index):  # type: ignore[no-untyped-def]
+    """The 32-bit coin of value ``index`` as a double in [0, 1)."""
+    draw = random_bits(key, np.uint64(index) >> _ONE)
+    half = (draw >> np.uint64(32 * (index & 1))) & np.uint64(0xFFFFFFFF)
+    return np.float64(half) * 2.0**-32

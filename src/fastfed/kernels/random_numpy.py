@@ -3,13 +3,17 @@
 Element ``i`` of the stream ``key`` is splitmix64's output function (Steele et al. 2014, "Fast
 Splittable Pseudorandom Number Generators") applied to ``key + (i + 1) * golden``, so every backend
 reproduces every value and none depends on threading.
+
+Where a coordinate needs fewer than 64 random bits, one draw serves several coordinates: a draw gives
+the random signs of 64 coordinates (:func:`sign_flips`) or the 32-bit coins of two
+(:func:`random_halves`), which cuts the cost of the randomness by that factor.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["GOLDEN", "MIX1", "MIX2", "random_bits", "random_signs", "random_uniform"]
+__all__ = ["GOLDEN", "MIX1", "MIX2", "random_bits", "random_halves", "random_signs", "random_uniform", "sign_flips"]
 
 # splitmix64's increment and multipliers (Steele et al. 2014); every backend and the seed
 # derivation in fastfed.compression use these.
@@ -36,3 +40,15 @@ def random_uniform(key: int, count: int) -> np.ndarray:
 
 def random_signs(key: int, count: int) -> np.ndarray:
     return np.where(random_bits(key, 0, count) >> np.uint64(63) == 1, 1.0, -1.0)
+
+
+def sign_flips(key: int, count: int) -> np.ndarray:
+    """Whether coordinate ``i`` changes sign: bit ``i % 64`` of draw ``i // 64`` (bool array)."""
+    words = random_bits(key, 0, -(-count // 64)).astype("<u8")
+    return np.unpackbits(words.view(np.uint8), count=count, bitorder="little").astype(bool)
+
+
+def random_halves(key: int, count: int) -> np.ndarray:
+    """32-bit coins: coordinate ``i`` takes the low (even ``i``) or high (odd ``i``) half of draw ``i // 2``."""
+    words = random_bits(key, 0, -(-count // 2)).astype("<u8")
+    return words.view("<u4")[:count].astype(np.uint32)

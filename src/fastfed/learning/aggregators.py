@@ -155,8 +155,13 @@ class MeanAggregator:
         bounds: tuple[float | None, float | None],
         seed: int,
         tally: RoundTally,
+        rotation_seed: int | None = None,
     ) -> None:
-        """Screens, bounds, (compresses) and accumulates one client's delta, counting what happened."""
+        """Screens, bounds, (compresses) and accumulates one client's delta, counting what happened.
+
+        ``seed`` is the client's own; ``rotation_seed`` the round's, the same for all of its clients
+        (``RotatedQuantizer(shared_rotation=True)`` needs it).
+        """
         if not all(np.isfinite(d).all() for d in delta):
             tally.non_finite += 1  # rejected outright, as TFF's update_non_finite counts
             return
@@ -173,7 +178,7 @@ class MeanAggregator:
             delta = [(d * scale).astype(d.dtype, copy=False) for d in delta]
             tally.clipped += 1
         if self.codec is not None:
-            payload = encode(delta, self.codec, seed=seed)
+            payload = encode(delta, self.codec, seed=seed, rotation_seed=rotation_seed)
             tally.aggregate_bits += size_bits(payload)
             accumulator.add_encoded(payload, weight)
         else:
@@ -192,7 +197,9 @@ def mean_aggregator(
 
     Args:
       codec: compress every client upload with this codec (after clipping), e.g.
-        :class:`fastfed.compression.UniformQuantizer`; ``None`` sends updates exactly.
+        :class:`fastfed.compression.UniformQuantizer` or :class:`fastfed.compression.RotatedQuantizer`
+        (with ``shared_rotation=True``, FedAvg gives every client the round's rotation); ``None``
+        sends updates exactly.
       clipping: scale any update whose L2 norm exceeds this bound down to it.
       zeroing: replace any update whose L2 norm exceeds this bound by zeros (checked first).
     """

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 
 from .._extras import require
-from .client import per_example_loss, resolve_loss, resolve_metrics
 from .inputs import DataSpec, client_arrays, one_hot_labels
+from .losses import per_example_loss, resolve_loss, resolve_metrics
 
 __all__ = ["Evaluation", "Evaluator", "evaluate"]
 

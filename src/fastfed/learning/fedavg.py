@@ -22,9 +22,10 @@ from .._extras import require
 from ..aggregation import Accumulator, LayerSpec
 from ..compression import Codec, encode, raw_size_bits, size_bits
 from .aggregators import MeanAggregator, RoundTally, mean_aggregator
-from .client import ClientStep, ClientTrainer, FedProx, enable_determinism, resolve_metrics
+from .client import ClientStep, ClientTrainer, FedProx, enable_determinism
 from .evaluation import Evaluation, Evaluator
 from .inputs import client_arrays, one_hot_labels
+from .losses import resolve_metrics
 from .optimizers import SGD, ServerOptimizer
 from .rounds import ClientReport, GroupResult, RoundSpec, WorkerConfig, derived_seed, split_groups
 
@@ -230,7 +231,7 @@ class FedAvg:
 
         start: list[np.ndarray] | bytes
         if self.broadcast_codec is not None:
-            start = encode(state.weights, self.broadcast_codec, seed=round_seed)
+            start = encode(state.weights, self.broadcast_codec, seed=round_seed, rotation_seed=round_seed)
             broadcast_bits = size_bits(start) * len(arrays)
         else:
             start = state.weights

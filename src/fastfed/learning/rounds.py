@@ -106,6 +106,11 @@ class RoundSpec:
             object.__setattr__(self, "_decoded", decoded)  # a cache, not state: frozen otherwise
         return decoded
 
+    @property
+    def rotation_seed(self) -> int:
+        """The round's shared rotation (``RotatedQuantizer(shared_rotation=True)``): the same for every client."""
+        return derived_seed(self.seed, self.round)
+
     def start_bytes(self) -> int:
         return len(self.start) if isinstance(self.start, bytes) else sum(w.nbytes for w in self.start)
 
@@ -197,7 +202,9 @@ def train_group(
                 loss_sum += outcome.loss_sum
                 examples += outcome.num_examples
                 batches += outcome.num_batches
-                config.aggregator.contribute(accumulator, delta, weight, spec.bounds, client_seed, tally)
+                config.aggregator.contribute(
+                    accumulator, delta, weight, spec.bounds, client_seed, tally, rotation_seed=spec.rotation_seed
+                )
             if progress is not None:
                 progress(1)
     sums = accumulator.weighted_sums() if tally.aggregated else None

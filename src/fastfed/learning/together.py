@@ -45,7 +45,7 @@ class TogetherLoop:
     def __init__(self, trainer: Any, sgd: tuple[float, float, bool]) -> None:
         import tensorflow as tf
 
-        from .client import per_example_loss
+        from .losses import per_example_loss
 
         model, loss, step, metrics = trainer.model, trainer.loss, trainer.step, trainer.metrics
         learning_rate, momentum, nesterov = sgd

@@ -49,18 +49,21 @@ from flwr.server.strategy import (
 from ..._npy import npy_view
 from ...aggregation.layers import NonFinite
 from ...aggregation.robust import screened_median, screened_trimmed_mean
-from ...compression import UniformQuantizer
+from ...compression import Codec
 from ._averaging import (
     NUMPY_STYPE,
+    ROTATION_SEED_KEY,
     TENSOR_TYPE,
     Aggregate,
     ClientUpdate,
     aggregate_updates,
     encode_delta,
     refuse_other_aggregations,
+    round_rotation_seed,
 )
 
 __all__ = [
+    "ROTATION_SEED_KEY",
     "TENSOR_TYPE",
     "FastAggregationMixin",
     "FastFedAdagrad",
@@ -82,14 +85,17 @@ Failures = list[tuple[ClientProxy, FitRes] | BaseException]
 
 
 def compress_parameters(
-    updated: NDArrays, received: NDArrays, codec: UniformQuantizer, *, seed: int | None = None
+    updated: NDArrays, received: NDArrays, codec: Codec, *, seed: int | None = None, rotation_seed: int | None = None
 ) -> Parameters:
     """Client side: the update ``updated - received`` as one fastfed payload in Flower ``Parameters``.
 
     Return it from ``fit`` (e.g. a ``Client`` returning ``FitRes(parameters=...)``); a fastfed
-    strategy decodes and averages it in one pass and adds the round's global weights back.
+    strategy decodes and averages it in one pass and adds the round's global weights back. For
+    ``RotatedQuantizer(shared_rotation=True)``, pass ``rotation_seed=config[ROTATION_SEED_KEY]``
+    from the fit config, which fastfed strategies fill in each round.
     """
-    return Parameters(tensors=[encode_delta(updated, received, codec, seed)], tensor_type=TENSOR_TYPE)
+    payload = encode_delta(updated, received, codec, seed, rotation_seed)
+    return Parameters(tensors=[payload], tensor_type=TENSOR_TYPE)
 
 
 def _client_update(parameters: Parameters, weight: float) -> ClientUpdate:
@@ -120,7 +126,11 @@ class _CheckedResults:
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager) -> Any:
         # Results are checked against the weights sent this round; compressed ones are deltas from them.
         self._fastfed_global = parameters
-        return super().configure_fit(server_round, parameters, client_manager)  # type: ignore[misc]
+        instructions = super().configure_fit(server_round, parameters, client_manager)  # type: ignore[misc]
+        rotation_seed = round_rotation_seed(self, server_round)
+        for _, fit_ins in instructions:
+            fit_ins.config[ROTATION_SEED_KEY] = rotation_seed
+        return instructions
 
     def _aggregate_results(
         self, results: Results, failures: Failures, aggregate: Aggregate | None

@@ -8,6 +8,7 @@ under the default ``non_finite="skip"``, holds NaN or infinity.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -17,19 +18,37 @@ from ...aggregation import LayerSpec, cast_to_layer
 from ...aggregation.encoded import screened_mean_encoded
 from ...aggregation.layers import NonFinite, Screened, check_non_finite_policy, check_update, refuse_masked
 from ...aggregation.mean import screened_mean
-from ...compression import UniformQuantizer, encode
+from ...compression import Codec, encode
+from ...compression.quantizer import mix64
 from ...compression.wire import parse, parse_structure
 from ...errors import DecodeError
 
 TENSOR_TYPE = "fastfed.update.v1"  # Parameters.tensor_type of a compressed update (legacy API)
 ARRAY_KEY = "fastfed.update.v1"  # the single key of a compressed update's ArrayRecord (Message API)
+# The fit/train config entry in which fastfed strategies send the round's rotation: pass it as
+# ``rotation_seed`` to compress_parameters / compress_arrays for RotatedQuantizer(shared_rotation=True).
+ROTATION_SEED_KEY = "fastfed.rotation_seed"
+
+
+def round_rotation_seed(strategy: object, server_round: int) -> int:
+    """The rotation shared by a round's clients: drawn once per strategy, then one per round (63 bits, as
+    Flower config integers are signed 64-bit)."""
+    base: int | None = getattr(strategy, "_fastfed_rotation_base", None)
+    if base is None:
+        base = int.from_bytes(os.urandom(8), "little")
+        strategy._fastfed_rotation_base = base  # type: ignore[attr-defined]
+    return mix64(base + server_round) >> 1
 
 
 NUMPY_STYPE = "numpy.ndarray"  # Flower's serialization type for .npy bytes, read with npy_view
 
 
 def encode_delta(
-    updated: Sequence[np.ndarray], received: Sequence[np.ndarray], codec: UniformQuantizer, seed: int | None
+    updated: Sequence[np.ndarray],
+    received: Sequence[np.ndarray],
+    codec: Codec,
+    seed: int | None,
+    rotation_seed: int | None = None,
 ) -> bytes:
     """A client's update (its weights minus the weights it received), fastfed-encoded."""
     if len(updated) != len(received):
@@ -38,7 +57,7 @@ def encode_delta(
         refuse_masked(new, f"updated, layer {j}")
         refuse_masked(old, f"received, layer {j}")
     delta = [np.asarray(new) - np.asarray(old) for new, old in zip(updated, received)]
-    return encode(delta, codec, seed=seed)
+    return encode(delta, codec, seed=seed, rotation_seed=rotation_seed)
 
 
 class ClientUpdate(NamedTuple):

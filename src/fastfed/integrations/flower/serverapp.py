@@ -45,19 +45,22 @@ from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consis
 from ..._npy import npy_view
 from ...aggregation.layers import NonFinite
 from ...aggregation.robust import screened_median, screened_trimmed_mean
-from ...compression import UniformQuantizer
+from ...compression import Codec
 from ._averaging import (
     ARRAY_KEY,
     NUMPY_STYPE,
+    ROTATION_SEED_KEY,
     Aggregate,
     ClientUpdate,
     aggregate_updates,
     encode_delta,
     refuse_other_aggregations,
+    round_rotation_seed,
 )
 
 __all__ = [
     "ARRAY_KEY",
+    "ROTATION_SEED_KEY",
     "FastAggregationMixin",
     "FastFedAdagrad",
     "FastFedAdam",
@@ -75,16 +78,24 @@ WEIGHTED_MEAN_STRATEGIES = (FedAvg, FedAvgM, FedOpt, FedAdam, FedYogi, FedAdagra
 
 
 def compress_arrays(
-    updated: ArrayRecord, received: ArrayRecord, codec: UniformQuantizer, *, seed: int | None = None
+    updated: ArrayRecord,
+    received: ArrayRecord,
+    codec: Codec,
+    *,
+    seed: int | None = None,
+    rotation_seed: int | None = None,
 ) -> ArrayRecord:
     """Client side: the update ``updated - received`` as one fastfed payload in an ``ArrayRecord``.
 
     Reply with it in place of the trained arrays (``RecordDict({"arrays": compress_arrays(...),
-    "metrics": MetricRecord({"num-examples": n})})``).
+    "metrics": MetricRecord({"num-examples": n})})``). For ``RotatedQuantizer(shared_rotation=True)``,
+    pass ``rotation_seed=config[ROTATION_SEED_KEY]`` from the train message's config record, which
+    fastfed strategies fill in each round.
     """
     if list(updated.keys()) != list(received.keys()):
         raise ValueError("updated and received must hold the same arrays, in the same order")
-    payload = encode_delta(updated.to_numpy_ndarrays(), received.to_numpy_ndarrays(), codec, seed)
+    updated_arrays, received_arrays = updated.to_numpy_ndarrays(), received.to_numpy_ndarrays()
+    payload = encode_delta(updated_arrays, received_arrays, codec, seed, rotation_seed)
     return ArrayRecord({ARRAY_KEY: Array(np.frombuffer(payload, dtype=np.uint8))})
 
 
@@ -150,6 +161,7 @@ class _CheckedReplies:
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: Any, grid: Any) -> Any:
         # Replies are checked against the arrays sent this round; compressed ones are deltas from them.
         self._fastfed_global = arrays
+        config[ROTATION_SEED_KEY] = round_rotation_seed(self, server_round)
         return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
 
     def _check_and_log_replies(

@@ -1,0 +1,585 @@
+// RotatedQuantizer's kernels: rotate a tensor in blocks, quantize each block with a Gaussian
+// codebook, and decode (fastfed.compression.rotated explains the codecs; the definitions, operation
+// for operation, are fastfed.kernels.quantize_numpy's, so every backend gives the same bits).
+//
+// Independent rotation (EDEN, Vargaftik et al., ICML 2022): two rotation rounds, nearest Lloyd-Max
+// magnitude, and the unbiasing block scale sum(y^2) / sum(|y| magnitude).
+// Shared rotation (QUIC-FL, Ben Basat et al., ICML 2024): one round, then unbiased quantization with
+// shared randomness along a table's staircase, with corrections for the values beyond its support.
+//
+// Each block is rotated, measured and quantized while it stays in the core's cache; blocks run in
+// parallel. Block sums use sixteen interleaved lanes (value j into lane j % 16), then add the lanes
+// in order, so vector code and the reference agree to the bit.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "../common/cpu.hpp"
+#include "../common/pack.hpp"
+#include "../common/parallel.hpp"
+#include "../common/random.hpp"
+#include "../rotate/rotate.hpp"
+
+#if defined(FASTFED_X86_DISPATCH)
+#include <immintrin.h>
+#endif
+
+namespace fastfed::quantize {
+
+inline constexpr double kSmallestSigma = 0x1p-100;  // a block whose RMS is smaller is sent as zero
+inline constexpr double kValueLimit = 0x1p100;      // the largest block scale or correction a payload carries
+
+// Sixteen running sums, value j of a block into lane j % 16.
+struct lane_sums {
+    double lane[16] = {};
+    double total() const {
+        double sum = lane[0];
+        for (int i = 1; i < 16; ++i) sum += lane[i];
+        return sum;
+    }
+};
+
+#if defined(FASTFED_X86_DISPATCH)
+FASTFED_TARGET("avx2") inline void add_lanes_avx2(lane_sums& sums, const __m256d (&acc)[4]) {
+    for (int a = 0; a < 4; ++a) _mm256_storeu_pd(sums.lane + 4 * a, acc[a]);
+}
+
+FASTFED_TARGET("avx2") inline lane_sums sum_squares_avx2(const float* y, std::size_t length) {
+    __m256d acc[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()};
+    for (std::size_t j = 0; j < length; j += 16) {
+        for (int h = 0; h < 2; ++h) {
+            const __m256 v = _mm256_loadu_ps(y + j + 8 * h);
+            const __m256d low = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), high = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+            acc[2 * h] = _mm256_add_pd(acc[2 * h], _mm256_mul_pd(low, low));
+            acc[2 * h + 1] = _mm256_add_pd(acc[2 * h + 1], _mm256_mul_pd(high, high));
+        }
+    }
+    lane_sums sums;
+    add_lanes_avx2(sums, acc);
+    return sums;
+}
+#endif
+
+// sum(y^2) in float64 over a block (length a multiple of 16), in the lane order.
+inline double sum_squares(const float* y, std::size_t length) {
+#if defined(FASTFED_X86_DISPATCH)
+    if (active_isa() >= isa::avx2) return sum_squares_avx2(y, length).total();
+#endif
+    lane_sums sums;
+    for (std::size_t j = 0; j < length; ++j) {
+        const double v = y[j];
+        sums.lane[j % 16] += v * v;
+    }
+    return sums.total();
+}
+
+// m(a) = how many of the ascending positive boundaries are <= a, for a >= 0, by one table read and
+// one comparison: a float's bits, shifted, index cells of 1/128 of an octave from 2^-8 to 2^4 (all of
+// [0, 2^-8) in the first cell, [2^4, inf) in the last). The table holds, per cell, the count up to
+// its start; a cell holding two boundaries (never for fastfed's codebooks) switches to bisection.
+class magnitude_table {
+ public:
+    static constexpr std::uint32_t kFirstKey = (127 - 8) << 7, kCells = 12 << 7;
+
+    magnitude_table(const float* boundaries, std::size_t count) : bounds_(boundaries, boundaries + count), counts_(kCells) {
+        bounds_.push_back(std::numeric_limits<float>::infinity());
+        for (std::uint32_t c = 0; c < kCells; ++c) {
+            const float start = c == 0 ? 0.0f : value_of(kFirstKey + c);
+            const float end = c + 1 < kCells ? value_of(kFirstKey + c + 1) : std::numeric_limits<float>::infinity();
+            const auto below = std::upper_bound(boundaries, boundaries + count, start) - boundaries;
+            const auto inside = std::lower_bound(boundaries, boundaries + count, end) - boundaries - below;
+            counts_[c] = static_cast<std::int32_t>(below);
+            if (inside > 1) exact_ = false;
+        }
+    }
+
+    std::uint32_t operator()(float a) const {
+        if (!exact_) return static_cast<std::uint32_t>(std::upper_bound(bounds_.begin(), bounds_.end() - 1, a) - bounds_.begin());
+        const auto below = static_cast<std::uint32_t>(counts_[cell(a)]);
+        return below + (a >= bounds_[below] ? 1u : 0u);
+    }
+
+    bool exact() const { return exact_; }
+    const std::int32_t* counts() const { return counts_.data(); }
+    const float* bounds() const { return bounds_.data(); }
+
+    static std::uint32_t cell(float a) {
+        std::uint32_t bits;
+        std::memcpy(&bits, &a, sizeof bits);
+        const std::uint32_t key = bits >> 16;
+        return key < kFirstKey ? 0 : std::min(key - kFirstKey, kCells - 1);
+    }
+
+ private:
+    static float value_of(std::uint32_t key) {
+        const std::uint32_t bits = key << 16;
+        float value;
+        std::memcpy(&value, &bits, sizeof value);
+        return value;
+    }
+
+    std::vector<float> bounds_;         // the boundaries, then +inf
+    std::vector<std::int32_t> counts_;  // per cell
+    bool exact_ = true;
+};
+
+// The level of z: 2^(b-1) + m, or 2^(b-1) - 1 - m when z's sign bit is set.
+inline std::uint32_t eden_level(float z, std::uint32_t magnitude, std::uint32_t half) {
+    return std::signbit(z) ? half - 1 - magnitude : half + magnitude;
+}
+
+#if defined(FASTFED_X86_DISPATCH)
+// Levels and the 16-lane sums of |y| magnitude[m] for a block, eight values at a time.
+FASTFED_TARGET("avx2")
+inline lane_sums eden_levels_avx2(const float* y, std::size_t length, float inverse, const magnitude_table& table, const float* magnitudes,
+                                  std::uint32_t half, std::uint8_t* levels) {
+    const __m256 scale = _mm256_set1_ps(inverse);
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i first = _mm256_set1_epi32(static_cast<int>(magnitude_table::kFirstKey));
+    const __m256i last = _mm256_set1_epi32(static_cast<int>(magnitude_table::kCells - 1));
+    const __m256i middle = _mm256_set1_epi32(static_cast<int>(half));
+    const __m128i low_bytes = _mm_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+    __m256d acc[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()};
+    for (std::size_t j = 0; j < length; j += 16) {
+        for (int h = 0; h < 2; ++h) {
+            const __m256 v = _mm256_loadu_ps(y + j + 8 * h);
+            const __m256 z = _mm256_mul_ps(v, scale);
+            const __m256 a = _mm256_andnot_ps(sign, z);
+            __m256i cell = _mm256_sub_epi32(_mm256_srli_epi32(_mm256_castps_si256(a), 16), first);
+            cell = _mm256_min_epi32(_mm256_max_epi32(cell, _mm256_setzero_si256()), last);
+            const __m256i below = _mm256_i32gather_epi32(table.counts(), cell, 4);
+            const __m256 next = _mm256_i32gather_ps(table.bounds(), below, 4);
+            const __m256i m = _mm256_sub_epi32(below, _mm256_castps_si256(_mm256_cmp_ps(a, next, _CMP_GE_OQ)));
+            const __m256i negative = _mm256_srai_epi32(_mm256_castps_si256(z), 31);
+            const __m256i q = _mm256_add_epi32(middle, _mm256_xor_si256(m, negative));
+            const __m128i bytes_low = _mm_shuffle_epi8(_mm256_castsi256_si128(q), low_bytes);
+            const __m128i bytes_high = _mm_shuffle_epi8(_mm256_extracti128_si256(q, 1), low_bytes);
+            _mm_storel_epi64(reinterpret_cast<__m128i*>(levels + j + 8 * h), _mm_unpacklo_epi32(bytes_low, bytes_high));
+            const __m256 g = _mm256_i32gather_ps(magnitudes, m, 4);
+            const __m256 magnitude = _mm256_andnot_ps(sign, v);
+            acc[2 * h] = _mm256_add_pd(
+                acc[2 * h], _mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(magnitude)), _mm256_cvtps_pd(_mm256_castps256_ps128(g))));
+            acc[2 * h + 1] = _mm256_add_pd(acc[2 * h + 1], _mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(magnitude, 1)),
+                                                                         _mm256_cvtps_pd(_mm256_extractf128_ps(g, 1))));
+        }
+    }
+    lane_sums sums;
+    add_lanes_avx2(sums, acc);
+    return sums;
+}
+#endif
+
+inline lane_sums eden_levels(const float* y, std::size_t length, float inverse, const magnitude_table& table, const float* magnitudes,
+                             std::uint32_t half, std::uint8_t* levels) {
+#if defined(FASTFED_X86_DISPATCH)
+    if (active_isa() >= isa::avx2 && table.exact()) return eden_levels_avx2(y, length, inverse, table, magnitudes, half, levels);
+#endif
+    lane_sums sums;
+    for (std::size_t j = 0; j < length; ++j) {
+        const float z = y[j] * inverse;
+        const std::uint32_t m = table(std::fabs(z));
+        levels[j] = static_cast<std::uint8_t>(eden_level(z, m, half));
+        sums.lane[j % 16] += static_cast<double>(std::fabs(y[j])) * static_cast<double>(magnitudes[m]);
+    }
+    return sums;
+}
+
+// Packs one block's levels (one byte each) at `bits` bits; for 8 bits they are already packed.
+inline void pack_block(const std::uint8_t* levels, std::size_t length, unsigned bits, std::uint8_t* out) {
+    if (levels != out) pack::pack_bytes(levels, length, bits, out);
+}
+
+[[noreturn]] inline void too_large(const char* what) {
+    throw std::invalid_argument(std::string("x: values too large (") + what + " exceeds 2^100)");
+}
+
+inline double checked_rms(const float* y, std::size_t block, double& squares) {
+    squares = sum_squares(y, block);
+    if (!std::isfinite(squares))
+        throw std::invalid_argument("x: contains NaN or infinite values, or values too large to rotate in float32");
+    return std::sqrt(squares / static_cast<double>(block));
+}
+
+// EDEN: scales[b] and the packed levels of every block of x (n floats, padded to blocks).
+inline void encode_rotated(const float* x, std::size_t n, unsigned bits, std::size_t block, const std::uint64_t* keys, std::size_t rounds,
+                           const float* boundaries, const float* magnitudes, float* scales, std::uint8_t* packed, std::size_t padded) {
+    const std::uint32_t half = 1u << (bits - 1);
+    const magnitude_table table(boundaries, half - 1);
+    parallel_for(padded / block, 1, block * 16 * rounds, [&](std::size_t first, std::size_t last) {
+        std::vector<float> y(block);
+        std::vector<std::uint8_t> scratch(bits == 8 ? 0 : block);
+        for (std::size_t b = first; b < last; ++b) {
+            const std::size_t begin = b * block;
+            const std::size_t valid = begin < n ? std::min(block, n - begin) : 0;
+            std::uint8_t* out = packed + begin / 8 * bits;
+            std::uint8_t* levels = bits == 8 ? out : scratch.data();
+            run_vectorized([&] {
+                rotate::rotate_block(valid ? x + begin : x, valid, y.data(), block, keys, rounds, begin);
+                double squares;
+                const double sigma = checked_rms(y.data(), block, squares);
+                const bool live = sigma >= kSmallestSigma;
+                const float inverse = live ? static_cast<float>(1.0 / sigma) : 0.0f;
+                const double dot = eden_levels(y.data(), block, inverse, table, magnitudes, half, levels).total();
+                const double scale = live && dot > 0 ? squares / dot : 0.0;
+                if (scale > kValueLimit) too_large("a block scale");
+                scales[b] = static_cast<float>(scale);
+                pack_block(levels, block, bits, out);
+            });
+        }
+    });
+}
+
+#if defined(FASTFED_X86_DISPATCH)
+// dequantize_block for 1..4 bits, eight values at a time: the scaled codebook (the same float32
+// products) fills one or two registers, and a permutation picks each value's level.
+template <unsigned Bits>
+FASTFED_TARGET("avx2")
+void dequantize_block_avx2(const std::uint8_t* packed, std::size_t block, float scale, const float* codebook, float* y) {
+    alignas(32) float scaled[16] = {};
+    for (unsigned q = 0; q < (1u << Bits); ++q) scaled[q] = scale * codebook[q];
+    const __m256 low = _mm256_load_ps(scaled), high = _mm256_load_ps(scaled + 8);
+    const __m256i shifts = _mm256_setr_epi32(0, Bits, 2 * Bits, 3 * Bits, 4 * Bits, 5 * Bits, 6 * Bits, 7 * Bits);
+    const __m256i mask = _mm256_set1_epi32((1 << Bits) - 1);
+    for (std::size_t i = 0; i < block; i += 8) {
+        std::uint32_t word = 0;
+        std::memcpy(&word, packed + i / 8 * Bits, Bits);
+        const __m256i level = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts), mask);
+        __m256 value = _mm256_permutevar8x32_ps(low, level);
+        if constexpr (Bits == 4)
+            value = _mm256_blendv_ps(value, _mm256_permutevar8x32_ps(high, level), _mm256_castsi256_ps(_mm256_slli_epi32(level, 28)));
+        _mm256_storeu_ps(y + i, value);
+    }
+}
+#endif
+
+// y[0, block) = scale * codebook[level] of one block; codebook holds the 2^bits level values.
+inline void dequantize_block(const std::uint8_t* packed, std::size_t block, unsigned bits, float scale, const float* codebook, float* y) {
+#if defined(FASTFED_X86_DISPATCH)
+    if (active_isa() >= isa::avx2) {
+        switch (bits) {
+            case 1: return dequantize_block_avx2<1>(packed, block, scale, codebook, y);
+            case 2: return dequantize_block_avx2<2>(packed, block, scale, codebook, y);
+            case 3: return dequantize_block_avx2<3>(packed, block, scale, codebook, y);
+            case 4: return dequantize_block_avx2<4>(packed, block, scale, codebook, y);
+            default: break;
+        }
+    }
+#endif
+    pack::unpack_range(packed, 0, block, bits, [&](std::size_t i, std::uint32_t q) { y[i] = scale * codebook[q]; });
+}
+
+inline std::vector<float> eden_codebook(const float* magnitudes, unsigned bits) {
+    const std::size_t half = std::size_t{1} << (bits - 1);
+    std::vector<float> codebook(2 * half);
+    for (std::size_t m = 0; m < half; ++m) {
+        codebook[half + m] = magnitudes[m];
+        codebook[half - 1 - m] = -magnitudes[m];
+    }
+    return codebook;
+}
+
+// Decodes every block of an encode_rotated payload and hands each block's first values to emit(begin, values, count).
+template <class Emit>
+void decode_rotated(const std::uint8_t* packed, unsigned bits, std::size_t block, const std::uint64_t* keys, std::size_t rounds,
+                    const float* magnitudes, const float* scales, std::size_t n, std::size_t padded, Emit&& emit) {
+    const std::vector<float> codebook = eden_codebook(magnitudes, bits);
+    parallel_for(padded / block, 1, block * 16 * rounds, [&](std::size_t first, std::size_t last) {
+        std::vector<float> y(block);
+        for (std::size_t b = first; b < last; ++b) {
+            const std::size_t begin = b * block;
+            run_vectorized([&] {
+                dequantize_block(packed + begin / 8 * bits, block, bits, scales[b], codebook.data(), y.data());
+                rotate::unrotate_block(y.data(), block, keys, rounds, begin);
+                if (begin < n) emit(begin, y.data(), std::min(block, n - begin));
+            });
+        }
+    });
+}
+
+// ---- shared rotation ----------------------------------------------------------------------------
+
+// The row shared by sender and receiver for value i: (stride * (i / 8) + offset) mod rows.
+inline std::size_t shared_row(std::size_t i, std::uint64_t offset, std::uint64_t stride, std::size_t rows) {
+    return static_cast<std::size_t>((stride * (i >> 3) + offset) & (rows - 1));
+}
+
+// Where a clipped z falls on a staircase: the step j with m_j <= z < m_j+1 (the last step for z = m_M),
+// from a table of uniform cells over [m_0, m_M] each holding at most one breakpoint (with a margin
+// for the rounding of the cell index), then one comparison; or by bisection if the breakpoints are
+// too close for the table.
+class staircase_table {
+ public:
+    staircase_table(const double* breakpoints, std::size_t count) : points_(breakpoints, breakpoints + count) {
+        const std::size_t steps = count - 1;
+        inverse_width_.resize(steps);
+        double narrowest = std::numeric_limits<double>::infinity();
+        for (std::size_t j = 0; j < steps; ++j) {
+            inverse_width_[j] = 1.0 / (points_[j + 1] - points_[j]);
+            narrowest = std::min(narrowest, points_[j + 1] - points_[j]);
+        }
+        const double span = points_.back() - points_.front();
+        const double cells = std::ceil(2.0 * span / narrowest);
+        if (!(cells <= 65536)) return;  // also when the span is not finite: bisect
+        cells_per_unit_ = cells / span;
+        const std::size_t n_cells = static_cast<std::size_t>(cells) + 1;
+        steps_.resize(n_cells);
+        constexpr double kMargin = 1e-9;
+        for (std::size_t c = 0; c < n_cells; ++c) {
+            const double start = points_.front() + static_cast<double>(c) / cells_per_unit_ - kMargin;
+            const double end = points_.front() + static_cast<double>(c + 1) / cells_per_unit_ + kMargin;
+            const auto below = std::upper_bound(points_.begin() + 1, points_.end() - 1, start) - (points_.begin() + 1);
+            const auto inside = std::upper_bound(points_.begin() + 1, points_.end() - 1, end) - (points_.begin() + 1) - below;
+            if (inside > 1) {
+                steps_.clear();
+                return;
+            }
+            steps_[c] = static_cast<std::int32_t>(below);
+        }
+    }
+
+    std::size_t operator()(double z) const {
+        const std::size_t last = points_.size() - 2;
+        if (steps_.empty()) {
+            const auto above = std::upper_bound(points_.begin(), points_.end(), z) - points_.begin();
+            return std::min(static_cast<std::size_t>(std::max<std::ptrdiff_t>(above - 1, 0)), last);
+        }
+        const std::size_t cell = std::min(static_cast<std::size_t>((z - points_.front()) * cells_per_unit_), steps_.size() - 1);
+        const auto j = static_cast<std::size_t>(steps_[cell]);
+        return std::min(j + (z >= points_[j + 1] ? 1 : 0), last);
+    }
+
+    bool tabulated() const { return !steps_.empty(); }
+    std::size_t steps() const { return points_.size() - 1; }
+    double point(std::size_t j) const { return points_[j]; }
+    double inverse_width(std::size_t j) const { return inverse_width_[j]; }
+
+#if defined(FASTFED_X86_DISPATCH)
+    // Four clipped z at once (tabulated staircases only): each step index and its fraction of the step.
+    FASTFED_TARGET("avx2") __m128i steps_avx2(__m256d z, __m256d& fraction) const {
+        __m128i cell = _mm256_cvttpd_epi32(_mm256_mul_pd(_mm256_sub_pd(z, _mm256_set1_pd(points_[0])), _mm256_set1_pd(cells_per_unit_)));
+        cell = _mm_min_epi32(cell, _mm_set1_epi32(static_cast<int>(steps_.size() - 1)));
+        const __m128i below = _mm_i32gather_epi32(steps_.data(), cell, 4);
+        const __m128i above = low_halves(_mm256_cmp_pd(z, gather(points_.data() + 1, below), _CMP_GE_OQ));
+        const __m128i step = _mm_min_epi32(_mm_sub_epi32(below, above), _mm_set1_epi32(static_cast<int>(steps() - 1)));
+        fraction = _mm256_mul_pd(_mm256_sub_pd(z, gather(points_.data(), step)), gather(inverse_width_.data(), step));
+        return step;
+    }
+
+    // base[index] for four indices; the masked form, whose unmasked twin GCC 12 warns about.
+    FASTFED_TARGET("avx2") static __m256d gather(const double* base, __m128i index) {
+        return _mm256_mask_i32gather_pd(_mm256_setzero_pd(), base, index, _mm256_castsi256_pd(_mm256_set1_epi64x(-1)), 8);
+    }
+
+    // The low 32 bits of each 64-bit lane (comparison masks: -1 or 0).
+    FASTFED_TARGET("avx2") static __m128i low_halves(__m256d mask) {
+        return _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(_mm256_castpd_si256(mask), _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6)));
+    }
+#endif
+
+ private:
+    std::vector<double> points_, inverse_width_;
+    std::vector<std::int32_t> steps_;
+    double cells_per_unit_ = 0.0;
+};
+
+// How a shared-rotation encode turns a clipped z, its coin and its row into a level: along an
+// optimised table's staircase, ...
+struct table_levels {
+    const staircase_table& stairs;
+    const std::int32_t* ranks;  // (rows, levels - 1)
+    std::size_t columns;
+    double low, high;
+
+    std::uint32_t operator()(double z, double coin, std::size_t row) const {
+        const std::size_t j = stairs(z);
+        const double fraction = (z - stairs.point(j)) * stairs.inverse_width(j);
+        const auto configuration = static_cast<std::int64_t>(j) + (coin < fraction ? 1 : 0);
+        std::uint32_t level = 0;
+        for (std::size_t k = 0; k < columns; ++k) level += ranks[row * columns + k] < configuration ? 1u : 0u;
+        return level;
+    }
+
+    bool vectorized() const { return stairs.tabulated(); }
+
+#if defined(FASTFED_X86_DISPATCH)
+    FASTFED_TARGET("avx2") __m128i operator()(__m256d z, __m256d coin, std::size_t row) const {
+        __m256d fraction;
+        const __m128i step = stairs.steps_avx2(z, fraction);
+        const __m128i configuration = _mm_sub_epi32(step, staircase_table::low_halves(_mm256_cmp_pd(coin, fraction, _CMP_LT_OQ)));
+        __m128i level = _mm_setzero_si128();
+        for (std::size_t k = 0; k < columns; ++k)
+            level = _mm_sub_epi32(level, _mm_cmpgt_epi32(configuration, _mm_set1_epi32(ranks[row * columns + k])));
+        return level;
+    }
+#endif
+};
+
+// ... or along a dither table's, which is uniform.
+struct dither_levels {
+    double low, high, gain;  // gain = rows / step
+    double last_step;        // rows (2^b - 1) - 1
+    std::uint32_t rows, shift;
+
+    std::uint32_t operator()(double z, double coin, std::size_t row) const {
+        const double v = (z + high) * gain;
+        const double whole = std::min(std::floor(v), last_step);
+        const double configuration = whole + (coin < v - whole ? 1.0 : 0.0);
+        return static_cast<std::uint32_t>((static_cast<std::int64_t>(configuration) + rows - 1 - static_cast<std::int64_t>(row)) >> shift);
+    }
+
+    bool vectorized() const { return true; }
+
+#if defined(FASTFED_X86_DISPATCH)
+    FASTFED_TARGET("avx2") __m128i operator()(__m256d z, __m256d coin, std::size_t row) const {
+        const __m256d v = _mm256_mul_pd(_mm256_add_pd(z, _mm256_set1_pd(high)), _mm256_set1_pd(gain));
+        const __m256d whole = _mm256_min_pd(_mm256_floor_pd(v), _mm256_set1_pd(last_step));
+        const __m256d raise = _mm256_and_pd(_mm256_cmp_pd(coin, _mm256_sub_pd(v, whole), _CMP_LT_OQ), _mm256_set1_pd(1.0));
+        const __m128i configuration = _mm256_cvttpd_epi32(_mm256_add_pd(whole, raise));
+        const int shifted = static_cast<int>(rows - 1 - static_cast<std::uint32_t>(row));
+        return _mm_srli_epi32(_mm_add_epi32(configuration, _mm_set1_epi32(shifted)), static_cast<int>(shift));
+    }
+#endif
+};
+
+#if defined(FASTFED_X86_DISPATCH)
+// The 32-bit coins of eight values as doubles in [0, 1): four draws hold eight coins, in order.
+FASTFED_TARGET("avx2") inline void coins_avx2(random::draws_avx2& draws, __m256d& low, __m256d& high) {
+    // Unsigned to double exactly: convert u - 2^31 as a signed integer, then add 2^31 back.
+    const __m256i shifted = _mm256_xor_si256(draws.next(), _mm256_set1_epi32(static_cast<int>(0x80000000u)));
+    const __m256d unbias = _mm256_set1_pd(0x1p31), scale = _mm256_set1_pd(0x1p-32);
+    low = _mm256_mul_pd(_mm256_add_pd(_mm256_cvtepi32_pd(_mm256_castsi256_si128(shifted)), unbias), scale);
+    high = _mm256_mul_pd(_mm256_add_pd(_mm256_cvtepi32_pd(_mm256_extracti128_si256(shifted, 1)), unbias), scale);
+}
+
+template <class Levels>
+FASTFED_TARGET("avx2")
+void shared_levels_avx2(const float* y, std::size_t block, float inverse, std::size_t begin, std::uint64_t coin_key,
+                        std::uint64_t row_offset, std::uint64_t row_stride, std::size_t rows, const Levels& levels_of,
+                        std::uint8_t* levels) {
+    random::draws_avx2 draws(coin_key, begin / 2);
+    const __m256 scale = _mm256_set1_ps(inverse);
+    const __m256d low = _mm256_set1_pd(levels_of.low), high = _mm256_set1_pd(levels_of.high);
+    const __m128i low_bytes = _mm_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+    for (std::size_t j = 0; j < block; j += 8) {
+        const __m256 z = _mm256_mul_ps(_mm256_loadu_ps(y + j), scale);
+        const __m256d z_low = _mm256_min_pd(_mm256_max_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(z)), low), high);
+        const __m256d z_high = _mm256_min_pd(_mm256_max_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(z, 1)), low), high);
+        __m256d coin_low, coin_high;
+        coins_avx2(draws, coin_low, coin_high);
+        const std::size_t row = shared_row(begin + j, row_offset, row_stride, rows);
+        const __m128i first = _mm_shuffle_epi8(levels_of(z_low, coin_low, row), low_bytes);
+        const __m128i second = _mm_shuffle_epi8(levels_of(z_high, coin_high, row), low_bytes);
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(levels + j), _mm_unpacklo_epi32(first, second));
+    }
+}
+
+// Whether any of values j..j+7 falls outside [low, high] once scaled: the rare case that needs a correction.
+FASTFED_TARGET("avx2") inline bool any_outside_avx2(const float* y, float inverse, double low, double high) {
+    const __m256 z = _mm256_mul_ps(_mm256_loadu_ps(y), _mm256_set1_ps(inverse));
+    const __m256d lows = _mm256_set1_pd(low), highs = _mm256_set1_pd(high);
+    int outside = 0;
+    for (const __m256d half : {_mm256_cvtps_pd(_mm256_castps256_ps128(z)), _mm256_cvtps_pd(_mm256_extractf128_ps(z, 1))})
+        outside |= _mm256_movemask_pd(_mm256_or_pd(_mm256_cmp_pd(half, lows, _CMP_LT_OQ), _mm256_cmp_pd(half, highs, _CMP_GT_OQ)));
+    return outside != 0;
+}
+#endif
+
+template <class Levels>
+void shared_levels(const float* y, std::size_t block, float inverse, std::size_t begin, std::uint64_t coin_key, std::uint64_t row_offset,
+                   std::uint64_t row_stride, std::size_t rows, const Levels& levels_of, std::uint8_t* levels) {
+#if defined(FASTFED_X86_DISPATCH)
+    if (active_isa() >= isa::avx2 && levels_of.vectorized()) {
+        shared_levels_avx2(y, block, inverse, begin, coin_key, row_offset, row_stride, rows, levels_of, levels);
+        return;
+    }
+#endif
+    for (std::size_t j = 0; j < block; ++j) {
+        const double z = std::min(std::max(static_cast<double>(y[j] * inverse), levels_of.low), levels_of.high);
+        const double coin = static_cast<double>(random::coin(coin_key, begin + j)) * 0x1p-32;
+        levels[j] = static_cast<std::uint8_t>(levels_of(z, coin, shared_row(begin + j, row_offset, row_stride, rows)));
+    }
+}
+
+// The shared-rotation encode for either kind of table: sigmas, packed levels, and for the values
+// beyond the table's support, their positions (ascending) and corrections y - sigma R[h, q], written
+// to outlier_index and outlier_value; returns how many.
+template <class Levels>
+std::size_t encode_shared(const float* x, std::size_t n, unsigned bits, std::size_t block, std::uint64_t rotation_key,
+                          std::uint64_t coin_key, std::uint64_t row_offset, std::uint64_t row_stride, const float* table, std::size_t rows,
+                          const Levels& levels_of, float* sigmas, std::uint8_t* packed, std::size_t padded, std::uint32_t* outlier_index,
+                          float* outlier_value) {
+    const std::size_t blocks = padded / block, room = block / 9;  // see fastfed.kernels._checks.outlier_capacity
+    const std::size_t levels_per_row = std::size_t{1} << bits;
+    std::vector<std::size_t> found(blocks);
+    parallel_for(blocks, 1, block * 32, [&](std::size_t first, std::size_t last) {
+        std::vector<float> y(block);
+        std::vector<std::uint8_t> levels(block);
+        for (std::size_t b = first; b < last; ++b) {
+            const std::size_t begin = b * block;
+            const std::size_t valid = begin < n ? std::min(block, n - begin) : 0;
+            run_vectorized([&] {
+                rotate::rotate_block(valid ? x + begin : x, valid, y.data(), block, &rotation_key, 1, begin);
+                double squares;
+                const double sigma = checked_rms(y.data(), block, squares);
+                const float sigma32 = sigma >= kSmallestSigma ? static_cast<float>(sigma) : 0.0f;
+                if (sigma32 > kValueLimit) too_large("a block scale");
+                const float inverse = sigma32 > 0 ? static_cast<float>(1.0 / static_cast<double>(sigma32)) : 0.0f;
+                shared_levels(y.data(), block, inverse, begin, coin_key, row_offset, row_stride, rows, levels_of, levels.data());
+                std::size_t count = 0;
+                for (std::size_t group = 0; group < block; group += 8) {
+#if defined(FASTFED_X86_DISPATCH)
+                    if (active_isa() >= isa::avx2 && !any_outside_avx2(y.data() + group, inverse, levels_of.low, levels_of.high)) continue;
+#endif
+                    for (std::size_t j = group; j < group + 8; ++j) {
+                        const double z = static_cast<double>(y[j] * inverse);
+                        if (!(z < levels_of.low || z > levels_of.high)) continue;
+                        const std::size_t row = shared_row(begin + j, row_offset, row_stride, rows);
+                        const float received = sigma32 * table[row * levels_per_row + levels[j]];
+                        const auto correction = static_cast<float>(static_cast<double>(y[j]) - static_cast<double>(received));
+                        if (count == room || std::fabs(correction) > kValueLimit) too_large("a rotated value");
+                        outlier_index[b * room + count] = static_cast<std::uint32_t>(begin + j);
+                        outlier_value[b * room + count] = correction;
+                        ++count;
+                    }
+                }
+                found[b] = count;
+                sigmas[b] = sigma32;
+                pack_block(levels.data(), block, bits, packed + begin / 8 * bits);
+            });
+        }
+    });
+    // Each block wrote into its own region; close the gaps, in block order.
+    std::size_t total = 0;
+    for (std::size_t b = 0; b < blocks; ++b) {
+        std::copy(outlier_index + b * room, outlier_index + b * room + found[b], outlier_index + total);
+        std::copy(outlier_value + b * room, outlier_value + b * room + found[b], outlier_value + total);
+        total += found[b];
+    }
+    return total;
+}
+
+// out[i] = scales[i / block] * table[row(i), level(i)] for the padded values of a shared-rotation tensor.
+inline void dequantize_shared(const std::uint8_t* packed, unsigned bits, std::size_t block, std::uint64_t row_offset,
+                              std::uint64_t row_stride, const float* table, std::size_t rows, const float* scales, float* out,
+                              std::size_t padded) {
+    const std::size_t levels = std::size_t{1} << bits;
+    parallel_for(padded / block, 1, block * 4, [&](std::size_t first, std::size_t last) {
+        for (std::size_t b = first; b < last; ++b) {
+            const std::size_t begin = b * block;
+            const float scale = scales[b];
+            pack::unpack_range(packed, begin, begin + block, bits, [&](std::size_t i, std::uint32_t q) {
+                out[i] = scale * table[shared_row(i, row_offset, row_stride, rows) * levels + q];
+            });
+        }
+    });
+}
+
+}  // namespace fastfed::quantize
