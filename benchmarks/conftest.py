@@ -39,9 +39,16 @@ def peak_memory_bytes(function: Callable[[], Any]) -> int:
         tracemalloc.stop()
 
 
+def timing(config: pytest.Config) -> bool:
+    """Whether pytest-benchmark times this run; when it does not (CI, ``--benchmark-disable``, xdist),
+    benchmarks with costly workloads run a smaller one, still asserting their results."""
+    session = getattr(config, "_benchmarksession", None)
+    return session is not None and not session.disabled
+
+
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     session = getattr(config, "_benchmarksession", None)
-    if session is None or session.disabled:
+    if not timing(config):
         return
     groups: dict[str, dict[str, Any]] = defaultdict(dict)
     for bench in session.benchmarks:

@@ -19,6 +19,7 @@ import pytest
 import fastfed
 from fastfed.compression import RotatedQuantizer, UniformQuantizer, decode, encode
 
+from .conftest import timing
 from .workloads import CNN_SHAPES, example_counts, random_updates
 
 # Module-scoped fixtures build large workloads (or a Ray cluster) once: one xdist worker runs them all.
@@ -197,8 +198,7 @@ def test_walsh_hadamard(benchmark: Any, threads: str) -> None:
 @pytest.fixture(scope="module")
 def rotated_rounds(cnn_round: Any, request: pytest.FixtureRequest) -> dict[tuple[int, bool], list[bytes]]:
     # With the benchmarks disabled (CI), the first ten clients: encoding 8 x 100 CNN updates takes seconds.
-    session = getattr(request.config, "_benchmarksession", None)
-    updates = cnn_round[0][: 10 if session is None or session.disabled else None]
+    updates = cnn_round[0][: None if timing(request.config) else 10]
     rounds = {}
     for bits, shared in ROTATED:
         codec = RotatedQuantizer(bits, shared_rotation=shared)

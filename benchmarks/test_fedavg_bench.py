@@ -29,6 +29,8 @@ from fastfed import data, models
 from fastfed.bench import KerasLoop
 from fastfed.compression import UniformQuantizer
 
+from .conftest import timing
+
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 TFF_PYTHON = os.environ.get("FASTFED_TFF_PYTHON")
 pytestmark = pytest.mark.skipif(not MNIST.exists(), reason="the real MNIST test set is not next to the repository")
@@ -43,14 +45,18 @@ SCENARIOS = {
 ROUNDS = 6
 
 
-def _clients(name: str) -> list[tuple[np.ndarray, np.ndarray]]:
+def _clients(name: str, config: pytest.Config) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The scenario's clients; untimed (CI), the first two with 100 examples each, which still runs
+    every path (tests/ check the results of full rounds)."""
     x, y = data.load_mnist_idx(MNIST)
     if name == "mnist by digit":
-        return data.partition_by_label(x.reshape(len(x), 784), y, per_client=1000).all()
-    if name == "20 label-skewed clients":
-        return data.partition_dirichlet(x.reshape(len(x), 784), y, 20, alpha=0.5, seed=0).all()
-    order = np.random.default_rng(0).permutation(len(x))
-    return [(x[order[400 * k : 400 * (k + 1)]], y[order[400 * k : 400 * (k + 1)]]) for k in range(10)]
+        clients = data.partition_by_label(x.reshape(len(x), 784), y, per_client=1000).all()
+    elif name == "20 label-skewed clients":
+        clients = data.partition_dirichlet(x.reshape(len(x), 784), y, 20, alpha=0.5, seed=0).all()
+    else:
+        order = np.random.default_rng(0).permutation(len(x))
+        clients = [(x[order[400 * k : 400 * (k + 1)]], y[order[400 * k : 400 * (k + 1)]]) for k in range(10)]
+    return clients if timing(config) else [(x[:100], y[:100]) for x, y in clients[:2]]
 
 
 def _model_fn(kind: str) -> Any:
@@ -73,13 +79,13 @@ def _process(name: str) -> fastfed.FedAvg:
 @pytest.fixture(scope="module")
 def tff(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> dict[str, dict[str, Any]]:
     """TFF's rounds on every scenario's clients (only when benchmarking and TFF is configured)."""
-    if TFF_PYTHON is None or request.config._benchmarksession.disabled:  # type: ignore[attr-defined]
+    if TFF_PYTHON is None or not timing(request.config):
         return {}
     folder = tmp_path_factory.mktemp("tff")
     found = {}
     for name, (kind, batch, learning_rate, compressed) in SCENARIOS.items():
         path = folder / f"{name.replace(' ', '_')}.npz"
-        arrays = _clients(name)
+        arrays = _clients(name, request.config)
         np.savez(path, **{f"{axis}{k}": values for k, pair in enumerate(arrays) for axis, values in zip("xy", pair)})
         command = [TFF_PYTHON, str(Path(__file__).with_name("tff_rounds.py")), str(path), "--model", kind,
                    "--batch", str(batch), "--lr", str(learning_rate), "--rounds", str(ROUNDS), "--shuffle"]  # fmt: skip
@@ -94,8 +100,10 @@ def tff(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
-def test_fedavg_round(benchmark: Any, name: str, tff: dict[str, dict[str, Any]]) -> None:
-    clients = _clients(name)
+def test_fedavg_round(
+    benchmark: Any, name: str, tff: dict[str, dict[str, Any]], request: pytest.FixtureRequest
+) -> None:
+    clients = _clients(name, request.config)
     process = _process(name)
     state = process.initialize()
     started = time.perf_counter()
@@ -125,10 +133,10 @@ def test_fedavg_round(benchmark: Any, name: str, tff: dict[str, dict[str, Any]])
 
 
 @pytest.mark.parametrize("name", [name for name in SCENARIOS if "8-bit" not in name])
-def test_plain_keras_per_step_loop(benchmark: Any, name: str) -> None:
+def test_plain_keras_per_step_loop(benchmark: Any, name: str, request: pytest.FixtureRequest) -> None:
     """What a user would write without fastfed: a compiled step per batch, weights averaged by NumPy."""
     kind, batch, learning_rate, _ = SCENARIOS[name]
-    clients = _clients(name)
+    clients = _clients(name, request.config)
     model = _model_fn(kind)()
     loop = KerasLoop(model, keras.optimizers.SGD(learning_rate), keras.losses.SparseCategoricalCrossentropy(), batch)
     loop.round(clients, 0)  # traced outside the measurement
@@ -139,9 +147,9 @@ def test_plain_keras_per_step_loop(benchmark: Any, name: str) -> None:
 
 
 @pytest.mark.parametrize("name", [name for name in SCENARIOS if "8-bit" not in name])
-def test_compiled_epoch_floor(benchmark: Any, name: str) -> None:
+def test_compiled_epoch_floor(benchmark: Any, name: str, request: pytest.FixtureRequest) -> None:
     """Every example in one compiled call: the round's training without any federation."""
-    clients = _clients(name)
+    clients = _clients(name, request.config)
     process = _process(name)
     weights = process.initialize().weights
     trainer = process.trainer

@@ -23,6 +23,7 @@ import pytest
 
 import fastfed
 
+from .conftest import timing
 from .workloads import CNN_SHAPES, example_counts, random_updates
 
 pytest.importorskip("flwr")
@@ -46,8 +47,7 @@ SMALL_SHAPES = [(5, 5, 1, 32), (32,), (64,), (10,)]
 @pytest.fixture(scope="module")
 def cnn_updates(request: pytest.FixtureRequest) -> list[list[np.ndarray]]:
     logging.getLogger("flwr").setLevel(logging.ERROR)
-    timed = not request.config.getoption("benchmark_disable") or request.config.getoption("benchmark_enable")
-    return random_updates(K, CNN_SHAPES if timed else SMALL_SHAPES)
+    return random_updates(K, CNN_SHAPES if timing(request.config) else SMALL_SHAPES)
 
 
 @pytest.fixture(scope="module")

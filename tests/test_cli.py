@@ -34,6 +34,8 @@ BAD_ARGUMENTS = [
     ("--rounds -5", "argument --rounds: expected at least 1, got -5"),
     ("--bits 0", "argument --bits: expected from 1 to 16, got 0"),
     ("--bits 33", "argument --bits: expected from 1 to 16, got 33"),
+    ("--codec rotated --bits 9", "--codec rotated needs --bits 1..8, got 9"),
+    ("--codec rotated", "--codec rotated needs --bits 1..8, got None"),
     ("--clients-per-round 0", "argument --clients-per-round: expected at least 1, got 0"),
     ("--num-clients 0", "argument --num-clients: expected at least 1, got 0"),
     ("--client-lr -0.1", "argument --client-lr: expected a number above 0.0, got -0.1"),
@@ -110,14 +112,14 @@ def test_runs_are_never_overwritten_silently_and_plots_name_their_settings(
     out, err = capsys.readouterr()
     assert f"{run} already holds a run; resume it with --resume {run}, or add --overwrite" in err
     assert (run / "metrics.csv").read_text() == first  # untouched
-    assert main([*arguments, "--output-dir", str(other), "--seed", "1", "--bits", "8"]) == 0
+    assert main([*arguments, "--output-dir", str(other), "--seed", "1", "--bits", "2", "--codec", "rotated"]) == 0
     out = capsys.readouterr().out
-    assert f"run folder: {other}" in out and f"run saved in {other}" in out
+    assert f"run folder: {other}" in out and f"run saved in {other}" in out and "2-bit rotated" in out
     assert main([*arguments, "--output-dir", str(run), "--overwrite", "--seed", "2"]) == 0
     assert (run / "metrics.csv").read_text() != first
     from fastfed.plot import run_labels
 
-    assert run_labels([run, other]) == ["32-bit float, seed 2", "8-bit, seed 1"]
+    assert run_labels([run, other]) == ["32-bit float, seed 2", "2-bit, rotated, seed 1"]
     assert main(["plot", str(run), str(other), "--output", str(tmp_path / "both.png")]) == 0
     assert (tmp_path / "both.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -56,6 +56,8 @@ def run_labels(runs: Sequence[Path]) -> list[str]:
             value = config.get(key)
             if key == "bits" and value is None:
                 parts.append("32-bit float")
+            elif key == "codec" and config.get("bits") is None:
+                continue  # uncompressed: no codec
             elif value is not None:
                 parts.append(_LABELLED[key].format(value))
         labels.append(", ".join(parts) or run.name)
