@@ -76,7 +76,7 @@ def _rotated_kernel_outputs(rng: np.random.Generator) -> list[np.ndarray]:
         transformed = data.copy()
         core.rotate.walsh_hadamard(transformed, 65536)
         outputs.append(transformed)
-    for bits in (1, 2, 4, 5, 8):
+    for bits in (1, 2, 3, 4, 5, 8):
         eden_scales, packed = np.empty(2, np.float32), np.empty(padded * bits // 8, np.uint8)
         core.quantize.encode_rotated(x, bits, block, [3, 4], *eden_codebook(bits), eden_scales, packed)
         decoded = np.empty(x.size, np.float32)

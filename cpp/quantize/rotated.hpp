@@ -175,11 +175,55 @@ inline lane_sums eden_levels_avx2(const float* y, std::size_t length, float inve
     add_lanes_avx2(sums, acc);
     return sums;
 }
+
+// eden_levels_avx2 for 1..4 bits (at most eight magnitudes, seven boundaries): the magnitude index
+// by comparisons with the boundaries, and the magnitude by a permutation of one register, instead
+// of three gathers per eight values. The same levels and lane sums, so the same bits.
+FASTFED_TARGET("avx2")
+inline lane_sums eden_levels_few_avx2(const float* y, std::size_t length, float inverse, const float* boundaries, const float* magnitudes,
+                                      std::uint32_t half, std::uint8_t* levels) {
+    const __m256 scale = _mm256_set1_ps(inverse);
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i middle = _mm256_set1_epi32(static_cast<int>(half));
+    const __m128i low_bytes = _mm_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+    float padded_magnitudes[8] = {};
+    std::copy(magnitudes, magnitudes + half, padded_magnitudes);
+    const __m256 codebook = _mm256_loadu_ps(padded_magnitudes);
+    __m256 bounds[7];
+    const std::uint32_t n_bounds = half - 1;
+    for (std::uint32_t i = 0; i < n_bounds; ++i) bounds[i] = _mm256_set1_ps(boundaries[i]);
+    __m256d acc[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()};
+    for (std::size_t j = 0; j < length; j += 16) {
+        for (int h = 0; h < 2; ++h) {
+            const __m256 v = _mm256_loadu_ps(y + j + 8 * h);
+            const __m256 z = _mm256_mul_ps(v, scale);
+            const __m256 a = _mm256_andnot_ps(sign, z);
+            __m256i m = _mm256_setzero_si256();
+            for (std::uint32_t i = 0; i < n_bounds; ++i)  // each boundary <= a adds one (the mask is -1)
+                m = _mm256_sub_epi32(m, _mm256_castps_si256(_mm256_cmp_ps(a, bounds[i], _CMP_GE_OQ)));
+            const __m256i negative = _mm256_srai_epi32(_mm256_castps_si256(z), 31);
+            const __m256i q = _mm256_add_epi32(middle, _mm256_xor_si256(m, negative));
+            const __m128i bytes_low = _mm_shuffle_epi8(_mm256_castsi256_si128(q), low_bytes);
+            const __m128i bytes_high = _mm_shuffle_epi8(_mm256_extracti128_si256(q, 1), low_bytes);
+            _mm_storel_epi64(reinterpret_cast<__m128i*>(levels + j + 8 * h), _mm_unpacklo_epi32(bytes_low, bytes_high));
+            const __m256 g = _mm256_permutevar8x32_ps(codebook, m);
+            const __m256 magnitude = _mm256_andnot_ps(sign, v);
+            acc[2 * h] = _mm256_add_pd(
+                acc[2 * h], _mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(magnitude)), _mm256_cvtps_pd(_mm256_castps256_ps128(g))));
+            acc[2 * h + 1] = _mm256_add_pd(acc[2 * h + 1], _mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(magnitude, 1)),
+                                                                         _mm256_cvtps_pd(_mm256_extractf128_ps(g, 1))));
+        }
+    }
+    lane_sums sums;
+    add_lanes_avx2(sums, acc);
+    return sums;
+}
 #endif
 
 inline lane_sums eden_levels(const float* y, std::size_t length, float inverse, const magnitude_table& table, const float* magnitudes,
                              std::uint32_t half, std::uint8_t* levels) {
 #if defined(FASTFED_X86_DISPATCH)
+    if (active_isa() >= isa::avx2 && half <= 8) return eden_levels_few_avx2(y, length, inverse, table.bounds(), magnitudes, half, levels);
     if (active_isa() >= isa::avx2 && table.exact()) return eden_levels_avx2(y, length, inverse, table, magnitudes, half, levels);
 #endif
     lane_sums sums;

@@ -267,14 +267,15 @@ def _table(measurements: list[Measurement]) -> str:
         baselines = list(dict.fromkeys(b for m in rows for b in m.baselines))
         widths = [len(b) + 5 for b in baselines]
         header = "".join(f"{'x ' + b:>{width}s}" for b, width in zip(baselines, widths))
-        lines += ["", group, f"{'':38s}{'median ms':>11s}{header}"]
+        label_width = max(38, *(len(m.label) + 2 for m in rows))
+        lines += ["", group, f"{'':{label_width}s}{'median ms':>11s}{header}"]
         for m in sorted(rows, key=lambda m: m.seconds):
             ratios = "".join(
                 f"{m.baselines[b]:>{width}.2f}" if b in m.baselines else " " * width
                 for b, width in zip(baselines, widths)
             )
             extra = "".join(f"  {key} {value:.2f}" for key, value in m.info.items())
-            lines.append(f"{m.label:38s}{m.seconds * 1e3:>11.2f}{ratios}{extra}")
+            lines.append(f"{m.label:{label_width}s}{m.seconds * 1e3:>11.2f}{ratios}{extra}")
     return "\n".join(lines)
 
 
