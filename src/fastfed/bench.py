@@ -132,12 +132,12 @@ def compression(clients: int, repeats: int) -> list[Measurement]:
     """Encode speed, and the one-pass mean of encoded updates against float32 aggregation: 8-bit
     uniform, and 2-bit rotated with a shared and with an independent rotation per client."""
     import fastfed
-    from fastfed.compression import RotatedQuantizer, UniformQuantizer, encode
+    from fastfed.compression import Codec, RotatedQuantizer, UniformQuantizer, encode
 
     rng = np.random.default_rng(1)
     updates = [[rng.standard_normal(shape, dtype=np.float32) * 0.01 for shape in CNN_SHAPES] for _ in range(clients)]
     weights = rng.integers(100, 1000, clients)
-    codecs = {
+    codecs: dict[str, Codec] = {
         "8-bit uniform nearest": UniformQuantizer(bits=8),
         "8-bit uniform stochastic": UniformQuantizer(bits=8, stochastic=True),
         "2-bit rotated shared": RotatedQuantizer(2, shared_rotation=True),
@@ -149,7 +149,9 @@ def compression(clients: int, repeats: int) -> list[Measurement]:
         seconds = median_seconds(partial(encode, updates[0], codec, seed=0, rotation_seed=0), repeats * 4)
         results.append(Measurement(group, f"fastfed {name}", seconds, info={"GB/s": 1_663_370 * 4 / seconds / 1e9}))
     group = f"aggregation of {clients} encoded updates vs float32"
-    functions = {"float32 aggregation": partial(fastfed.weighted_mean, updates, weights)}
+    functions: dict[str, Callable[[], object]] = {
+        "float32 aggregation": partial(fastfed.weighted_mean, updates, weights)
+    }
     for name in ("8-bit uniform nearest", "2-bit rotated shared", "2-bit rotated independent"):
         payloads = [encode(update, codecs[name], seed=k, rotation_seed=0) for k, update in enumerate(updates)]
         functions[f"weighted_mean_encoded, {name}"] = partial(fastfed.weighted_mean_encoded, payloads, weights)
