@@ -137,6 +137,22 @@ inline std::uint32_t eden_level(float z, std::uint32_t magnitude, std::uint32_t 
 }
 
 #if defined(FASTFED_X86_DISPATCH)
+// Eight values' levels from their magnitude indices m (the sign from z), stored as bytes, and
+// |v| g added to their two lanes of sums (values 0..3 into low, 4..7 into high).
+FASTFED_TARGET("avx2")
+inline void store_eden_eight(__m256 v, __m256 z, __m256i m, __m256 g, __m256i middle, std::uint8_t* levels, __m256d& low, __m256d& high) {
+    const __m128i low_bytes = _mm_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+    const __m256i negative = _mm256_srai_epi32(_mm256_castps_si256(z), 31);
+    const __m256i q = _mm256_add_epi32(middle, _mm256_xor_si256(m, negative));
+    const __m128i bytes_low = _mm_shuffle_epi8(_mm256_castsi256_si128(q), low_bytes);
+    const __m128i bytes_high = _mm_shuffle_epi8(_mm256_extracti128_si256(q, 1), low_bytes);
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(levels), _mm_unpacklo_epi32(bytes_low, bytes_high));
+    const __m256 magnitude = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v);
+    low = _mm256_add_pd(low, _mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(magnitude)), _mm256_cvtps_pd(_mm256_castps256_ps128(g))));
+    high = _mm256_add_pd(high,
+                         _mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(magnitude, 1)), _mm256_cvtps_pd(_mm256_extractf128_ps(g, 1))));
+}
+
 // Levels and the 16-lane sums of |y| magnitude[m] for a block, eight values at a time.
 FASTFED_TARGET("avx2")
 inline lane_sums eden_levels_avx2(const float* y, std::size_t length, float inverse, const magnitude_table& table, const float* magnitudes,
@@ -146,7 +162,6 @@ inline lane_sums eden_levels_avx2(const float* y, std::size_t length, float inve
     const __m256i first = _mm256_set1_epi32(static_cast<int>(magnitude_table::kFirstKey));
     const __m256i last = _mm256_set1_epi32(static_cast<int>(magnitude_table::kCells - 1));
     const __m256i middle = _mm256_set1_epi32(static_cast<int>(half));
-    const __m128i low_bytes = _mm_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
     __m256d acc[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()};
     for (std::size_t j = 0; j < length; j += 16) {
         for (int h = 0; h < 2; ++h) {
@@ -158,17 +173,7 @@ inline lane_sums eden_levels_avx2(const float* y, std::size_t length, float inve
             const __m256i below = _mm256_i32gather_epi32(table.counts(), cell, 4);
             const __m256 next = _mm256_i32gather_ps(table.bounds(), below, 4);
             const __m256i m = _mm256_sub_epi32(below, _mm256_castps_si256(_mm256_cmp_ps(a, next, _CMP_GE_OQ)));
-            const __m256i negative = _mm256_srai_epi32(_mm256_castps_si256(z), 31);
-            const __m256i q = _mm256_add_epi32(middle, _mm256_xor_si256(m, negative));
-            const __m128i bytes_low = _mm_shuffle_epi8(_mm256_castsi256_si128(q), low_bytes);
-            const __m128i bytes_high = _mm_shuffle_epi8(_mm256_extracti128_si256(q, 1), low_bytes);
-            _mm_storel_epi64(reinterpret_cast<__m128i*>(levels + j + 8 * h), _mm_unpacklo_epi32(bytes_low, bytes_high));
-            const __m256 g = _mm256_i32gather_ps(magnitudes, m, 4);
-            const __m256 magnitude = _mm256_andnot_ps(sign, v);
-            acc[2 * h] = _mm256_add_pd(
-                acc[2 * h], _mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(magnitude)), _mm256_cvtps_pd(_mm256_castps256_ps128(g))));
-            acc[2 * h + 1] = _mm256_add_pd(acc[2 * h + 1], _mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(magnitude, 1)),
-                                                                         _mm256_cvtps_pd(_mm256_extractf128_ps(g, 1))));
+            store_eden_eight(v, z, m, _mm256_i32gather_ps(magnitudes, m, 4), middle, levels + j + 8 * h, acc[2 * h], acc[2 * h + 1]);
         }
     }
     lane_sums sums;
@@ -185,7 +190,6 @@ inline lane_sums eden_levels_few_avx2(const float* y, std::size_t length, float 
     const __m256 scale = _mm256_set1_ps(inverse);
     const __m256 sign = _mm256_set1_ps(-0.0f);
     const __m256i middle = _mm256_set1_epi32(static_cast<int>(half));
-    const __m128i low_bytes = _mm_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
     float padded_magnitudes[8] = {};
     std::copy(magnitudes, magnitudes + half, padded_magnitudes);
     const __m256 codebook = _mm256_loadu_ps(padded_magnitudes);
@@ -201,17 +205,7 @@ inline lane_sums eden_levels_few_avx2(const float* y, std::size_t length, float 
             __m256i m = _mm256_setzero_si256();
             for (std::uint32_t i = 0; i < n_bounds; ++i)  // each boundary <= a adds one (the mask is -1)
                 m = _mm256_sub_epi32(m, _mm256_castps_si256(_mm256_cmp_ps(a, bounds[i], _CMP_GE_OQ)));
-            const __m256i negative = _mm256_srai_epi32(_mm256_castps_si256(z), 31);
-            const __m256i q = _mm256_add_epi32(middle, _mm256_xor_si256(m, negative));
-            const __m128i bytes_low = _mm_shuffle_epi8(_mm256_castsi256_si128(q), low_bytes);
-            const __m128i bytes_high = _mm_shuffle_epi8(_mm256_extracti128_si256(q, 1), low_bytes);
-            _mm_storel_epi64(reinterpret_cast<__m128i*>(levels + j + 8 * h), _mm_unpacklo_epi32(bytes_low, bytes_high));
-            const __m256 g = _mm256_permutevar8x32_ps(codebook, m);
-            const __m256 magnitude = _mm256_andnot_ps(sign, v);
-            acc[2 * h] = _mm256_add_pd(
-                acc[2 * h], _mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(magnitude)), _mm256_cvtps_pd(_mm256_castps256_ps128(g))));
-            acc[2 * h + 1] = _mm256_add_pd(acc[2 * h + 1], _mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(magnitude, 1)),
-                                                                         _mm256_cvtps_pd(_mm256_extractf128_ps(g, 1))));
+            store_eden_eight(v, z, m, _mm256_permutevar8x32_ps(codebook, m), middle, levels + j + 8 * h, acc[2 * h], acc[2 * h + 1]);
         }
     }
     lane_sums sums;
