@@ -577,10 +577,16 @@ def test_payloads_of_version_one_still_decode(backend: str) -> None:
     matrix, counter = decode(payload)
     np.testing.assert_array_equal(matrix, expected)
     np.testing.assert_array_equal(counter, np.arange(3, dtype=np.int16))
-    # Uniform codecs still write version 1, byte for byte.
+    # Uniform codecs still write version 1 with the same header and table (ranges, rotation and
+    # seeds included); the levels differ only where the stochastic rounding's coins, since 32-bit
+    # halves of the draws, round the other way.
     x = np.linspace(-1, 1, 64, dtype=np.float32).reshape(8, 8)
     codec = UniformQuantizer(bits=3, min_size=0, rotate=True, rotation_chunk=32)
-    assert encode([x, np.arange(3, dtype=np.int16)], codec, seed=7) == payload
+    again = encode([x, np.arange(3, dtype=np.int16)], codec, seed=7)
+    table_end = parse(payload)[0].offset
+    assert len(again) == len(payload) and again[:table_end] == payload[:table_end]
+    error, stored_error = np.mean((decode(again)[0] - x) ** 2), np.mean((expected - x) ** 2)
+    assert 0 < error < 2 * stored_error
 
 
 def test_shared_rotation_needs_the_rounds_seed() -> None:

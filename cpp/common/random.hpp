@@ -30,9 +30,6 @@ inline std::uint64_t mix64(std::uint64_t z) {
 
 inline std::uint64_t bits(std::uint64_t key, std::uint64_t index) { return mix64(key + (index + 1) * kGolden); }
 
-// A uniform double in [0, 1) from the top 53 bits.
-inline double uniform(std::uint64_t key, std::uint64_t index) { return static_cast<double>(bits(key, index) >> 11) * 0x1.0p-53; }
-
 // +1.0 if the top bit is set, else -1.0.
 inline double sign(std::uint64_t key, std::size_t index) { return (bits(key, index) >> 63) ? 1.0 : -1.0; }
 
@@ -86,8 +83,17 @@ class draws_avx2 {
 #define FASTFED_AVX512_END
 #endif
 
+// The 32-bit coins of eight values as doubles in [0, 1): four draws hold eight coins, in order.
+FASTFED_TARGET("avx2") inline void coins_avx2(draws_avx2& draws, __m256d& low, __m256d& high) {
+    // Unsigned to double exactly: convert u - 2^31 as a signed integer, then add 2^31 back.
+    const __m256i shifted = _mm256_xor_si256(draws.next(), _mm256_set1_epi32(static_cast<int>(0x80000000u)));
+    const __m256d unbias = _mm256_set1_pd(0x1p31), scale = _mm256_set1_pd(0x1p-32);
+    low = _mm256_mul_pd(_mm256_add_pd(_mm256_cvtepi32_pd(_mm256_castsi256_si128(shifted)), unbias), scale);
+    high = _mm256_mul_pd(_mm256_add_pd(_mm256_cvtepi32_pd(_mm256_extracti128_si256(shifted, 1)), unbias), scale);
+}
+
 FASTFED_AVX512_BEGIN
-// AVX-512DQ multiplies 64-bit lanes: eight draws per step, and their uniforms converted directly.
+// AVX-512DQ multiplies 64-bit lanes: eight draws, the coins of sixteen values, per step.
 class draws_avx512 {
  public:
     FASTFED_TARGET("avx512f,avx512dq") draws_avx512(std::uint64_t key, std::uint64_t index) {
@@ -97,8 +103,8 @@ class draws_avx512 {
             _mm512_mullo_epi64(_mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7), _mm512_set1_epi64(static_cast<long long>(kGolden))));
         step_ = _mm512_set1_epi64(static_cast<long long>(8 * kGolden));
     }
-    // The next eight uniforms (bits >> 11) * 2^-53.
-    FASTFED_TARGET("avx512f,avx512dq") __m512d uniforms() {
+    // The coins of the next sixteen values as doubles in [0, 1): values 0..7 in low, 8..15 in high.
+    FASTFED_TARGET("avx512f,avx512dq") void coins(__m512d& low, __m512d& high) {
         __m512i z = counter_;
         counter_ = _mm512_add_epi64(counter_, step_);
         z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64(z, 30)),
@@ -106,25 +112,16 @@ class draws_avx512 {
         z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64(z, 27)),
                                _mm512_set1_epi64(static_cast<long long>(0x94D049BB133111EBULL)));
         z = _mm512_xor_si512(z, _mm512_srli_epi64(z, 31));
-        return _mm512_mul_pd(_mm512_cvtepu64_pd(_mm512_srli_epi64(z, 11)), _mm512_set1_pd(0x1.0p-53));
+        // Read as sixteen 32-bit halves, low half first, the draws are the coins in value order.
+        const __m512d scale = _mm512_set1_pd(0x1p-32);
+        low = _mm512_mul_pd(_mm512_cvtepu32_pd(_mm512_castsi512_si256(z)), scale);
+        high = _mm512_mul_pd(_mm512_cvtepu32_pd(_mm512_extracti64x4_epi64(z, 1)), scale);
     }
 
  private:
     __m512i counter_, step_;
 };
 FASTFED_AVX512_END
-
-// Four uniform doubles (bits >> 11) * 2^-53 of four draws, converted exactly: the 53-bit integer is
-// its high 21 and low 32 bits, each made exact by the 2^52 exponent trick.
-FASTFED_TARGET("avx2") inline __m256d uniform_avx2(__m256i draws) {
-    const __m256i value = _mm256_srli_epi64(draws, 11);
-    const __m256i magic = _mm256_set1_epi64x(0x4330000000000000);
-    const __m256d two52 = _mm256_set1_pd(0x1.0p52);
-    const __m256d high = _mm256_sub_pd(_mm256_castsi256_pd(_mm256_or_si256(_mm256_srli_epi64(value, 32), magic)), two52);
-    const __m256d low =
-        _mm256_sub_pd(_mm256_castsi256_pd(_mm256_or_si256(_mm256_and_si256(value, _mm256_set1_epi64x(0xFFFFFFFF)), magic)), two52);
-    return _mm256_mul_pd(_mm256_add_pd(_mm256_mul_pd(high, _mm256_set1_pd(0x1.0p32)), low), _mm256_set1_pd(0x1.0p-53));
-}
 #endif
 
 }  // namespace fastfed::random

@@ -1,12 +1,12 @@
 // Uniform quantization with tensor_encoding's semantics.
 //
 // Quantization maps x to q = round((x - min) * scale) with scale = (2^b - 1) / (max - min), where
-// round is floor(v + 0.5) (nearest) or floor(v + u), u ~ U[0, 1) (unbiased stochastic rounding,
-// Suresh et al. 2017, "Distributed Mean Estimation with Limited Communication"). Decoding gives
-// min + q * step with step = (max - min) / (2^b - 1). The uniforms come from the counter-based
-// stream of common/random.hpp, so results do not depend on threading, and every formula matches
-// fastfed.kernels.quantize_numpy operation for operation: all backends agree bit for bit. Levels
-// are bit-packed as pack.hpp describes.
+// round is floor(v + 0.5) (nearest) or floor(v + u), u uniform on the multiples of 2^-32 in [0, 1)
+// (unbiased stochastic rounding, Suresh et al. 2017, "Distributed Mean Estimation with Limited
+// Communication"). Decoding gives min + q * step with step = (max - min) / (2^b - 1). The u are the
+// 32-bit coins of the counter-based stream of common/random.hpp (one draw for two values), so results do not depend on threading, and every
+// formula matches fastfed.kernels.quantize_numpy operation for operation: all backends agree bit for bit. Levels are bit-packed as pack.hpp
+// describes.
 #pragma once
 
 #include <cmath>
@@ -62,24 +62,21 @@ inline std::size_t min_max_avx2(const float* x, std::size_t begin, std::size_t e
 }
 
 // quantize_pack_range for 8-bit levels of float32, eight values per step with the same double-precision
-// operations: the dither is 1/2 (nearest) or the value's uniform from the counter-based stream,
-// four splitmix64 draws at a time (random.hpp); min(q, 255) then truncation equals the scalar clamp.
+// operations: the dither is 1/2 (nearest) or the value's coin from the counter-based stream, four
+// splitmix64 draws (eight coins) at a time (random.hpp); min(q, 255) then truncation equals the scalar clamp.
 template <bool Stochastic>
 FASTFED_TARGET("avx2")
 std::size_t quantize_u8_avx2(const float* x, std::size_t begin, std::size_t end, double offset, double scale, std::uint64_t key,
                              std::uint8_t* out) {
     const __m256d origin = _mm256_set1_pd(offset), factor = _mm256_set1_pd(scale), half = _mm256_set1_pd(0.5), top = _mm256_set1_pd(255.0);
     const __m128i low_bytes = _mm_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
-    random::draws_avx2 draws(key, begin);
+    random::draws_avx2 draws(key, begin / 2);  // begin is a multiple of 8: four draws hold the next eight coins
     std::size_t i = begin;
     for (; i + 8 <= end; i += 8) {
         const __m256 v = _mm256_loadu_ps(x + i);
         const __m256d low = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), high = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
         __m256d dither_low = half, dither_high = half;
-        if constexpr (Stochastic) {
-            dither_low = random::uniform_avx2(draws.next());
-            dither_high = random::uniform_avx2(draws.next());
-        }
+        if constexpr (Stochastic) random::coins_avx2(draws, dither_low, dither_high);
         const __m256d q_low = _mm256_min_pd(_mm256_add_pd(_mm256_mul_pd(_mm256_sub_pd(low, origin), factor), dither_low), top);
         const __m256d q_high = _mm256_min_pd(_mm256_add_pd(_mm256_mul_pd(_mm256_sub_pd(high, origin), factor), dither_high), top);
         // The low byte of each int32, as the scalar cast keeps it (packing would saturate instead).
@@ -90,20 +87,24 @@ std::size_t quantize_u8_avx2(const float* x, std::size_t begin, std::size_t end,
     return i;
 }
 
-// quantize_u8_avx2's stochastic rounding eight values at a time with AVX-512DQ's random numbers:
-// the same uniforms and the same double-precision operations, so the same levels.
+// quantize_u8_avx2's stochastic rounding sixteen values at a time with AVX-512DQ's random numbers:
+// the same coins and the same double-precision operations, so the same levels.
 FASTFED_AVX512_BEGIN
 FASTFED_TARGET("avx512f,avx512dq,avx512vl,avx512bw")
 inline std::size_t quantize_stochastic_u8_avx512(const float* x, std::size_t begin, std::size_t end, double offset, double scale,
                                                  std::uint64_t key, std::uint8_t* out) {
     const __m512d origin = _mm512_set1_pd(offset), factor = _mm512_set1_pd(scale), top = _mm512_set1_pd(255.0);
-    random::draws_avx512 draws(key, begin);
+    random::draws_avx512 draws(key, begin / 2);  // begin is a multiple of 8, so even
     std::size_t i = begin;
-    for (; i + 8 <= end; i += 8) {
-        const __m512d v = _mm512_cvtps_pd(_mm256_loadu_ps(x + i));
-        const __m512d q = _mm512_min_pd(_mm512_add_pd(_mm512_mul_pd(_mm512_sub_pd(v, origin), factor), draws.uniforms()), top);
-        // The low byte of each int32, as the scalar cast keeps it.
-        _mm_storel_epi64(reinterpret_cast<__m128i*>(out + i), _mm256_cvtepi32_epi8(_mm512_cvttpd_epi32(q)));
+    for (; i + 16 <= end; i += 16) {
+        __m512d coins[2];
+        draws.coins(coins[0], coins[1]);
+        for (int h = 0; h < 2; ++h) {
+            const __m512d v = _mm512_cvtps_pd(_mm256_loadu_ps(x + i + 8 * h));
+            const __m512d q = _mm512_min_pd(_mm512_add_pd(_mm512_mul_pd(_mm512_sub_pd(v, origin), factor), coins[h]), top);
+            // The low byte of each int32, as the scalar cast keeps it.
+            _mm_storel_epi64(reinterpret_cast<__m128i*>(out + i + 8 * h), _mm256_cvtepi32_epi8(_mm512_cvttpd_epi32(q)));
+        }
     }
     return i;
 }
@@ -194,7 +195,7 @@ template <bool Stochastic, class Source>
 inline std::uint32_t quantize_value(Source x, std::size_t index, double offset, double scale, double levels, std::uint64_t key) {
     const double v = (static_cast<double>(x) - offset) * scale;
     double dither = 0.5;
-    if constexpr (Stochastic) dither = random::uniform(key, index);
+    if constexpr (Stochastic) dither = static_cast<double>(random::coin(key, index)) * 0x1p-32;
     // v >= 0 because x >= offset, so truncation equals the reference's floor, without a libm call;
     // through int32 (levels <= 65535), which SSE2 converts several at a time, unlike uint32.
     const double q = v + dither;

@@ -488,14 +488,6 @@ struct dither_levels {
 };
 
 #if defined(FASTFED_X86_DISPATCH)
-// The 32-bit coins of eight values as doubles in [0, 1): four draws hold eight coins, in order.
-FASTFED_TARGET("avx2") inline void coins_avx2(random::draws_avx2& draws, __m256d& low, __m256d& high) {
-    // Unsigned to double exactly: convert u - 2^31 as a signed integer, then add 2^31 back.
-    const __m256i shifted = _mm256_xor_si256(draws.next(), _mm256_set1_epi32(static_cast<int>(0x80000000u)));
-    const __m256d unbias = _mm256_set1_pd(0x1p31), scale = _mm256_set1_pd(0x1p-32);
-    low = _mm256_mul_pd(_mm256_add_pd(_mm256_cvtepi32_pd(_mm256_castsi256_si128(shifted)), unbias), scale);
-    high = _mm256_mul_pd(_mm256_add_pd(_mm256_cvtepi32_pd(_mm256_extracti128_si256(shifted, 1)), unbias), scale);
-}
 
 template <class Levels>
 FASTFED_TARGET("avx2")
@@ -511,7 +503,7 @@ void shared_levels_avx2(const float* y, std::size_t block, float inverse, std::s
         const __m256d z_low = _mm256_min_pd(_mm256_max_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(z)), low), high);
         const __m256d z_high = _mm256_min_pd(_mm256_max_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(z, 1)), low), high);
         __m256d coin_low, coin_high;
-        coins_avx2(draws, coin_low, coin_high);
+        random::coins_avx2(draws, coin_low, coin_high);
         const std::size_t row = shared_row(begin + j, row_offset, row_stride, rows);
         const __m128i first = _mm_shuffle_epi8(levels_of(z_low, coin_low, row), low_bytes);
         const __m128i second = _mm_shuffle_epi8(levels_of(z_high, coin_high, row), low_bytes);

@@ -24,7 +24,7 @@ from ._checks import (
     require_staircase,
     require_table,
 )
-from .random_numba import random_coin, random_uniform
+from .random_numba import random_coin
 from .rotate_numba import rotate_block, round_scales, unrotate_block
 
 _ONE = np.uint64(1)
@@ -34,7 +34,7 @@ _GROUP_BLOCK = 4096  # groups of 8 values per parallel task
 @numba.njit(inline="always")
 def _quantize_value(x, index, offset, scale, levels, stochastic, key):  # type: ignore[no-untyped-def]
     v = (np.float64(x) - offset) * scale
-    dither = random_uniform(key, index) if stochastic else 0.5
+    dither = random_coin(key, index) if stochastic else 0.5
     q = np.floor(v + dither)
     return np.uint64(levels) if q >= levels else np.uint64(q)
 

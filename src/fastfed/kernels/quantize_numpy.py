@@ -1,9 +1,10 @@
 """NumPy reference for ``cpp/quantize``: uniform and rotated quantization, and bit-packing.
 
 Quantization follows tensor_encoding's uniform quantizer: ``v = (x - min) * (2^b - 1) / (max - min)``
-rounded to ``floor(v + 0.5)`` (nearest) or ``floor(v + u)`` with ``u ~ U[0, 1)`` (unbiased stochastic
-rounding, Suresh et al. 2017, "Distributed Mean Estimation with Limited Communication"). The uniforms
-come from the counter-based stream of :mod:`fastfed.kernels.random_numpy`.
+rounded to ``floor(v + 0.5)`` (nearest) or ``floor(v + u)`` with ``u`` uniform on the multiples of
+2^-32 in [0, 1) (unbiased stochastic rounding, Suresh et al. 2017, "Distributed Mean Estimation with
+Limited Communication"). The ``u`` are the 32-bit coins of the counter-based stream of
+:mod:`fastfed.kernels.random_numpy` (:func:`random_halves`: one draw for two values).
 
 Packing: value ``i`` occupies bits ``[i*b, (i+1)*b)`` of a little-endian, LSB-first bit stream.
 
@@ -33,7 +34,7 @@ from ._checks import (
     require_staircase,
     require_table,
 )
-from .random_numpy import random_halves, random_uniform
+from .random_numpy import random_halves
 from .rotate_numpy import rotate_blocks, unrotate_blocks
 
 __all__ = [
@@ -70,7 +71,7 @@ def quantize(x: np.ndarray, bits: int, stochastic: bool, key: int, offset: float
     """The quantized levels ``q`` as uint32, before packing."""
     levels = float(2**bits - 1)
     v = (x.astype(np.float64) - offset) * scale
-    dither = random_uniform(key, x.shape[0]) if stochastic else 0.5
+    dither = random_halves(key, x.shape[0]).astype(np.float64) * 2.0**-32 if stochastic else 0.5
     return np.minimum(np.floor(v + dither), levels).astype(np.uint32)
 
 

@@ -22,11 +22,6 @@ def random_bits(key, index):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(inline="always")
-def random_uniform(key, index):  # type: ignore[no-untyped-def]
-    return np.float64(random_bits(key, index) >> np.uint64(11)) * 2.0**-53
-
-
-@numba.njit(inline="always")
 def random_sign(key, index):  # type: ignore[no-untyped-def]
     return 1.0 if (random_bits(key, index) >> np.uint64(63)) == _ONE else -1.0
 

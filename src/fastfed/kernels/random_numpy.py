@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["GOLDEN", "MIX1", "MIX2", "random_bits", "random_halves", "random_signs", "random_uniform", "sign_flips"]
+__all__ = ["GOLDEN", "MIX1", "MIX2", "random_bits", "random_halves", "random_signs", "sign_flips"]
 
 # splitmix64's increment and multipliers (Steele et al. 2014); every backend and the seed
 # derivation in fastfed.compression use these.
@@ -32,10 +32,6 @@ def random_bits(key: int, start: int, count: int) -> np.ndarray:
     """splitmix64 outputs for indices ``start .. start+count-1`` of the stream ``key``."""
     index = np.arange(start + 1, start + count + 1, dtype=np.uint64)
     return _mix64(np.uint64(key) + index * GOLDEN)
-
-
-def random_uniform(key: int, count: int) -> np.ndarray:
-    return (random_bits(key, 0, count) >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
 def random_signs(key: int, count: int) -> np.ndarray:
