@@ -489,6 +489,20 @@ struct dither_levels {
 
 #if defined(FASTFED_X86_DISPATCH)
 
+// The levels of values j..j+7 (clipped z, their coins, their shared row), stored as bytes.
+template <class Levels>
+FASTFED_TARGET("avx2")
+inline void shared_eight(const float* y, __m256 scale, __m256d low, __m256d high, __m256d coin_low, __m256d coin_high, std::size_t row,
+                         const Levels& levels_of, std::uint8_t* levels) {
+    const __m128i low_bytes = _mm_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+    const __m256 z = _mm256_mul_ps(_mm256_loadu_ps(y), scale);
+    const __m256d z_low = _mm256_min_pd(_mm256_max_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(z)), low), high);
+    const __m256d z_high = _mm256_min_pd(_mm256_max_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(z, 1)), low), high);
+    const __m128i first = _mm_shuffle_epi8(levels_of(z_low, coin_low, row), low_bytes);
+    const __m128i second = _mm_shuffle_epi8(levels_of(z_high, coin_high, row), low_bytes);
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(levels), _mm_unpacklo_epi32(first, second));
+}
+
 template <class Levels>
 FASTFED_TARGET("avx2")
 void shared_levels_avx2(const float* y, std::size_t block, float inverse, std::size_t begin, std::uint64_t coin_key,
@@ -497,19 +511,36 @@ void shared_levels_avx2(const float* y, std::size_t block, float inverse, std::s
     random::draws_avx2 draws(coin_key, begin / 2);
     const __m256 scale = _mm256_set1_ps(inverse);
     const __m256d low = _mm256_set1_pd(levels_of.low), high = _mm256_set1_pd(levels_of.high);
-    const __m128i low_bytes = _mm_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
     for (std::size_t j = 0; j < block; j += 8) {
-        const __m256 z = _mm256_mul_ps(_mm256_loadu_ps(y + j), scale);
-        const __m256d z_low = _mm256_min_pd(_mm256_max_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(z)), low), high);
-        const __m256d z_high = _mm256_min_pd(_mm256_max_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(z, 1)), low), high);
         __m256d coin_low, coin_high;
         random::coins_avx2(draws, coin_low, coin_high);
         const std::size_t row = shared_row(begin + j, row_offset, row_stride, rows);
-        const __m128i first = _mm_shuffle_epi8(levels_of(z_low, coin_low, row), low_bytes);
-        const __m128i second = _mm_shuffle_epi8(levels_of(z_high, coin_high, row), low_bytes);
-        _mm_storel_epi64(reinterpret_cast<__m128i*>(levels + j), _mm_unpacklo_epi32(first, second));
+        shared_eight(y + j, scale, low, high, coin_low, coin_high, row, levels_of, levels + j);
     }
 }
+
+// shared_levels_avx2 with AVX-512DQ's coins, sixteen per draw step (the same coins: the AVX2 draws
+// emulate 64-bit multiplies, which cost more than the levels themselves).
+FASTFED_AVX512_BEGIN
+template <class Levels>
+FASTFED_TARGET("avx2,avx512f,avx512dq")
+void shared_levels_avx512(const float* y, std::size_t block, float inverse, std::size_t begin, std::uint64_t coin_key,
+                          std::uint64_t row_offset, std::uint64_t row_stride, std::size_t rows, const Levels& levels_of,
+                          std::uint8_t* levels) {
+    random::draws_avx512 draws(coin_key, begin / 2);
+    const __m256 scale = _mm256_set1_ps(inverse);
+    const __m256d low = _mm256_set1_pd(levels_of.low), high = _mm256_set1_pd(levels_of.high);
+    for (std::size_t j = 0; j < block; j += 16) {  // blocks hold a power of two >= 64 values
+        __m512d coins[2];
+        draws.coins(coins[0], coins[1]);
+        for (std::size_t h = 0; h < 2; ++h) {
+            const std::size_t row = shared_row(begin + j + 8 * h, row_offset, row_stride, rows);
+            shared_eight(y + j + 8 * h, scale, low, high, _mm512_castpd512_pd256(coins[h]), _mm512_extractf64x4_pd(coins[h], 1), row,
+                         levels_of, levels + j + 8 * h);
+        }
+    }
+}
+FASTFED_AVX512_END
 
 // Whether any of values j..j+7 falls outside [low, high] once scaled: the rare case that needs a correction.
 FASTFED_TARGET("avx2") inline bool any_outside_avx2(const float* y, float inverse, double low, double high) {
@@ -526,6 +557,10 @@ template <class Levels>
 void shared_levels(const float* y, std::size_t block, float inverse, std::size_t begin, std::uint64_t coin_key, std::uint64_t row_offset,
                    std::uint64_t row_stride, std::size_t rows, const Levels& levels_of, std::uint8_t* levels) {
 #if defined(FASTFED_X86_DISPATCH)
+    if (active_isa() >= isa::avx512 && levels_of.vectorized()) {
+        shared_levels_avx512(y, block, inverse, begin, coin_key, row_offset, row_stride, rows, levels_of, levels);
+        return;
+    }
     if (active_isa() >= isa::avx2 && levels_of.vectorized()) {
         shared_levels_avx2(y, block, inverse, begin, coin_key, row_offset, row_stride, rows, levels_of, levels);
         return;
