@@ -38,6 +38,9 @@ inline std::uint32_t coin(std::uint64_t key, std::uint64_t index) {
     return static_cast<std::uint32_t>(bits(key, index / 2) >> (32 * (index & 1)));
 }
 
+// The coin of value `index` as a fraction in [0, 1): coin * 2^-32, exact in a double.
+inline double coin_fraction(std::uint64_t key, std::uint64_t index) { return static_cast<double>(coin(key, index)) * 0x1p-32; }
+
 #if defined(FASTFED_X86_DISPATCH)
 // The low 64 bits of a * b in four lanes; AVX2 multiplies 32 x 32 -> 64 bits only, so
 // a * b = a_lo b_lo + ((a_hi b_lo + a_lo b_hi) << 32) mod 2^64, with b = (b_lo, b_hi) given split.

@@ -195,7 +195,7 @@ template <bool Stochastic, class Source>
 inline std::uint32_t quantize_value(Source x, std::size_t index, double offset, double scale, double levels, std::uint64_t key) {
     const double v = (static_cast<double>(x) - offset) * scale;
     double dither = 0.5;
-    if constexpr (Stochastic) dither = static_cast<double>(random::coin(key, index)) * 0x1p-32;
+    if constexpr (Stochastic) dither = random::coin_fraction(key, index);
     // v >= 0 because x >= offset, so truncation equals the reference's floor, without a libm call;
     // through int32 (levels <= 65535), which SSE2 converts several at a time, unlike uint32.
     const double q = v + dither;

@@ -568,7 +568,7 @@ void shared_levels(const float* y, std::size_t block, float inverse, std::size_t
 #endif
     for (std::size_t j = 0; j < block; ++j) {
         const double z = std::min(std::max(static_cast<double>(y[j] * inverse), levels_of.low), levels_of.high);
-        const double coin = static_cast<double>(random::coin(coin_key, begin + j)) * 0x1p-32;
+        const double coin = random::coin_fraction(coin_key, begin + j);
         levels[j] = static_cast<std::uint8_t>(levels_of(z, coin, shared_row(begin + j, row_offset, row_stride, rows)));
     }
 }

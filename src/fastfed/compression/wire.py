@@ -244,7 +244,7 @@ def encode(
             version = max(version, 2 if head[0] in ROTATED_CODECS else 1)
         else:
             raw = np.ascontiguousarray(array, dtype=dtype.newbyteorder("<")).tobytes()
-            head, block, parameters, pieces = (CODEC_RAW, 0, 0), 0, RANGE.pack(0.0, 0.0), [memoryview(raw)]
+            head, block, parameters, pieces = (CODEC_RAW, 0, 0), 0, NO_PARAMETERS, [memoryview(raw)]
         table.append(
             ENTRY.pack(*head, DTYPE_CODES[dtype], array.ndim)
             + struct.pack(f"<{array.ndim}Q", *array.shape)

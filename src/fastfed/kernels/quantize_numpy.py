@@ -4,7 +4,7 @@ Quantization follows tensor_encoding's uniform quantizer: ``v = (x - min) * (2^b
 rounded to ``floor(v + 0.5)`` (nearest) or ``floor(v + u)`` with ``u`` uniform on the multiples of
 2^-32 in [0, 1) (unbiased stochastic rounding, Suresh et al. 2017, "Distributed Mean Estimation with
 Limited Communication"). The ``u`` are the 32-bit coins of the counter-based stream of
-:mod:`fastfed.kernels.random_numpy` (:func:`random_halves`: one draw for two values).
+:mod:`fastfed.kernels.random_numpy` (:func:`random_coins`: one draw for two values).
 
 Packing: value ``i`` occupies bits ``[i*b, (i+1)*b)`` of a little-endian, LSB-first bit stream.
 
@@ -34,7 +34,7 @@ from ._checks import (
     require_staircase,
     require_table,
 )
-from .random_numpy import random_halves
+from .random_numpy import random_coins
 from .rotate_numpy import rotate_blocks, unrotate_blocks
 
 __all__ = [
@@ -71,7 +71,7 @@ def quantize(x: np.ndarray, bits: int, stochastic: bool, key: int, offset: float
     """The quantized levels ``q`` as uint32, before packing."""
     levels = float(2**bits - 1)
     v = (x.astype(np.float64) - offset) * scale
-    dither = random_halves(key, x.shape[0]).astype(np.float64) * 2.0**-32 if stochastic else 0.5
+    dither = random_coins(key, x.shape[0]) if stochastic else 0.5
     return np.minimum(np.floor(v + dither), levels).astype(np.uint32)
 
 
@@ -310,10 +310,6 @@ def rows_of(padded: int, row_offset: int, row_stride: int, rows: int) -> np.ndar
     return np.asarray(((np.arange(padded, dtype=np.int64) >> 3) * row_stride + row_offset) & (rows - 1))
 
 
-def _coins(key: int, shape: tuple[int, int]) -> np.ndarray:
-    return np.asarray((random_halves(key, shape[0] * shape[1]).astype(np.float64) * 2.0**-32).reshape(shape))
-
-
 def encode_shared_table(
     x: np.ndarray,
     bits: int,
@@ -349,7 +345,7 @@ def encode_shared_table(
     inverse_width = 1.0 / np.diff(breakpoints)
     step = np.clip(np.searchsorted(breakpoints, z, side="right") - 1, 0, steps - 1)
     fraction = (z - breakpoints[step]) * inverse_width[step]
-    configuration = step + (_coins(keys[1], z.shape) < fraction)
+    configuration = step + (random_coins(keys[1], z.size).reshape(z.shape) < fraction)
     row = rows_of(z.size, row_offset, row_stride, ranks.shape[0]).reshape(z.shape)
     levels = np.zeros(z.shape, np.uint32)
     for column in range(ranks.shape[1]):
@@ -384,7 +380,7 @@ def encode_shared_dither(
     steps = rows * (2**bits - 1)
     v = (z + support) * (rows / (2 * support / (2**bits - 1)))
     whole = np.minimum(np.floor(v), steps - 1)
-    configuration = whole + (_coins(keys[1], z.shape) < v - whole)
+    configuration = whole + (random_coins(keys[1], z.size).reshape(z.shape) < v - whole)
     row = rows_of(z.size, row_offset, row_stride, rows).reshape(z.shape)
     levels = (configuration.astype(np.int64) + rows - 1 - row) >> (rows.bit_length() - 1)
     return _shared_finish(y, sigma32, levels, row, outside, bits, table, (sigmas, packed, outlier_index, outlier_value))

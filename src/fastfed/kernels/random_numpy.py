@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["GOLDEN", "MIX1", "MIX2", "random_bits", "random_halves", "random_signs", "sign_flips"]
+__all__ = ["GOLDEN", "MIX1", "MIX2", "random_bits", "random_coins", "random_halves", "random_signs", "sign_flips"]
 
 # splitmix64's increment and multipliers (Steele et al. 2014); every backend and the seed
 # derivation in fastfed.compression use these.
@@ -48,3 +48,8 @@ def random_halves(key: int, count: int) -> np.ndarray:
     """32-bit coins: coordinate ``i`` takes the low (even ``i``) or high (odd ``i``) half of draw ``i // 2``."""
     words = random_bits(key, 0, -(-count // 2)).astype("<u8")
     return words.view("<u4")[:count].astype(np.uint32)
+
+
+def random_coins(key: int, count: int) -> np.ndarray:
+    """The coins of :func:`random_halves` as float64 fractions in [0, 1): ``half * 2^-32``."""
+    return random_halves(key, count).astype(np.float64) * 2.0**-32
