@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,6 +13,8 @@ keras = pytest.importorskip("keras")
 import fastfed
 from fastfed import data, models, optimizers
 from fastfed.compression import RotatedQuantizer, UniformQuantizer
+from fastfed.executors import LocalExecutor
+from fastfed.learning.client import ClientTrainer
 
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 TFF_TRAIN_ACCURACY = [0.911, 0.925, 0.944, 0.955, 0.962, 0.967]  # TFF 0.87, same data and settings
@@ -29,7 +32,8 @@ def _process(**options: object) -> fastfed.FedAvg:
         "seed": 3,
     }
     settings.update(options)
-    return fastfed.FedAvg(lambda: models.mlp((64,), hidden=32), **settings)  # type: ignore[arg-type]
+    model_fn = settings.pop("model_fn", lambda: models.mlp((64,), hidden=32))
+    return fastfed.FedAvg(model_fn, **settings)  # type: ignore[arg-type]
 
 
 @pytest.mark.skipif(not MNIST.exists(), reason="the real MNIST test set is not next to the repository")
@@ -71,6 +75,48 @@ def test_rounds_are_deterministic_and_never_retrace() -> None:
     for a, b in zip(runs[0][0], runs[1][0]):
         np.testing.assert_array_equal(a, b)
     assert runs[0][1]["train_loss"] == runs[1][1]["train_loss"]
+
+
+def _dropout_mlp() -> Any:
+    layers = keras.layers
+    return keras.Sequential([keras.Input((64,)), layers.Dense(32, "relu"), layers.Dropout(0.3), layers.Dense(10)])
+
+
+@pytest.mark.parametrize("model_fn", [lambda: models.mlp((64,), hidden=32), _dropout_mlp], ids=["mlp", "dropout"])
+def test_clients_trained_side_by_side_give_the_same_bits(model_fn: Any) -> None:
+    # Uneven clients, so that threads finish out of order; dropout draws from each client's own seed.
+    (x, y), _ = data.load_digits(seed=0)
+    clients = [(x[a:b], y[a:b]) for a, b in [(0, 30), (30, 200), (200, 230), (230, 500), (500, 520), (520, 700)]]
+    runs = []
+    for threads in (1, 3):
+        process = _process(model_fn=model_fn, executor=LocalExecutor(threads=threads))
+        state = process.initialize()
+        for _ in range(2):
+            state, metrics = process.next(state, clients)
+        runs.append((state.weights, metrics))
+    for a, b in zip(runs[0][0], runs[1][0]):
+        np.testing.assert_array_equal(a, b)
+    for key in ("train_loss", "train_accuracy", "num_examples"):
+        assert runs[0][1][key] == runs[1][1][key]
+
+
+def test_a_dropout_clients_update_does_not_depend_on_the_clients_before_it() -> None:
+    (x, y), _ = data.load_digits(seed=0)
+    clients = [(x[:100], y[:100]), (x[100:200], y[100:200])]
+    trainer = ClientTrainer(_dropout_mlp, lambda: keras.optimizers.SGD(learning_rate=0.1), None, 20, 1)
+    weights = [np.array(w) for w in trainer.model.get_weights()]
+    prepared = [trainer.prepare(i, *client) for i, client in enumerate(clients)]
+    alone = trainer.train(weights, *prepared[1], np.random.default_rng(7)).weights
+    trainer.train(weights, *prepared[0], np.random.default_rng(8))
+    after_another = trainer.train(weights, *prepared[1], np.random.default_rng(7)).weights
+    for a, b in zip(alone, after_another):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_local_executor_threads_must_be_a_positive_integer() -> None:
+    for threads in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="threads must be a positive integer"):
+            LocalExecutor(threads=threads)  # type: ignore[arg-type]
 
 
 def test_training_learns_and_evaluation_is_example_weighted() -> None:

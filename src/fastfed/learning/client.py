@@ -129,6 +129,7 @@ class ClientTrainer:
         import tensorflow as tf
 
         self._tf = tf
+        self._settings = (model_fn, optimizer_fn, loss, batch_size, local_epochs, metrics, step, jit_compile)
         self.model = model_fn() if model is None else model
         self.optimizer = optimizer_fn()
         self.optimizer.build(self.model.trainable_variables)
@@ -145,6 +146,9 @@ class ClientTrainer:
             tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, name=f"start_{i}")
             for i, v in enumerate(self.model.trainable_variables)
         ]
+        # The random state of dropout and other random layers, set per client from the client's seed
+        # so that what a client draws depends on nothing trained before it (or beside it).
+        self._seed_states = [v for v in self.model.variables if v.name == "seed_generator_state"]
         accelerated = bool(tf.config.list_physical_devices("GPU"))
         self.jit_compile = accelerated if jit_compile is None else jit_compile
         self.clients_per_call = (8 if accelerated else 1) if clients_per_call is None else clients_per_call
@@ -152,6 +156,27 @@ class ClientTrainer:
         self._loop: Any = None
         self._traces = 0
         self._converted: tuple[list[np.ndarray], list[Any]] | None = None
+
+    def sibling(self) -> ClientTrainer:
+        """Another trainer of the same settings on its own model, sharing this one's data spec: one
+        per thread, for training clients side by side."""
+        model_fn, optimizer_fn, loss, batch_size, local_epochs, metrics, step, jit_compile = self._settings
+        other = ClientTrainer(model_fn, optimizer_fn, loss, batch_size, local_epochs, metrics, step, jit_compile,
+                              clients_per_call=self.clients_per_call)  # fmt: skip
+        other.spec = self.spec
+        return other
+
+    def ready(self) -> None:
+        """Builds (traces) the compiled loop that :meth:`train` or :meth:`train_together` will call,
+        in the calling thread; the data spec must be known (a client prepared by this trainer or the
+        one it is a sibling of)."""
+        if not self.metrics:
+            self.metrics = resolve_metrics(self._metric_names, one_hot_labels=self.spec.one_hot)
+        if self.clients_per_call > 1 and self._together is None:
+            self._build_together()
+        if self._loop is None:
+            self._loop = self._build_loop(xla=self.jit_compile)
+            self._traces += 1
 
     def reset_metrics(self) -> None:
         for metric in self.metrics:
@@ -188,11 +213,15 @@ class ClientTrainer:
         trainable_positions = [positions[id(variable)] for variable in trainable]
         fresh = [tf.constant(value) for value in self._fresh_optimizer]
 
-        def loop(weights: Any, x: Any, y: Any, order: Any, n: Any, epochs: Any) -> Any:
+        seed_states = self._seed_states
+
+        def loop(weights: Any, x: Any, y: Any, order: Any, n: Any, epochs: Any, seeds: Any) -> Any:
             # The client's start: the round's weights, and a fresh optimizer as in FedAvg; set inside
             # the compiled call, not by one eager operation per variable.
             for variable, value in zip(model.weights, weights):
                 variable.assign(value)
+            for position, variable in enumerate(seed_states):
+                variable.assign(seeds[position])
             for variable, position in zip(start, trainable_positions):
                 variable.assign(weights[position])
             for variable, value in zip(optimizer.variables, fresh):
@@ -228,6 +257,7 @@ class ClientTrainer:
             tf.TensorSpec((None, None), tf.int32),
             tf.TensorSpec((), tf.int32),
             tf.TensorSpec((), tf.int32),
+            tf.TensorSpec((len(seed_states), 2), tf.int64),
         ]
         # The concrete function, called directly: the polymorphic wrapper would re-bind every argument
         # on every call, which costs milliseconds per client.
@@ -236,14 +266,16 @@ class ClientTrainer:
     def train(self, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> ClientResult:
         """Trains on one client's prepared arrays (see :meth:`prepare`) from ``weights``."""
         orders = [rng.permutation(len(x)) for _ in range(self.local_epochs)]
+        seeds = np.zeros((len(self._seed_states), 2), np.int64)
+        seeds[:, 0] = rng.integers(0, 2**62, len(seeds))  # drawn after the orders, which stay as they were
         try:
-            loss_sum, trained = self._run(weights, x, y, orders)
+            loss_sum, trained = self._run(weights, x, y, orders, seeds)
         except (self._tf.errors.InvalidArgumentError, self._tf.errors.UnimplementedError) as error:
             if not self.jit_compile or "XLA" not in str(error):
                 raise
             log.warning("XLA cannot compile this model's training loop; training without XLA (%s)", _first_line(error))
             self.jit_compile, self._loop = False, None
-            loss_sum, trained = self._run(weights, x, y, orders)
+            loss_sum, trained = self._run(weights, x, y, orders, seeds)
         batches = self.local_epochs * -(-len(x) // self.batch_size)
         return ClientResult(trained, len(x) * self.local_epochs, batches, loss_sum)
 
@@ -252,16 +284,8 @@ class ClientTrainer:
     ) -> list[ClientResult]:
         """Trains several clients' prepared arrays from ``weights`` in one vectorized call (or one by
         one where that is not possible); the same shuffle orders as :meth:`train` for each."""
-        from .together import TogetherLoop, sgd_settings
-
         if self._together is None:
-            sgd = sgd_settings(self.optimizer)
-            if sgd is None or self.model.non_trainable_variables:
-                why = "the optimizer is not plain keras SGD" if sgd is None else "the model has non-trainable variables"
-                log.warning("training clients one at a time: %s", why)
-                self.clients_per_call, self._together = 1, False
-            else:
-                self._together = TogetherLoop(self, sgd)
+            self._build_together()
         if self._together is False:
             return [self.train(weights, x, y, rng) for x, y, rng in clients]
         ordered = [(x, y, [rng.permutation(len(x)) for _ in range(self.local_epochs)]) for x, y, rng in clients]
@@ -271,6 +295,17 @@ class ClientTrainer:
             for (x, _, _), values, loss in zip(clients, trained, loss_sums)
         ]
 
+    def _build_together(self) -> None:
+        from .together import TogetherLoop, sgd_settings
+
+        sgd = sgd_settings(self.optimizer)
+        if sgd is None or self.model.non_trainable_variables:
+            why = "the optimizer is not plain keras SGD" if sgd is None else "the model has non-trainable variables"
+            log.warning("training clients one at a time: %s", why)
+            self.clients_per_call, self._together = 1, False
+        else:
+            self._together = TogetherLoop(self, sgd)
+
     def _start_tensors(self, weights: list[np.ndarray]) -> list[Any]:
         """The round's weights as tensors, converted once for all the clients that start from them."""
         if self._converted is None or self._converted[0] is not weights:
@@ -278,7 +313,7 @@ class ClientTrainer:
         return self._converted[1]
 
     def _run(
-        self, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray, orders: list[np.ndarray]
+        self, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray, orders: list[np.ndarray], seeds: np.ndarray
     ) -> tuple[float, list[np.ndarray]]:
         if self._loop is None:
             self._loop = self._build_loop(xla=self.jit_compile)
@@ -292,7 +327,9 @@ class ClientTrainer:
         if self.jit_compile and rows > n:
             x = np.concatenate([x, np.zeros((rows - n, *x.shape[1:]), x.dtype)])
             y = np.concatenate([y, np.zeros((rows - n, *y.shape[1:]), y.dtype)])
-        loss_sum, trained = self._loop(self._start_tensors(weights), x, y, order, np.int32(n), np.int32(len(orders)))
+        loss_sum, trained = self._loop(
+            self._start_tensors(weights), x, y, order, np.int32(n), np.int32(len(orders)), seeds
+        )  # fmt: skip
         return float(loss_sum), [value.numpy() for value in trained]
 
 

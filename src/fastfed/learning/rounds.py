@@ -8,8 +8,13 @@ round with the same grouping give the same bits.
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import itertools
 import math
-from collections.abc import Callable, Sequence
+import queue
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,13 +140,74 @@ class GroupResult:
         return cls(None, 0.0, 0, RoundTally(failed=len(clients)), 0.0, 0, 0, [], [(i, reason) for i in clients])
 
 
-def _train_one(
-    trainer: ClientTrainer, start: list[np.ndarray], x: np.ndarray, y: np.ndarray, seed: int
-) -> ClientResult | BaseException:
+Chunk = list[tuple[int, np.ndarray, np.ndarray, int]]
+
+
+def _train_chunk(
+    trainer: ClientTrainer, start: list[np.ndarray], chunk: Chunk
+) -> tuple[list[ClientResult | BaseException], list[list[np.ndarray]] | None]:
+    """Trains a chunk of prepared clients (together if more than one); their outcomes, and the
+    chunk's training-metric states, or ``None`` if its training failed."""
+    trainer.reset_metrics()
+    outcomes: list[ClientResult | BaseException]
     try:
-        return trainer.train(start, x, y, np.random.default_rng(seed))
-    except Exception as error:  # reported as that client's failure
-        return error
+        if len(chunk) > 1:
+            together = [(x, y, np.random.default_rng(seed)) for _, x, y, seed in chunk]
+            outcomes = list(trainer.train_together(start, together))
+        else:
+            _, x, y, seed = chunk[0]
+            outcomes = [trainer.train(start, x, y, np.random.default_rng(seed))]
+    except Exception as error:  # a faulty client must not stop the round
+        return [error] * len(chunk), None
+    return outcomes, trainer.metric_states()
+
+
+def _chunk_outcomes(
+    trainers: Sequence[ClientTrainer], start: list[np.ndarray], chunks: list[Chunk]
+) -> Iterator[tuple[list[ClientResult | BaseException], list[list[np.ndarray]] | None]]:
+    """Each chunk's outcomes, in chunk order; with several trainers, chunks train side by side in
+    threads (one trainer each), which changes no bit: a client's training depends only on its own
+    data and seed, and what the chunks return is folded in chunk order."""
+    busy = trainers[: len(chunks)]
+    if len(busy) <= 1:
+        for chunk in chunks:
+            yield _train_chunk(trainers[0], start, chunk)
+        return
+    idle: queue.SimpleQueue[ClientTrainer] = queue.SimpleQueue()
+
+    def train_on_idle_trainer(chunk: Chunk) -> Any:
+        trainer = idle.get()
+        try:
+            return _train_chunk(trainer, start, chunk)
+        finally:
+            idle.put(trainer)
+
+    pool = ThreadPoolExecutor(len(busy), thread_name_prefix="fastfed-client")
+    waiting = list(busy)
+    try:
+        # A window of chunks in flight, so that finished updates wait to be folded for a few
+        # chunks at most, not for the whole round.
+        pending = iter(chunks)
+        first_chunks = itertools.islice(pending, 2 * len(busy))
+        window = collections.deque(pool.submit(train_on_idle_trainer, chunk) for chunk in first_chunks)
+        # Traced here, one after another (Keras builds graphs in one thread at a time), each trainer
+        # set to work as soon as it is ready. A trainer that fails to trace is set to work anyway:
+        # its clients fail with the same error, counted, as with one trainer.
+        while waiting:
+            with contextlib.suppress(Exception):
+                waiting[0].ready()
+            idle.put(waiting.pop(0))
+        while window:
+            outcome = window.popleft().result()
+            for chunk in itertools.islice(pending, 1):
+                window.append(pool.submit(train_on_idle_trainer, chunk))
+            yield outcome
+    finally:
+        # On an interrupt or error, clients not yet started are dropped and running ones finish;
+        # threads still waiting for a trainer are given one, so that none waits forever.
+        for trainer in waiting:
+            idle.put(trainer)
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def split_groups(num_clients: int, clients_per_group: int | None, default_groups: int) -> list[range]:
@@ -151,44 +217,44 @@ def split_groups(num_clients: int, clients_per_group: int | None, default_groups
 
 
 def train_group(
-    trainer: ClientTrainer,
+    trainers: list[ClientTrainer],
     config: WorkerConfig,
     spec: RoundSpec,
     clients: Sequence[IndexedClient],
     progress: Callable[[int], object] | None = None,
+    threads: int = 1,
 ) -> GroupResult:
-    """Trains a group's clients one after another and folds their deltas into one partial sum;
-    ``progress(1)`` is called after each client."""
+    """Trains a group's clients and folds their deltas, in client order, into one partial sum;
+    ``progress(1)`` is called after each client. With ``threads`` > 1, clients train side by side
+    in threads, each on its own trainer (``trainers`` is grown with siblings of its first); the
+    result is the same bits as with one."""
     accumulator = Accumulator()
     tally = RoundTally()
-    trainer.reset_metrics()
     loss_sum, examples, batches = 0.0, 0, 0
+    metric_states: list[list[np.ndarray]] = []
     failures: list[tuple[int, str]] = []
     start = spec.start_weights()
-    # Clients train in chunks of the trainer's clients_per_call (1: one after another); every
-    # client's data is conformed first, so that one client's bad data fails that client alone.
-    prepared: list[tuple[int, np.ndarray, np.ndarray, int]] = []
+    # Clients train in chunks of the trainer's clients_per_call (1: one by one); every client's data
+    # is conformed first, so that one client's bad data fails that client alone.
+    prepared: Chunk = []
     for index, x, y in clients:
         try:
-            prepared.append((index, *trainer.prepare(index, x, y), derived_seed(spec.seed, spec.round, index)))
+            prepared.append((index, *trainers[0].prepare(index, x, y), derived_seed(spec.seed, spec.round, index)))
         except Exception as error:
             tally.failed += 1
             failures.append((index, describe_failure(error)))
             if progress is not None:
                 progress(1)
-    chunk = max(1, trainer.clients_per_call)
-    for first in range(0, len(prepared), chunk):
-        group = prepared[first : first + chunk]
-        try:
-            if len(group) > 1:
-                outcomes: list[ClientResult | BaseException] = list(trainer.train_together(
-                    start, [(x, y, np.random.default_rng(seed)) for _, x, y, seed in group]
-                ))  # fmt: skip
-            else:
-                outcomes = [_train_one(trainer, start, *group[0][1:])]
-        except Exception as error:  # a faulty client must not stop the round
-            outcomes = [error] * len(group)
-        for (index, _, _, client_seed), outcome in zip(group, outcomes):
+    size = max(1, trainers[0].clients_per_call)
+    chunks = [prepared[first : first + size] for first in range(0, len(prepared), size)]
+    while len(trainers) < min(threads, len(chunks)):  # after a client fixed the data spec they share
+        trainers.append(trainers[0].sibling())
+    for chunk, (outcomes, states) in zip(chunks, _chunk_outcomes(trainers, start, chunks)):
+        if states is not None:  # training metrics cover the clients whose training completed
+            metric_states = states if not metric_states else [
+                [mine + theirs for mine, theirs in zip(a, b)] for a, b in zip(metric_states, states)
+            ]  # fmt: skip
+        for (index, _, _, client_seed), outcome in zip(chunk, outcomes):
             try:
                 if isinstance(outcome, BaseException):
                     raise outcome
@@ -216,6 +282,6 @@ def train_group(
         loss_sum,
         examples,
         batches,
-        trainer.metric_states(),
+        metric_states,
         failures,
     )

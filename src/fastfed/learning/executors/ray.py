@@ -49,7 +49,7 @@ class _Worker:
     def run(self, spec: RoundSpec, groups: list[list[IndexedClient]]) -> list[dict[str, Any]]:
         packed = []
         for group in groups:
-            result = train_group(self.trainer, self.config, spec, group)
+            result = train_group([self.trainer], self.config, spec, group)
             fields = dict(vars(result))
             fields["sums"] = None if result.sums is None else encode(result.sums)
             packed.append(fields)
