@@ -229,7 +229,8 @@ std::size_t encode_shared_table(const py::array& x, unsigned bits, std::size_t b
         if (!(points[j] < points[j + 1]) || !std::isfinite(points[j + 1]) || !std::isfinite(points[0]))
             throw std::invalid_argument("breakpoints: expected finite, strictly increasing values");
     const quantize::staircase_table stairs(points, rows * columns + 1);
-    const quantize::table_levels levels{stairs, ranks.data(), columns, points[0], points[rows * columns]};
+    const std::vector<std::uint8_t> level_bytes = quantize::tabulate_levels(ranks.data(), rows, columns, rows * columns);
+    const quantize::table_levels levels{stairs, ranks.data(), columns, points[0], points[rows * columns], level_bytes.data()};
     return run_encode_shared(x, bits, block, keys, row_offset, row_stride, table, levels, sigmas, packed, outlier_index, outlier_value,
                              padded);
 }

@@ -435,6 +435,9 @@ struct table_levels {
     const std::int32_t* ranks;  // (rows, levels - 1)
     std::size_t columns;
     double low, high;
+    // The same levels tabulated, (rows, steps + 1) bytes and three of padding: a row's level for each
+    // configuration, one gather instead of levels - 1 comparisons at 3 and 4 bits (see tabulate_levels).
+    const std::uint8_t* level_bytes;
 
     std::uint32_t operator()(double z, double coin, std::size_t row) const {
         const std::size_t j = stairs(z);
@@ -452,13 +455,42 @@ struct table_levels {
         __m256d fraction;
         const __m128i step = stairs.steps_avx2(z, fraction);
         const __m128i configuration = _mm_sub_epi32(step, staircase_table::low_halves(_mm256_cmp_pd(coin, fraction, _CMP_LT_OQ)));
-        __m128i level = _mm_setzero_si128();
-        for (std::size_t k = 0; k < columns; ++k)
-            level = _mm_sub_epi32(level, _mm_cmpgt_epi32(configuration, _mm_set1_epi32(ranks[row * columns + k])));
-        return level;
+        if (columns <= 3) {  // 1 or 2 bits: fewer comparisons than a gather costs
+            __m128i level = _mm_setzero_si128();
+            for (std::size_t k = 0; k < columns; ++k)
+                level = _mm_sub_epi32(level, _mm_cmpgt_epi32(configuration, _mm_set1_epi32(ranks[row * columns + k])));
+            return level;
+        }
+        const auto configurations = static_cast<int>(stairs.steps() + 1);
+        const __m128i index = _mm_add_epi32(configuration, _mm_set1_epi32(static_cast<int>(row) * configurations));
+        const __m128i four_bytes = _mm_i32gather_epi32(reinterpret_cast<const int*>(level_bytes), index, 1);
+        return _mm_and_si128(four_bytes, _mm_set1_epi32(0xFF));
     }
 #endif
 };
+
+// table_levels' level_bytes: for each row and configuration c in 0..steps, how many of the row's
+// ranks are below c, by a histogram of the row's ranks and its running sum.
+inline std::vector<std::uint8_t> tabulate_levels(const std::int32_t* ranks, std::size_t rows, std::size_t columns, std::size_t steps) {
+    std::vector<std::uint8_t> bytes(rows * (steps + 1) + 3);
+    std::vector<std::uint32_t> at(steps + 1);
+    for (std::size_t row = 0; row < rows; ++row) {
+        std::fill(at.begin(), at.end(), 0u);
+        std::uint32_t below = 0;
+        for (std::size_t k = 0; k < columns; ++k) {
+            const std::int32_t rank = ranks[row * columns + k];
+            if (rank < 0)
+                ++below;
+            else if (static_cast<std::size_t>(rank) < steps)
+                ++at[static_cast<std::size_t>(rank)];
+        }
+        for (std::size_t c = 0; c <= steps; ++c) {
+            bytes[row * (steps + 1) + c] = static_cast<std::uint8_t>(below);
+            below += at[c];
+        }
+    }
+    return bytes;
+}
 
 // ... or along a dither table's, which is uniform.
 struct dither_levels {
