@@ -77,8 +77,8 @@ class FedAvg:
         :class:`fastfed.learning.client.ClientTrainer`).
       clients_per_call: train this many clients together in one call, vectorized over them (see
         :mod:`fastfed.learning.together`); ``None`` decides by device (8 on GPUs, 1 on CPUs).
-      executor: where clients train: :class:`fastfed.executors.LocalExecutor` (default) or
-        :class:`fastfed.executors.RayExecutor`.
+      executor: where clients train: :class:`fastfed.executors.LocalExecutor` (default: in this
+        process, two clients side by side in threads on a CPU) or :class:`fastfed.executors.RayExecutor`.
       clients_per_partial_sum: clients are summed in contiguous groups of this many, one partial sum
         each, merged in order. The result depends only on this grouping, so any executor with the
         same value gives the same bits. Default: one group locally, one group per Ray actor.
