@@ -46,6 +46,19 @@ def timing(config: pytest.Config) -> bool:
     return session is not None and not session.disabled
 
 
+@pytest.fixture(scope="session", autouse=True)
+def tensorflow_started_with_its_defaults(request: pytest.FixtureRequest) -> None:
+    """When timing, TensorFlow starts here with its default thread pools, whatever benchmark runs
+    first, so that baselines such as a plain Keras loop run as a user would run them (fastfed's
+    local executor would otherwise set them for its client threads: see benchmarks/fastfed_rounds.py)."""
+    if timing(request.config):
+        try:
+            import tensorflow as tf
+        except ImportError:
+            return
+        tf.constant(0.0)
+
+
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     session = getattr(config, "_benchmarksession", None)
     if not timing(config):
@@ -76,6 +89,11 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
             moved = bench.extra_info.get("bytes_per_element")
             moved_text = f"  {moved:.1f} bytes moved per element (cache simulator)" if moved is not None else ""
             others = [(key, value) for key, value in bench.extra_info.items() if key.startswith("vs ")]
+            alone = bench.extra_info.get("own process: median ms")
+            if alone is not None:  # the same rounds in a process of their own, against the same baselines
+                for b in baselines:
+                    others.append((f"own process {alone:.1f} ms, x {b}", alone / 1e3 / benches[b].stats.median))
+                others.append(("own process first/steady", bench.extra_info["own process: first/steady"]))
             external = "".join(f"  {key}: {value:.2f}" for key, value in others)
             processed = bench.extra_info.get("input_bytes")
             rate_text = f"  {processed / median / 1e9:.2f} GB/s of input" if processed is not None else ""

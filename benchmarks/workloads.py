@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Any
+
 import numpy as np
 
 # The original FedAvg CNN of McMahan et al. 2017, as in TFF's compression tutorial: 1,663,370 float32.
@@ -15,3 +18,37 @@ def random_updates(k: int, shapes: list[tuple[int, ...]], seed: int = 0) -> list
 
 def example_counts(k: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(100, 1000, k)
+
+
+# FedAvg scenarios, name: (model, batch, client learning rate, 8-bit uploads and broadcast).
+FEDAVG_SCENARIOS = {
+    "mnist by digit": ("mlp", 100, 0.1, False),
+    "20 label-skewed clients": ("mlp", 20, 0.1, False),
+    "cnn 10x400": ("cnn", 20, 0.02, False),
+    "cnn 10x400 8-bit": ("cnn", 20, 0.02, True),
+}
+
+
+def fedavg_model_fn(kind: str) -> Any:
+    """fastfed's MLP 784-512-10 or the FedAvg CNN, as a model function."""
+    from fastfed import models
+
+    return partial(models.cnn, (28, 28)) if kind == "cnn" else partial(models.mlp, (784,), hidden=512)
+
+
+def fedavg_process(kind: str, batch: int, learning_rate: float, compressed: bool) -> Any:
+    """The FedAvg process a scenario runs: its model, client SGD, seed 0."""
+    import keras
+
+    import fastfed
+    from fastfed.compression import UniformQuantizer
+
+    codec = UniformQuantizer(bits=8) if compressed else None
+    return fastfed.FedAvg(
+        fedavg_model_fn(kind),
+        client_optimizer=partial(keras.optimizers.SGD, learning_rate=learning_rate),
+        aggregator=fastfed.mean_aggregator(codec=codec),
+        broadcast_codec=codec,
+        batch_size=batch,
+        seed=0,
+    )

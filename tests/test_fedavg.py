@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +114,37 @@ def test_a_dropout_clients_update_does_not_depend_on_the_clients_before_it() -> 
     after_another = trainer.train(weights, *prepared[1], np.random.default_rng(7)).weights
     for a, b in zip(alone, after_another):
         np.testing.assert_array_equal(a, b)
+
+
+SHARE_CORES = """
+import logging, os, sys
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+import keras, tensorflow as tf, fastfed
+from fastfed.executors import LocalExecutor
+if os.environ.get("START_TENSORFLOW"):
+    tf.constant(0.0)
+model_fn = lambda: fastfed.models.mlp((4,), hidden=2)
+fastfed.FedAvg(model_fn, client_optimizer=keras.optimizers.SGD, executor=LocalExecutor(threads=2))
+print("intra-op threads", tf.config.threading.get_intra_op_parallelism_threads())
+"""
+
+
+@pytest.mark.parametrize(
+    ("environment", "expected", "logged"),
+    [({}, max(1, (os.cpu_count() or 1) // 2), False), ({"TF_NUM_INTRAOP_THREADS": "2"}, 0, False),
+     ({"START_TENSORFLOW": "1"}, 0, True)],
+    ids=["fresh", "chosen by the user", "tensorflow started"],
+)  # fmt: skip
+def test_client_threads_share_the_cores_only_before_tensorflow_starts(
+    environment: dict[str, str], expected: int, logged: bool
+) -> None:
+    env = {key: value for key, value in os.environ.items() if key not in ("TF_NUM_INTRAOP_THREADS", "START_TENSORFLOW")}
+    completed = subprocess.run(
+        [sys.executable, "-c", SHARE_CORES], env={**env, **environment}, capture_output=True, text=True, timeout=120
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert f"intra-op threads {expected}" in completed.stdout
+    assert ("TensorFlow started before fastfed" in completed.stdout) == logged
 
 
 def test_local_executor_threads_must_be_a_positive_integer() -> None:

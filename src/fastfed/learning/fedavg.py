@@ -129,6 +129,13 @@ class FedAvg:
         for name, value in positive:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if executor is None:
+            from .executors import LocalExecutor
+
+            executor = LocalExecutor()
+        share_cores = getattr(executor, "share_cores", None)
+        if share_cores is not None:  # before fastfed's first TensorFlow operation: see LocalExecutor
+            share_cores()
         resolve_metrics(metrics)  # a bad metric fails here, not in every client of the first round
         if proximal_mu:
             if client_step is not None:
@@ -153,10 +160,6 @@ class FedAvg:
         self.seed = seed
         self.clients_per_partial_sum = clients_per_partial_sum
         self.deterministic = deterministic
-        if executor is None:
-            from .executors import LocalExecutor
-
-            executor = LocalExecutor()
         self.executor = executor
         self.last_failures: list[tuple[int, str]] = []
         self._worker_config: WorkerConfig | None = None
