@@ -214,10 +214,15 @@ def fedavg_round(
 ) -> list[Measurement]:
     """A fastfed round, its first round, a plain Keras per-step loop and the compiled-epoch floor."""
     import keras
+    import tensorflow as tf
 
     import fastfed
     from fastfed import models
 
+    # TensorFlow starts with its default thread pools, which the baselines below are measured with; so
+    # fastfed's client threads share them here (in a process of its own fastfed would give each its
+    # share of the cores: benchmarks/fastfed_rounds.py measures that).
+    tf.constant(0.0)
     model_fn: Callable[[], Any] = (
         partial(models.cnn, (28, 28)) if "CNN" in scenario else partial(models.mlp, (784,), hidden=512)
     )
