@@ -131,7 +131,7 @@ print("intra-op threads", tf.config.threading.get_intra_op_parallelism_threads()
 
 @pytest.mark.parametrize(
     ("environment", "expected", "logged"),
-    [({}, max(1, (os.cpu_count() or 1) // 2), False), ({"TF_NUM_INTRAOP_THREADS": "2"}, 0, False),
+    [({}, max(1, len(os.sched_getaffinity(0)) // 2), False), ({"TF_NUM_INTRAOP_THREADS": "2"}, 0, False),
      ({"START_TENSORFLOW": "1"}, 0, True)],
     ids=["fresh", "chosen by the user", "tensorflow started"],
 )  # fmt: skip

@@ -54,7 +54,7 @@ class LocalExecutor(Executor):
         if threads <= 1 or chosen:
             return
         try:
-            tf.config.threading.set_intra_op_parallelism_threads(max(1, (os.cpu_count() or 1) // threads))
+            tf.config.threading.set_intra_op_parallelism_threads(max(1, _usable_cores() // threads))
         except RuntimeError:  # TensorFlow ran before fastfed: its thread pools are fixed
             log.info(
                 "TensorFlow started before fastfed, so its %d client threads share one kernel thread pool "
@@ -73,7 +73,7 @@ class LocalExecutor(Executor):
             return self.threads
         import tensorflow as tf
 
-        return 1 if tf.config.list_physical_devices("GPU") else min(2, os.cpu_count() or 1)
+        return 1 if tf.config.list_physical_devices("GPU") else min(2, _usable_cores())
 
     def run(
         self,
@@ -89,3 +89,9 @@ class LocalExecutor(Executor):
 
     def shutdown(self) -> None:
         self._trainers, self._config = [], None
+
+
+def _usable_cores() -> int:
+    """The cores this process may run on (its affinity, e.g. under a container's CPU set)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
