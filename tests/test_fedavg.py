@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -80,6 +81,11 @@ def test_rounds_are_deterministic_and_never_retrace() -> None:
     assert runs[0][1]["train_loss"] == runs[1][1]["train_loss"]
 
 
+@functools.cache
+def _one_model() -> Any:
+    return models.mlp((64,), hidden=32)
+
+
 def _dropout_mlp() -> Any:
     layers = keras.layers
     return keras.Sequential([keras.Input((64,)), layers.Dense(32, "relu"), layers.Dropout(0.3), layers.Dense(10)])
@@ -145,6 +151,60 @@ def test_client_threads_share_the_cores_only_before_tensorflow_starts(
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert f"intra-op threads {expected}" in completed.stdout
     assert ("TensorFlow started before fastfed" in completed.stdout) == logged
+
+
+def test_metric_objects_given_by_the_user_are_not_shared_between_threads() -> None:
+    (x, y), _ = data.load_digits(seed=0)
+    clients = [(x[a:b], y[a:b]) for a, b in [(0, 30), (30, 200), (200, 230), (230, 500)]]
+    accuracies = []
+    for threads in (1, 2):
+        metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+        process = _process(metrics=metrics, executor=LocalExecutor(threads=threads))
+        _, round_metrics = process.next(process.initialize(), clients)
+        accuracies.append(round_metrics["train_accuracy"])
+    assert accuracies[0] == accuracies[1]
+
+
+class _UnseededNoise(keras.layers.Layer):
+    """Random ops without a seed generator of the layer's own: Keras's global one, or TensorFlow's
+    stateful random ops; either would make a thread's draws depend on the other's timing."""
+
+    def __init__(self, stateful: bool) -> None:
+        super().__init__()
+        self.stateful = stateful
+
+    def call(self, x: Any, training: bool = False) -> Any:
+        import tensorflow as tf
+
+        if not training:
+            return x
+        return x * tf.random.uniform(tf.shape(x)) if self.stateful else keras.random.dropout(x, 0.3)
+
+
+@pytest.mark.parametrize(
+    "model_fn",
+    [
+        pytest.param(_one_model, id="one model object"),
+        pytest.param(lambda: keras.Sequential([keras.Input((64,)), _UnseededNoise(False), keras.layers.Dense(10)]),
+                     id="global seed generator"),
+        pytest.param(lambda: keras.Sequential([keras.Input((64,)), _UnseededNoise(True), keras.layers.Dense(10)]),
+                     id="stateful random op"),
+    ],
+)  # fmt: skip
+def test_clients_train_one_at_a_time_where_threads_would_share_state(
+    model_fn: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    (x, y), _ = data.load_digits(seed=0)
+    clients = [(x[a:b], y[a:b]) for a, b in [(0, 30), (30, 60), (60, 90)]]
+    executor = LocalExecutor(threads=2)
+    process = _process(model_fn=model_fn, executor=executor)
+    with caplog.at_level("INFO", logger="fastfed"):
+        state = process.initialize()
+        for _ in range(2):
+            state, metrics = process.next(state, clients)
+    assert metrics["clients_failed"] == 0
+    assert len(executor._trainers) == 1
+    assert sum("training clients one at a time" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_local_executor_threads_must_be_a_positive_integer() -> None:

@@ -54,7 +54,8 @@ class ClientStep:
 
     Subclass it and pass an instance as ``FedAvg(client_step=...)`` to change local training. Both
     methods run inside the compiled training loop, once per batch, so they must use TensorFlow or
-    ``keras.ops`` operations on their tensor arguments. The instance is pickled to Ray workers.
+    ``keras.ops`` operations on their tensor arguments. The instance is pickled to Ray workers and
+    shared by the local executor's client threads, so it should hold no state that training changes.
     """
 
     def objective(self, batch_loss: Any, trainable: Sequence[Any], start: Sequence[Any]) -> Any:
@@ -154,17 +155,46 @@ class ClientTrainer:
         self.clients_per_call = (8 if accelerated else 1) if clients_per_call is None else clients_per_call
         self._together: Any = None
         self._loop: Any = None
+        self._solo_reason: str | None = None  # why clients cannot train beside this trainer's, once known
+        self._solo_told = False
         self._traces = 0
         self._converted: tuple[list[np.ndarray], list[Any]] | None = None
 
-    def sibling(self) -> ClientTrainer:
-        """Another trainer of the same settings on its own model, sharing this one's data spec: one
-        per thread, for training clients side by side."""
-        model_fn, optimizer_fn, loss, batch_size, local_epochs, metrics, step, jit_compile = self._settings
-        other = ClientTrainer(model_fn, optimizer_fn, loss, batch_size, local_epochs, metrics, step, jit_compile,
-                              clients_per_call=self.clients_per_call)  # fmt: skip
+    def sibling(self) -> ClientTrainer | None:
+        """Another trainer of the same settings on its own model, optimizer and metrics, sharing this
+        one's data spec (one per thread, for training clients side by side); ``None``, with a log
+        line once, where that is not possible."""
+        if self._solo_reason is None:
+            other, self._solo_reason = self._independent_sibling()
+            if other is not None:
+                return other
+        if not self._solo_told:
+            log.info("training clients one at a time: %s", self._solo_reason)
+            self._solo_told = True
+        return None
+
+    def _independent_sibling(self) -> tuple[ClientTrainer | None, str | None]:
+        import keras
+
+        model_fn, optimizer_fn, loss, batch_size, local_epochs, metrics, step, _ = self._settings
+        try:  # metric objects given by the user would be shared: each trainer gets its own copy
+            own_metrics = None if metrics is None else [
+                type(m).from_config(m.get_config()) if isinstance(m, keras.metrics.Metric) else m for m in metrics
+            ]  # fmt: skip
+        except Exception as error:
+            return None, f"a metric could not be copied for a second thread ({describe_failure(error)})"
+        try:
+            other = ClientTrainer(
+                model_fn, optimizer_fn, loss, batch_size, local_epochs, own_metrics, step, self.jit_compile,
+                clients_per_call=self.clients_per_call,
+            )  # fmt: skip
+        except Exception as error:  # e.g. one optimizer object given for two models
+            return None, f"a second model and optimizer could not be built ({describe_failure(error)})"
+        mine = {id(v) for v in [*self.model.variables, *self.optimizer.variables]}
+        if any(id(v) in mine for v in [*other.model.variables, *other.optimizer.variables]):
+            return None, "model_fn or client_optimizer returns the same object on every call; threads need their own"
         other.spec = self.spec
-        return other
+        return other, None
 
     def ready(self) -> None:
         """Builds (traces) the compiled loop that :meth:`train` or :meth:`train_together` will call,
@@ -177,6 +207,32 @@ class ClientTrainer:
         if self._loop is None:
             self._loop = self._build_loop(xla=self.jit_compile)
             self._traces += 1
+        if self._solo_reason is None:
+            self._solo_reason = self._shared_state()
+
+    def _shared_state(self) -> str | None:
+        """Why the traced loop cannot run beside a sibling's, or ``None``: it touches variables that
+        are not this trainer's (e.g. Keras's global seed generator, behind random ops given no seed
+        generator), or draws from stateful random ops, whose draws would depend on thread timing."""
+        import tensorflow as tf
+        from tensorflow.python.framework import op_def_registry
+
+        metric_variables = [v for metric in self.metrics for v in metric.variables]
+        own = [*self.model.variables, *self.optimizer.variables, *self._start, *metric_variables]
+        handles = {id(v if isinstance(v, tf.Variable) else v.value) for v in own}
+        foreign = [v.name for v in self._loop.variables if id(v) not in handles]
+        if foreign:
+            return f"the training step uses state shared beyond one model ({', '.join(foreign[:3])})"
+        graph = self._loop.graph.as_graph_def()
+        kinds = {node.op for node in graph.node} | {n.op for f in graph.library.function for n in f.node_def}
+        stateful = sorted(
+            kind for kind in kinds
+            if not kind.startswith("Stateless") and ("Random" in kind or "Rng" in kind or "Multinomial" in kind)
+            and (op_def_registry.get(kind) is None or op_def_registry.get(kind).is_stateful)
+        )  # fmt: skip
+        if stateful:
+            return f"the training step draws from stateful random operations ({', '.join(stateful[:3])})"
+        return None
 
     def reset_metrics(self) -> None:
         for metric in self.metrics:

@@ -54,8 +54,10 @@ class FedAvg:
     """Weighted federated averaging over a Keras model.
 
     Args:
-      model_fn: builds the Keras model (called once per worker, then reused).
-      client_optimizer: a factory of Keras optimizers, e.g. ``lambda: keras.optimizers.SGD(0.1)``.
+      model_fn: builds the Keras model (called once per worker and client thread, then reused); it
+        must build a new model on every call, or clients train one at a time.
+      client_optimizer: a factory of Keras optimizers, e.g. ``lambda: keras.optimizers.SGD(0.1)``,
+        likewise a new one on every call.
       server_optimizer: a :mod:`fastfed.optimizers` optimizer; default ``SGD(learning_rate=1.0)``.
       aggregator: :func:`fastfed.mean_aggregator`, optionally with a codec for the uploads.
       broadcast_codec: a codec for the server-to-client model, or ``None`` (exact).

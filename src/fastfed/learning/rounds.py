@@ -247,8 +247,16 @@ def train_group(
                 progress(1)
     size = max(1, trainers[0].clients_per_call)
     chunks = [prepared[first : first + size] for first in range(0, len(prepared), size)]
-    while len(trainers) < min(threads, len(chunks)):  # after a client fixed the data spec they share
-        trainers.append(trainers[0].sibling())
+    if threads > 1 and len(chunks) > 1 and len(trainers) < threads:
+        try:
+            trainers[0].ready()  # traced first: whether its step can run beside another's
+        except Exception:  # raised again as each client's failure when it trains, as with one thread
+            threads = 1
+        while len(trainers) < min(threads, len(chunks)):  # after a client fixed the data spec they share
+            sibling = trainers[0].sibling()
+            if sibling is None:
+                break
+            trainers.append(sibling)
     for chunk, (outcomes, states) in zip(chunks, _chunk_outcomes(trainers, start, chunks)):
         if states is not None:  # training metrics cover the clients whose training completed
             metric_states = states if not metric_states else [
