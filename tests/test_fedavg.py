@@ -200,6 +200,7 @@ def test_clients_train_one_at_a_time_where_threads_would_share_state(
     process = _process(model_fn=model_fn, executor=executor)
     with caplog.at_level("INFO", logger="fastfed"):
         state = process.initialize()
+        state, _ = process.next(state, clients[:1])  # one client: its loop traced without a second thread
         for _ in range(2):
             state, metrics = process.next(state, clients)
     assert metrics["clients_failed"] == 0

@@ -205,9 +205,12 @@ class ClientTrainer:
         if self.clients_per_call > 1 and self._together is None:
             self._build_together()
         if self._loop is None:
-            self._loop = self._build_loop(xla=self.jit_compile)
-            self._traces += 1
-        if self._solo_reason is None:
+            self._trace_loop()
+
+    def _trace_loop(self) -> None:
+        self._loop = self._build_loop(xla=self.jit_compile)
+        self._traces += 1
+        if self._solo_reason is None:  # whether clients may train beside this trainer's, once
             self._solo_reason = self._shared_state()
 
     def _shared_state(self) -> str | None:
@@ -372,8 +375,7 @@ class ClientTrainer:
         self, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray, orders: list[np.ndarray], seeds: np.ndarray
     ) -> tuple[float, list[np.ndarray]]:
         if self._loop is None:
-            self._loop = self._build_loop(xla=self.jit_compile)
-            self._traces += 1
+            self._trace_loop()
         n = len(x)
         # The shuffle orders fill the last batch with row 0 (masked out); under XLA the data is padded
         # too, to a bucket size, so that clients of nearby sizes share one compilation.
