@@ -130,7 +130,7 @@ class ClientTrainer:
         import tensorflow as tf
 
         self._tf = tf
-        self._settings = (model_fn, optimizer_fn, loss, batch_size, local_epochs, metrics, step, jit_compile)
+        self._factories = (model_fn, optimizer_fn, loss)  # as given: a sibling builds its own from them
         self.model = model_fn() if model is None else model
         self.optimizer = optimizer_fn()
         self.optimizer.build(self.model.trainable_variables)
@@ -176,7 +176,8 @@ class ClientTrainer:
     def _independent_sibling(self) -> tuple[ClientTrainer | None, str | None]:
         import keras
 
-        model_fn, optimizer_fn, loss, batch_size, local_epochs, metrics, step, _ = self._settings
+        model_fn, optimizer_fn, loss = self._factories
+        metrics = self._metric_names
         try:  # metric objects given by the user would be shared: each trainer gets its own copy
             own_metrics = None if metrics is None else [
                 type(m).from_config(m.get_config()) if isinstance(m, keras.metrics.Metric) else m for m in metrics
@@ -185,8 +186,8 @@ class ClientTrainer:
             return None, f"a metric could not be copied for a second thread ({describe_failure(error)})"
         try:
             other = ClientTrainer(
-                model_fn, optimizer_fn, loss, batch_size, local_epochs, own_metrics, step, self.jit_compile,
-                clients_per_call=self.clients_per_call,
+                model_fn, optimizer_fn, loss, self.batch_size, self.local_epochs, own_metrics, self.step,
+                self.jit_compile, clients_per_call=self.clients_per_call,
             )  # fmt: skip
         except Exception as error:  # e.g. one optimizer object given for two models
             return None, f"a second model and optimizer could not be built ({describe_failure(error)})"
