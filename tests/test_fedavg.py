@@ -122,6 +122,41 @@ def test_a_dropout_clients_update_does_not_depend_on_the_clients_before_it() -> 
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_sibling_runs_the_leaders_traced_loop_on_its_own_variables() -> None:
+    (x, y), _ = data.load_digits(seed=0)
+    leader = ClientTrainer(_dropout_mlp, lambda: keras.optimizers.SGD(learning_rate=0.1), None, 20, 1)
+    weights = [np.array(w) for w in leader.model.get_weights()]
+    client = leader.prepare(0, x[:100], y[:100])
+    leader.ready()
+    sibling = leader.sibling()
+    assert sibling is not None
+    sibling.ready()
+    assert (leader.traces, sibling.traces) == (1, 0)  # one trace for both
+    by_leader = leader.train(weights, *client, np.random.default_rng(7)).weights
+    leader_after = [np.array(w) for w in leader.model.get_weights()]
+    leader.reset_metrics()
+    by_sibling = sibling.train(weights, *client, np.random.default_rng(7)).weights
+    for a, b, mine, theirs, kept in zip(
+        by_leader, by_sibling, sibling.model.get_weights(), leader.model.get_weights(), leader_after
+    ):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(mine, b)  # the sibling trained its own variables ...
+        np.testing.assert_array_equal(theirs, kept)  # ... and left the leader's alone
+    assert sibling.metric_states()[0][1] == 100 and leader.metric_states()[0][1] == 0  # examples counted
+
+
+def test_a_sibling_whose_state_differs_from_the_leaders_traces_its_own_loop() -> None:
+    (x, y), _ = data.load_digits(seed=0)
+    rates = iter([0.1, 0.2])  # the loop holds the leader's fresh optimizer values: not the sibling's
+    leader = ClientTrainer(_dropout_mlp, lambda: keras.optimizers.SGD(learning_rate=next(rates)), None, 20, 1)
+    leader.prepare(0, x[:100], y[:100])
+    leader.ready()
+    sibling = leader.sibling()
+    assert sibling is not None
+    sibling.ready()
+    assert (leader.traces, sibling.traces) == (1, 1)
+
+
 SHARE_CORES = """
 import logging, os, sys
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")

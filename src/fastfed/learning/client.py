@@ -195,7 +195,38 @@ class ClientTrainer:
         if any(id(v) in mine for v in [*other.model.variables, *other.optimizer.variables]):
             return None, "model_fn or client_optimizer returns the same object on every call; threads need their own"
         other.spec = self.spec
+        if self._loop is not None:
+            other.metrics = resolve_metrics(other._metric_names, one_hot_labels=other.spec.one_hot)
+            other._loop = other._loop_on_own_state(self)
         return other, None
+
+    def _state(self) -> list[Any]:
+        """The variables the training loop reads and writes, in an order that siblings share."""
+        metric_variables = [v for metric in self.metrics for v in metric.variables]
+        return [*self.model.variables, *self.optimizer.variables, *self._start, *metric_variables]
+
+    def _loop_on_own_state(self, leader: ClientTrainer) -> Any:
+        """``leader``'s traced loop run on this trainer's variables: the same graph, called with this
+        trainer's variable handles in place of the leader's, so that threads share one trace and one
+        instantiation (a few hundred milliseconds each). ``None`` where the two states do not
+        correspond one to one, or the loop captures state not among them; this trainer then traces
+        its own."""
+        tf = self._tf
+        mine, theirs = [_tf_variable(v) for v in self._state()], [_tf_variable(v) for v in leader._state()]
+        if len(mine) != len(theirs) or any(a.shape != b.shape or a.dtype != b.dtype for a, b in zip(mine, theirs)):
+            return None
+        if not all(np.array_equal(a, b) for a, b in zip(self._fresh_optimizer, leader._fresh_optimizer)):
+            return None  # the loop holds the leader's fresh optimizer values as constants
+        own_handles = {id(b.handle): a.handle for a, b in zip(mine, theirs)}
+        captures = []
+        for captured in leader._loop.captured_inputs:
+            if id(captured) in own_handles:
+                captures.append(own_handles[id(captured)])
+            elif captured.dtype == tf.resource:
+                return None
+            else:  # a constant: the same for every trainer
+                captures.append(captured)
+        return _LoopWithCaptures(leader._loop, captures)
 
     def ready(self) -> None:
         """Builds (traces) the compiled loop that :meth:`train` or :meth:`train_together` will call,
@@ -218,12 +249,9 @@ class ClientTrainer:
         """Why the traced loop cannot run beside a sibling's, or ``None``: it touches variables that
         are not this trainer's (e.g. Keras's global seed generator, behind random ops given no seed
         generator), or draws from stateful random ops, whose draws would depend on thread timing."""
-        import tensorflow as tf
         from tensorflow.python.framework import op_def_registry
 
-        metric_variables = [v for metric in self.metrics for v in metric.variables]
-        own = [*self.model.variables, *self.optimizer.variables, *self._start, *metric_variables]
-        handles = {id(v if isinstance(v, tf.Variable) else v.value) for v in own}
+        handles = {id(_tf_variable(v)) for v in self._state()}
         foreign = [v.name for v in self._loop.variables if id(v) not in handles]
         if foreign:
             return f"the training step uses state shared beyond one model ({', '.join(foreign[:3])})"
@@ -390,6 +418,29 @@ class ClientTrainer:
             self._start_tensors(weights), x, y, order, np.int32(n), np.int32(len(orders)), seeds
         )  # fmt: skip
         return float(loss_sum), [value.numpy() for value in trained]
+
+
+def _tf_variable(variable: Any) -> Any:
+    """The ``tf.Variable`` behind a Keras variable (or the variable itself)."""
+    import tensorflow as tf
+
+    return variable if isinstance(variable, tf.Variable) else variable.value
+
+
+class _LoopWithCaptures:
+    """A traced loop called with other captured inputs (another trainer's variable handles)."""
+
+    def __init__(self, loop: Any, captures: list[Any]) -> None:
+        self._loop, self._captures = loop, captures
+
+    def __call__(self, *args: Any) -> Any:
+        import tensorflow as tf
+
+        flat = [
+            tf.convert_to_tensor(value, placeholder.dtype)
+            for value, placeholder in zip(tf.nest.flatten(args), self._loop.inputs)
+        ]
+        return self._loop._call_flat(flat, self._captures)
 
 
 def _first_line(error: BaseException, limit: int = 300) -> str:

@@ -163,13 +163,14 @@ def _train_chunk(
 
 
 def _chunk_outcomes(
-    trainers: Sequence[ClientTrainer], start: list[np.ndarray], chunks: list[Chunk]
+    trainers: list[ClientTrainer], threads: int, start: list[np.ndarray], chunks: list[Chunk]
 ) -> Iterator[tuple[list[ClientResult | BaseException], list[list[np.ndarray]] | None]]:
-    """Each chunk's outcomes, in chunk order; with several trainers, chunks train side by side in
-    threads (one trainer each), which changes no bit: a client's training depends only on its own
-    data and seed, and what the chunks return is folded in chunk order."""
-    busy = trainers[: len(chunks)]
-    if len(busy) <= 1:
+    """Each chunk's outcomes, in chunk order; with ``threads`` > 1, chunks train side by side in
+    threads, one trainer each (``trainers`` is grown with siblings of its first, its loop traced
+    already), which changes no bit: a client's training depends only on its own data and seed, and
+    what the chunks return is folded in chunk order."""
+    threads = min(threads, len(chunks))
+    if threads <= 1:
         for chunk in chunks:
             yield _train_chunk(trainers[0], start, chunk)
         return
@@ -182,18 +183,25 @@ def _chunk_outcomes(
         finally:
             idle.put(trainer)
 
-    pool = ThreadPoolExecutor(len(busy), thread_name_prefix="fastfed-client")
-    waiting = list(busy)
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="fastfed-client")
+    waiting = list(trainers[:threads])
     try:
         # A window of chunks in flight, so that finished updates wait to be folded for a few
         # chunks at most, not for the whole round.
         pending = iter(chunks)
-        first_chunks = itertools.islice(pending, 2 * len(busy))
+        first_chunks = itertools.islice(pending, 2 * threads)
         window = collections.deque(pool.submit(train_on_idle_trainer, chunk) for chunk in first_chunks)
-        # Traced here, one after another (Keras builds graphs in one thread at a time), each trainer
-        # set to work as soon as it is ready. A trainer that fails to trace is set to work anyway:
+        # Each trainer set to work as soon as it is ready, and siblings built here meanwhile (Keras
+        # builds models and graphs in one thread at a time), so that the first round's model building
+        # overlaps the first clients' training. A trainer that fails to trace is set to work anyway:
         # its clients fail with the same error, counted, as with one trainer.
-        while waiting:
+        while waiting or len(trainers) < threads:
+            if not waiting:
+                sibling = trainers[0].sibling()
+                if sibling is None:
+                    break
+                trainers.append(sibling)
+                waiting.append(sibling)
             with contextlib.suppress(Exception):
                 waiting[0].ready()
             idle.put(waiting.pop(0))
@@ -252,12 +260,7 @@ def train_group(
             trainers[0].ready()  # traced first: whether its step can run beside another's
         except Exception:  # raised again as each client's failure when it trains, as with one thread
             threads = 1
-        while len(trainers) < min(threads, len(chunks)):  # after a client fixed the data spec they share
-            sibling = trainers[0].sibling()
-            if sibling is None:
-                break
-            trainers.append(sibling)
-    for chunk, (outcomes, states) in zip(chunks, _chunk_outcomes(trainers, start, chunks)):
+    for chunk, (outcomes, states) in zip(chunks, _chunk_outcomes(trainers, threads, start, chunks)):
         if states is not None:  # training metrics cover the clients whose training completed
             metric_states = states if not metric_states else [
                 [mine + theirs for mine, theirs in zip(a, b)] for a, b in zip(metric_states, states)
