@@ -19,7 +19,8 @@ class LocalExecutor(Executor):
     """Trains every client in this process, on Keras models built once and reused.
 
     Args:
-      threads: how many clients train side by side, each thread on its own copy of the model.
+      threads: how many clients train side by side, each thread on its own copy of the model
+        (running one traced training loop, traced once, on its own variables).
         ``None`` (the default): 2 on a CPU with at least two cores, where one client's per-step
         dispatch overlaps another's arithmetic, and 1 on GPUs. Results are the same bits for any
         number of threads.
