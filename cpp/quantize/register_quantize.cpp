@@ -230,7 +230,8 @@ std::size_t encode_shared_table(const py::array& x, unsigned bits, std::size_t b
             throw std::invalid_argument("breakpoints: expected finite, strictly increasing values");
     const quantize::staircase_table stairs(points, rows * columns + 1);
     const std::vector<std::uint8_t> level_bytes = quantize::tabulate_levels(ranks.data(), rows, columns, rows * columns);
-    const quantize::table_levels levels{stairs, ranks.data(), columns, points[0], points[rows * columns], level_bytes.data()};
+    const quantize::table_levels levels{stairs,        ranks.data(), columns, points[0], points[rows * columns], level_bytes.data(),
+                                        stairs.cells()};
     return run_encode_shared(x, bits, block, keys, row_offset, row_stride, table, levels, sigmas, packed, outlier_index, outlier_value,
                              padded);
 }

@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <stdexcept>
@@ -349,6 +350,43 @@ inline std::size_t shared_row(std::size_t i, std::uint64_t offset, std::uint64_t
     return static_cast<std::size_t>((stride * (i >> 3) + offset) & (rows - 1));
 }
 
+#if defined(FASTFED_X86_DISPATCH)
+// base[index] for four indices; the masked form, whose unmasked twin GCC 12 warns about.
+FASTFED_TARGET("avx2") inline __m256d gather_doubles(const double* base, __m128i index) {
+    return _mm256_mask_i32gather_pd(_mm256_setzero_pd(), base, index, _mm256_castsi256_pd(_mm256_set1_epi64x(-1)), 8);
+}
+
+// The low 32 bits of each 64-bit lane (comparison masks: -1 or 0).
+FASTFED_TARGET("avx2") inline __m128i low_halves(__m256d mask) {
+    return _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(_mm256_castpd_si256(mask), _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6)));
+}
+#endif
+
+// A tabulated staircase's arrays and constants by value, for the vector path: a copy local to the
+// encoding loop stays in registers, where members read through a reference would be read again
+// after every store of levels (byte stores may alias anything).
+struct staircase_cells {
+    const std::int32_t* steps;  // per cell: the step below its breakpoint (if any)
+    const double* next_points;  // per cell: the breakpoint above that step
+    const double* points;
+    const double* inverse_width;
+    double first_point, cells_per_unit;
+    int last_cell, last_step;
+
+#if defined(FASTFED_X86_DISPATCH)
+    // Four clipped z at once: each step index and its fraction of the step.
+    FASTFED_TARGET("avx2") __m128i steps_avx2(__m256d z, __m256d& fraction) const {
+        __m128i cell = _mm256_cvttpd_epi32(_mm256_mul_pd(_mm256_sub_pd(z, _mm256_set1_pd(first_point)), _mm256_set1_pd(cells_per_unit)));
+        cell = _mm_min_epi32(cell, _mm_set1_epi32(last_cell));
+        const __m128i below = _mm_i32gather_epi32(steps, cell, 4);
+        const __m128i above = low_halves(_mm256_cmp_pd(z, gather_doubles(next_points, cell), _CMP_GE_OQ));
+        const __m128i step = _mm_min_epi32(_mm_sub_epi32(below, above), _mm_set1_epi32(last_step));
+        fraction = _mm256_mul_pd(_mm256_sub_pd(z, gather_doubles(points, step)), gather_doubles(inverse_width, step));
+        return step;
+    }
+#endif
+};
+
 // Where a clipped z falls on a staircase: the step j with m_j <= z < m_j+1 (the last step for z = m_M),
 // from a table of uniform cells over [m_0, m_M] each holding at most one breakpoint (with a margin
 // for the rounding of the cell index), then one comparison; or by bisection if the breakpoints are
@@ -381,6 +419,9 @@ class staircase_table {
             }
             steps_[c] = static_cast<std::int32_t>(below);
         }
+        // Each cell's next breakpoint, so that the vector path loads it beside the cell's step, not after.
+        next_points_.resize(n_cells);
+        for (std::size_t c = 0; c < n_cells; ++c) next_points_[c] = points_[static_cast<std::size_t>(steps_[c]) + 1];
     }
 
     std::size_t operator()(double z) const {
@@ -399,32 +440,21 @@ class staircase_table {
     double point(std::size_t j) const { return points_[j]; }
     double inverse_width(std::size_t j) const { return inverse_width_[j]; }
 
-#if defined(FASTFED_X86_DISPATCH)
-    // Four clipped z at once (tabulated staircases only): each step index and its fraction of the step.
-    FASTFED_TARGET("avx2") __m128i steps_avx2(__m256d z, __m256d& fraction) const {
-        __m128i cell = _mm256_cvttpd_epi32(_mm256_mul_pd(_mm256_sub_pd(z, _mm256_set1_pd(points_[0])), _mm256_set1_pd(cells_per_unit_)));
-        cell = _mm_min_epi32(cell, _mm_set1_epi32(static_cast<int>(steps_.size() - 1)));
-        const __m128i below = _mm_i32gather_epi32(steps_.data(), cell, 4);
-        const __m128i above = low_halves(_mm256_cmp_pd(z, gather(points_.data() + 1, below), _CMP_GE_OQ));
-        const __m128i step = _mm_min_epi32(_mm_sub_epi32(below, above), _mm_set1_epi32(static_cast<int>(steps() - 1)));
-        fraction = _mm256_mul_pd(_mm256_sub_pd(z, gather(points_.data(), step)), gather(inverse_width_.data(), step));
-        return step;
+    staircase_cells cells() const {
+        return {steps_.data(),
+                next_points_.data(),
+                points_.data(),
+                inverse_width_.data(),
+                points_.front(),
+                cells_per_unit_,
+                static_cast<int>(steps_.size()) - 1,
+                static_cast<int>(steps()) - 1};
     }
-
-    // base[index] for four indices; the masked form, whose unmasked twin GCC 12 warns about.
-    FASTFED_TARGET("avx2") static __m256d gather(const double* base, __m128i index) {
-        return _mm256_mask_i32gather_pd(_mm256_setzero_pd(), base, index, _mm256_castsi256_pd(_mm256_set1_epi64x(-1)), 8);
-    }
-
-    // The low 32 bits of each 64-bit lane (comparison masks: -1 or 0).
-    FASTFED_TARGET("avx2") static __m128i low_halves(__m256d mask) {
-        return _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(_mm256_castpd_si256(mask), _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6)));
-    }
-#endif
 
  private:
     std::vector<double> points_, inverse_width_;
     std::vector<std::int32_t> steps_;
+    std::vector<double> next_points_;  // per cell: points_[steps_[cell] + 1]
     double cells_per_unit_ = 0.0;
 };
 
@@ -438,6 +468,7 @@ struct table_levels {
     // The same levels tabulated, (rows, steps + 1) bytes and three of padding: a row's level for each
     // configuration, one gather instead of levels - 1 comparisons at 3 and 4 bits (see tabulate_levels).
     const std::uint8_t* level_bytes;
+    staircase_cells cells;  // stairs.cells(), for the vector path
 
     std::uint32_t operator()(double z, double coin, std::size_t row) const {
         const std::size_t j = stairs(z);
@@ -453,15 +484,15 @@ struct table_levels {
 #if defined(FASTFED_X86_DISPATCH)
     FASTFED_TARGET("avx2") __m128i operator()(__m256d z, __m256d coin, std::size_t row) const {
         __m256d fraction;
-        const __m128i step = stairs.steps_avx2(z, fraction);
-        const __m128i configuration = _mm_sub_epi32(step, staircase_table::low_halves(_mm256_cmp_pd(coin, fraction, _CMP_LT_OQ)));
+        const __m128i step = cells.steps_avx2(z, fraction);
+        const __m128i configuration = _mm_sub_epi32(step, low_halves(_mm256_cmp_pd(coin, fraction, _CMP_LT_OQ)));
         if (columns <= 3) {  // 1 or 2 bits: fewer comparisons than a gather costs
             __m128i level = _mm_setzero_si128();
             for (std::size_t k = 0; k < columns; ++k)
                 level = _mm_sub_epi32(level, _mm_cmpgt_epi32(configuration, _mm_set1_epi32(ranks[row * columns + k])));
             return level;
         }
-        const auto configurations = static_cast<int>(stairs.steps() + 1);
+        const int configurations = cells.last_step + 2;
         const __m128i index = _mm_add_epi32(configuration, _mm_set1_epi32(static_cast<int>(row) * configurations));
         const __m128i four_bytes = _mm_i32gather_epi32(reinterpret_cast<const int*>(level_bytes), index, 1);
         return _mm_and_si128(four_bytes, _mm_set1_epi32(0xFF));
@@ -521,33 +552,37 @@ struct dither_levels {
 
 #if defined(FASTFED_X86_DISPATCH)
 
-// The levels of values j..j+7 (clipped z, their coins, their shared row), stored as bytes.
+// The levels of values j..j+7 (clipped z, their coins, their shared row), stored as bytes; whether
+// any of them falls outside [low, high] once scaled (the rare case that needs a correction).
 template <class Levels>
 FASTFED_TARGET("avx2")
-inline void shared_eight(const float* y, __m256 scale, __m256d low, __m256d high, __m256d coin_low, __m256d coin_high, std::size_t row,
+inline bool shared_eight(const float* y, __m256 scale, __m256d low, __m256d high, __m256d coin_low, __m256d coin_high, std::size_t row,
                          const Levels& levels_of, std::uint8_t* levels) {
     const __m128i low_bytes = _mm_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
     const __m256 z = _mm256_mul_ps(_mm256_loadu_ps(y), scale);
-    const __m256d z_low = _mm256_min_pd(_mm256_max_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(z)), low), high);
-    const __m256d z_high = _mm256_min_pd(_mm256_max_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(z, 1)), low), high);
-    const __m128i first = _mm_shuffle_epi8(levels_of(z_low, coin_low, row), low_bytes);
-    const __m128i second = _mm_shuffle_epi8(levels_of(z_high, coin_high, row), low_bytes);
+    const __m256d z_low = _mm256_cvtps_pd(_mm256_castps256_ps128(z)), z_high = _mm256_cvtps_pd(_mm256_extractf128_ps(z, 1));
+    const __m256d outside = _mm256_or_pd(_mm256_or_pd(_mm256_cmp_pd(z_low, low, _CMP_LT_OQ), _mm256_cmp_pd(z_low, high, _CMP_GT_OQ)),
+                                         _mm256_or_pd(_mm256_cmp_pd(z_high, low, _CMP_LT_OQ), _mm256_cmp_pd(z_high, high, _CMP_GT_OQ)));
+    const __m128i first = _mm_shuffle_epi8(levels_of(_mm256_min_pd(_mm256_max_pd(z_low, low), high), coin_low, row), low_bytes);
+    const __m128i second = _mm_shuffle_epi8(levels_of(_mm256_min_pd(_mm256_max_pd(z_high, low), high), coin_high, row), low_bytes);
     _mm_storel_epi64(reinterpret_cast<__m128i*>(levels), _mm_unpacklo_epi32(first, second));
+    return _mm256_movemask_pd(outside) != 0;
 }
 
 template <class Levels>
 FASTFED_TARGET("avx2")
 void shared_levels_avx2(const float* y, std::size_t block, float inverse, std::size_t begin, std::uint64_t coin_key,
-                        std::uint64_t row_offset, std::uint64_t row_stride, std::size_t rows, const Levels& levels_of,
-                        std::uint8_t* levels) {
+                        std::uint64_t row_offset, std::uint64_t row_stride, std::size_t rows, const Levels& levels_of, std::uint8_t* levels,
+                        std::uint8_t* outside) {
     random::draws_avx2 draws(coin_key, begin / 2);
+    const Levels rule = levels_of;  // by value: see staircase_cells
     const __m256 scale = _mm256_set1_ps(inverse);
-    const __m256d low = _mm256_set1_pd(levels_of.low), high = _mm256_set1_pd(levels_of.high);
+    const __m256d low = _mm256_set1_pd(rule.low), high = _mm256_set1_pd(rule.high);
     for (std::size_t j = 0; j < block; j += 8) {
         __m256d coin_low, coin_high;
         random::coins_avx2(draws, coin_low, coin_high);
         const std::size_t row = shared_row(begin + j, row_offset, row_stride, rows);
-        shared_eight(y + j, scale, low, high, coin_low, coin_high, row, levels_of, levels + j);
+        outside[j / 8] = shared_eight(y + j, scale, low, high, coin_low, coin_high, row, rule, levels + j);
     }
 }
 
@@ -558,48 +593,44 @@ template <class Levels>
 FASTFED_TARGET("avx2,avx512f,avx512dq")
 void shared_levels_avx512(const float* y, std::size_t block, float inverse, std::size_t begin, std::uint64_t coin_key,
                           std::uint64_t row_offset, std::uint64_t row_stride, std::size_t rows, const Levels& levels_of,
-                          std::uint8_t* levels) {
+                          std::uint8_t* levels, std::uint8_t* outside) {
     random::draws_avx512 draws(coin_key, begin / 2);
+    const Levels rule = levels_of;  // by value: see staircase_cells
     const __m256 scale = _mm256_set1_ps(inverse);
-    const __m256d low = _mm256_set1_pd(levels_of.low), high = _mm256_set1_pd(levels_of.high);
+    const __m256d low = _mm256_set1_pd(rule.low), high = _mm256_set1_pd(rule.high);
     for (std::size_t j = 0; j < block; j += 16) {  // blocks hold a power of two >= 64 values
         __m512d coins[2];
         draws.coins(coins[0], coins[1]);
         for (std::size_t h = 0; h < 2; ++h) {
             const std::size_t row = shared_row(begin + j + 8 * h, row_offset, row_stride, rows);
-            shared_eight(y + j + 8 * h, scale, low, high, _mm512_castpd512_pd256(coins[h]), _mm512_extractf64x4_pd(coins[h], 1), row,
-                         levels_of, levels + j + 8 * h);
+            outside[j / 8 + h] = shared_eight(y + j + 8 * h, scale, low, high, _mm512_castpd512_pd256(coins[h]),
+                                              _mm512_extractf64x4_pd(coins[h], 1), row, rule, levels + j + 8 * h);
         }
     }
 }
 FASTFED_AVX512_END
-
-// Whether any of values j..j+7 falls outside [low, high] once scaled: the rare case that needs a correction.
-FASTFED_TARGET("avx2") inline bool any_outside_avx2(const float* y, float inverse, double low, double high) {
-    const __m256 z = _mm256_mul_ps(_mm256_loadu_ps(y), _mm256_set1_ps(inverse));
-    const __m256d lows = _mm256_set1_pd(low), highs = _mm256_set1_pd(high);
-    int outside = 0;
-    for (const __m256d half : {_mm256_cvtps_pd(_mm256_castps256_ps128(z)), _mm256_cvtps_pd(_mm256_extractf128_ps(z, 1))})
-        outside |= _mm256_movemask_pd(_mm256_or_pd(_mm256_cmp_pd(half, lows, _CMP_LT_OQ), _mm256_cmp_pd(half, highs, _CMP_GT_OQ)));
-    return outside != 0;
-}
 #endif
 
+// The levels of a block's values, and for each group of eight whether any value falls outside the
+// table's support once scaled.
 template <class Levels>
 void shared_levels(const float* y, std::size_t block, float inverse, std::size_t begin, std::uint64_t coin_key, std::uint64_t row_offset,
-                   std::uint64_t row_stride, std::size_t rows, const Levels& levels_of, std::uint8_t* levels) {
+                   std::uint64_t row_stride, std::size_t rows, const Levels& levels_of, std::uint8_t* levels, std::uint8_t* outside) {
 #if defined(FASTFED_X86_DISPATCH)
     if (active_isa() >= isa::avx512 && levels_of.vectorized()) {
-        shared_levels_avx512(y, block, inverse, begin, coin_key, row_offset, row_stride, rows, levels_of, levels);
+        shared_levels_avx512(y, block, inverse, begin, coin_key, row_offset, row_stride, rows, levels_of, levels, outside);
         return;
     }
     if (active_isa() >= isa::avx2 && levels_of.vectorized()) {
-        shared_levels_avx2(y, block, inverse, begin, coin_key, row_offset, row_stride, rows, levels_of, levels);
+        shared_levels_avx2(y, block, inverse, begin, coin_key, row_offset, row_stride, rows, levels_of, levels, outside);
         return;
     }
 #endif
+    std::fill(outside, outside + block / 8, std::uint8_t{0});
     for (std::size_t j = 0; j < block; ++j) {
-        const double z = std::min(std::max(static_cast<double>(y[j] * inverse), levels_of.low), levels_of.high);
+        const double unclipped = static_cast<double>(y[j] * inverse);
+        if (unclipped < levels_of.low || unclipped > levels_of.high) outside[j / 8] = 1;
+        const double z = std::min(std::max(unclipped, levels_of.low), levels_of.high);
         const double coin = random::coin_fraction(coin_key, begin + j);
         levels[j] = static_cast<std::uint8_t>(levels_of(z, coin, shared_row(begin + j, row_offset, row_stride, rows)));
     }
@@ -618,7 +649,7 @@ std::size_t encode_shared(const float* x, std::size_t n, unsigned bits, std::siz
     std::vector<std::size_t> found(blocks);
     parallel_for(blocks, 1, block * 32, [&](std::size_t first, std::size_t last) {
         std::vector<float> y(block);
-        std::vector<std::uint8_t> levels(block);
+        std::vector<std::uint8_t> levels(block), outside(block / 8);
         for (std::size_t b = first; b < last; ++b) {
             const std::size_t begin = b * block;
             const std::size_t valid = begin < n ? std::min(block, n - begin) : 0;
@@ -629,12 +660,11 @@ std::size_t encode_shared(const float* x, std::size_t n, unsigned bits, std::siz
                 const float sigma32 = sigma >= kSmallestSigma ? static_cast<float>(sigma) : 0.0f;
                 if (sigma32 > kValueLimit) too_large("a block scale");
                 const float inverse = sigma32 > 0 ? static_cast<float>(1.0 / static_cast<double>(sigma32)) : 0.0f;
-                shared_levels(y.data(), block, inverse, begin, coin_key, row_offset, row_stride, rows, levels_of, levels.data());
+                shared_levels(y.data(), block, inverse, begin, coin_key, row_offset, row_stride, rows, levels_of, levels.data(),
+                              outside.data());
                 std::size_t count = 0;
                 for (std::size_t group = 0; group < block; group += 8) {
-#if defined(FASTFED_X86_DISPATCH)
-                    if (active_isa() >= isa::avx2 && !any_outside_avx2(y.data() + group, inverse, levels_of.low, levels_of.high)) continue;
-#endif
+                    if (!outside[group / 8]) continue;
                     for (std::size_t j = group; j < group + 8; ++j) {
                         const double z = static_cast<double>(y[j] * inverse);
                         if (!(z < levels_of.low || z > levels_of.high)) continue;
