@@ -18,6 +18,7 @@ How a client trains can be changed with a :class:`ClientStep`: FedProx (Li et al
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -210,8 +211,11 @@ class ClientTrainer:
         trainer's variable handles in place of the leader's, so that threads share one trace and one
         instantiation (a few hundred milliseconds each). ``None`` where the two states do not
         correspond one to one, or the loop captures state not among them; this trainer then traces
-        its own."""
+        its own, as it also does where TensorFlow's concrete functions cannot be called with other
+        captures (``_call_flat(inputs, captured_inputs)``, TensorFlow 2.13 and later)."""
         tf = self._tf
+        if "captured_inputs" not in inspect.signature(getattr(leader._loop, "_call_flat", lambda: None)).parameters:
+            return None
         mine, theirs = [_tf_variable(v) for v in self._state()], [_tf_variable(v) for v in leader._state()]
         if len(mine) != len(theirs) or any(a.shape != b.shape or a.dtype != b.dtype for a, b in zip(mine, theirs)):
             return None
