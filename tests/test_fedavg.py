@@ -145,10 +145,16 @@ def test_a_sibling_runs_the_leaders_traced_loop_on_its_own_variables() -> None:
     assert sibling.metric_states()[0][1] == 100 and leader.metric_states()[0][1] == 0  # examples counted
 
 
-def test_a_sibling_whose_state_differs_from_the_leaders_traces_its_own_loop() -> None:
+@pytest.mark.parametrize(
+    "settings", [{"learning_rate": [0.1, 0.2]}, {"momentum": [0.9, 0.5]}], ids=["variable", "constant"]
+)
+def test_a_sibling_whose_optimizer_differs_from_the_leaders_traces_its_own_loop(
+    settings: dict[str, list[float]],
+) -> None:
     (x, y), _ = data.load_digits(seed=0)
-    rates = iter([0.1, 0.2])  # the loop holds the leader's fresh optimizer values: not the sibling's
-    leader = ClientTrainer(_dropout_mlp, lambda: keras.optimizers.SGD(learning_rate=next(rates)), None, 20, 1)
+    # The loop holds the leader's optimizer settings (as variables' fresh values or as constants).
+    made = iter([{name: values[k] for name, values in settings.items()} for k in range(2)])
+    leader = ClientTrainer(_dropout_mlp, lambda: keras.optimizers.SGD(**next(made)), None, 20, 1)
     leader.prepare(0, x[:100], y[:100])
     leader.ready()
     sibling = leader.sibling()
@@ -230,17 +236,24 @@ def test_clients_train_one_at_a_time_where_threads_would_share_state(
     model_fn: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     (x, y), _ = data.load_digits(seed=0)
-    clients = [(x[a:b], y[a:b]) for a, b in [(0, 30), (30, 60), (60, 90)]]
-    executor = LocalExecutor(threads=2)
-    process = _process(model_fn=model_fn, executor=executor)
-    with caplog.at_level("INFO", logger="fastfed"):
-        state = process.initialize()
-        state, _ = process.next(state, clients[:1])  # one client: its loop traced without a second thread
-        for _ in range(2):
-            state, metrics = process.next(state, clients)
-    assert metrics["clients_failed"] == 0
-    assert len(executor._trainers) == 1
+    clients = [(x[a:b], y[a:b]) for a, b in [(0, 30), (30, 60), (60, 90), (90, 120), (120, 150)]]
+    weights = []
+    for threads in (2, 1):
+        keras.utils.set_random_seed(0)  # the shared random state starts alike for both runs
+        executor = LocalExecutor(threads=threads)
+        process = _process(model_fn=model_fn, executor=executor)
+        with caplog.at_level("INFO", logger="fastfed"):
+            state = process.initialize()
+            state, _ = process.next(state, clients[:1])  # one client: its loop traced without a second thread
+            for _ in range(2):
+                state, metrics = process.next(state, clients)
+        weights.append(state.weights)
+        assert metrics["clients_failed"] == 0
+        assert len(executor._trainers) == 1
     assert sum("training clients one at a time" in r.getMessage() for r in caplog.records) == 1
+    if model_fn is not _one_model:  # (whose one model the first run trained further)
+        for alone, with_threads in zip(weights[1], weights[0]):  # in client order, as with one thread
+            np.testing.assert_array_equal(alone, with_threads)
 
 
 def test_local_executor_threads_must_be_a_positive_integer() -> None:

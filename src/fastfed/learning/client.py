@@ -169,10 +169,18 @@ class ClientTrainer:
             other, self._solo_reason = self._independent_sibling()
             if other is not None:
                 return other
+        self.trains_alone()
+        return None
+
+    def trains_alone(self) -> bool:
+        """Whether clients are known to be unable to train beside this trainer's (see
+        :meth:`sibling`); the first time, a log line says why."""
+        if self._solo_reason is None:
+            return False
         if not self._solo_told:
             log.info("training clients one at a time: %s", self._solo_reason)
             self._solo_told = True
-        return None
+        return True
 
     def _independent_sibling(self) -> tuple[ClientTrainer | None, str | None]:
         import keras
@@ -196,9 +204,13 @@ class ClientTrainer:
         if any(id(v) in mine for v in [*other.model.variables, *other.optimizer.variables]):
             return None, "model_fn or client_optimizer returns the same object on every call; threads need their own"
         other.spec = self.spec
-        if self._loop is not None:
+        loop = self._loop  # read once: a worker thread falling back from XLA may reset it meanwhile
+        if loop is not None and not isinstance(loop, _LoopWithCaptures):
             other.metrics = resolve_metrics(other._metric_names, one_hot_labels=other.spec.one_hot)
-            other._loop = other._loop_on_own_state(self)
+            try:
+                other._loop = other._loop_on_own_state(self, loop)
+            except Exception as error:  # it traces its own instead
+                log.debug("a client thread traces its own loop: %s", describe_failure(error))
         return other, None
 
     def _state(self) -> list[Any]:
@@ -206,31 +218,35 @@ class ClientTrainer:
         metric_variables = [v for metric in self.metrics for v in metric.variables]
         return [*self.model.variables, *self.optimizer.variables, *self._start, *metric_variables]
 
-    def _loop_on_own_state(self, leader: ClientTrainer) -> Any:
-        """``leader``'s traced loop run on this trainer's variables: the same graph, called with this
-        trainer's variable handles in place of the leader's, so that threads share one trace and one
-        instantiation (a few hundred milliseconds each). ``None`` where the two states do not
-        correspond one to one, or the loop captures state not among them; this trainer then traces
-        its own, as it also does where TensorFlow's concrete functions cannot be called with other
-        captures (``_call_flat(inputs, captured_inputs)``, TensorFlow 2.13 and later)."""
+    def _loop_on_own_state(self, leader: ClientTrainer, loop: Any) -> Any:
+        """``leader``'s traced ``loop`` run on this trainer's variables: the same graph, called with
+        this trainer's variable handles in place of the leader's, so that threads share one trace and
+        one instantiation (a few hundred milliseconds each). ``None`` where the two states do not
+        correspond one to one, the optimizers are configured differently (their settings are
+        constants of the graph, as are the fresh optimizer's values), or the loop captures state not
+        among them; this trainer then traces its own, as it also does where TensorFlow's concrete
+        functions cannot be called with other captures (``_call_flat(inputs, captured_inputs)``,
+        TensorFlow 2.13 and later)."""
         tf = self._tf
-        if "captured_inputs" not in inspect.signature(getattr(leader._loop, "_call_flat", lambda: None)).parameters:
+        if "captured_inputs" not in inspect.signature(getattr(loop, "_call_flat", lambda: None)).parameters:
             return None
         mine, theirs = [_tf_variable(v) for v in self._state()], [_tf_variable(v) for v in leader._state()]
         if len(mine) != len(theirs) or any(a.shape != b.shape or a.dtype != b.dtype for a, b in zip(mine, theirs)):
             return None
         if not all(np.array_equal(a, b) for a, b in zip(self._fresh_optimizer, leader._fresh_optimizer)):
-            return None  # the loop holds the leader's fresh optimizer values as constants
+            return None
+        if _settings(self.optimizer) != _settings(leader.optimizer):
+            return None
         own_handles = {id(b.handle): a.handle for a, b in zip(mine, theirs)}
         captures = []
-        for captured in leader._loop.captured_inputs:
+        for captured in loop.captured_inputs:
             if id(captured) in own_handles:
                 captures.append(own_handles[id(captured)])
             elif captured.dtype == tf.resource:
                 return None
             else:  # a constant: the same for every trainer
                 captures.append(captured)
-        return _LoopWithCaptures(leader._loop, captures)
+        return _LoopWithCaptures(loop, captures)
 
     def ready(self) -> None:
         """Builds (traces) the compiled loop that :meth:`train` or :meth:`train_together` will call,
@@ -422,6 +438,13 @@ class ClientTrainer:
             self._start_tensors(weights), x, y, order, np.int32(n), np.int32(len(orders)), seeds
         )  # fmt: skip
         return float(loss_sum), [value.numpy() for value in trained]
+
+
+def _settings(optimizer: Any) -> Any:
+    """An optimizer's configuration without its name (Keras's ``get_config``), for comparing two."""
+    config = dict(optimizer.get_config())
+    config.pop("name", None)
+    return config
 
 
 def _tf_variable(variable: Any) -> Any:

@@ -170,6 +170,8 @@ def _chunk_outcomes(
     already), which changes no bit: a client's training depends only on its own data and seed, and
     what the chunks return is folded in chunk order."""
     threads = min(threads, len(chunks))
+    if threads > 1 and trainers[0].trains_alone():  # e.g. its step draws from shared random state: in order
+        threads = 1
     if threads <= 1:
         for chunk in chunks:
             yield _train_chunk(trainers[0], start, chunk)
