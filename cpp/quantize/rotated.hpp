@@ -16,7 +16,6 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <stdexcept>
@@ -440,6 +439,7 @@ class staircase_table {
     double point(std::size_t j) const { return points_[j]; }
     double inverse_width(std::size_t j) const { return inverse_width_[j]; }
 
+    // The vector path's view (tabulated staircases only: see tabulated()).
     staircase_cells cells() const {
         return {steps_.data(),
                 next_points_.data(),
