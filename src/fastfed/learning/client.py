@@ -205,7 +205,7 @@ class ClientTrainer:
             return None, "model_fn or client_optimizer returns the same object on every call; threads need their own"
         other.spec = self.spec
         loop = self._loop  # read once: a worker thread falling back from XLA may reset it meanwhile
-        if loop is not None and not isinstance(loop, _LoopWithCaptures):
+        if loop is not None:
             other.metrics = resolve_metrics(other._metric_names, one_hot_labels=other.spec.one_hot)
             try:
                 other._loop = other._loop_on_own_state(self, loop)
