@@ -6,6 +6,7 @@ import functools
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -254,6 +255,27 @@ def test_clients_train_one_at_a_time_where_threads_would_share_state(
     if model_fn is not _one_model:  # (whose one model the first run trained further)
         for alone, with_threads in zip(weights[1], weights[0]):  # in client order, as with one thread
             np.testing.assert_array_equal(alone, with_threads)
+
+
+def test_an_interrupted_round_leaves_no_client_thread_training() -> None:
+    (x, y), _ = data.load_digits(seed=0)
+    clients = [(x[a : a + 40], y[a : a + 40]) for a in range(0, 400, 40)]
+    calls = []
+
+    def interrupt_on_the_third(report: Any) -> float:
+        calls.append(report.index)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return 1.0
+
+    process = _process(weighting=interrupt_on_the_third, executor=LocalExecutor(threads=2))
+    state = process.initialize()
+    with pytest.raises(KeyboardInterrupt) as interrupted:
+        process.next(state, clients)
+    # The traceback (kept here, as an interactive session keeps its last one) must not keep the
+    # round's client threads alive, training on the trainers that the next round will use.
+    assert interrupted.traceback
+    assert not [t for t in threading.enumerate() if t.name.startswith("fastfed-client")]
 
 
 def test_local_executor_threads_must_be_a_positive_integer() -> None:
