@@ -206,7 +206,7 @@ class ClientTrainer:
         other.spec = self.spec
         loop = self._loop  # read once: a worker thread falling back from XLA may reset it meanwhile
         if loop is not None:
-            other.metrics = resolve_metrics(other._metric_names, one_hot_labels=other.spec.one_hot)
+            other._resolve_metrics()
             try:
                 other._loop = other._loop_on_own_state(self, loop)
             except Exception as error:  # it traces its own instead
@@ -252,8 +252,7 @@ class ClientTrainer:
         """Builds (traces) the compiled loop that :meth:`train` or :meth:`train_together` will call,
         in the calling thread; the data spec must be known (a client prepared by this trainer or the
         one it is a sibling of)."""
-        if not self.metrics:
-            self.metrics = resolve_metrics(self._metric_names, one_hot_labels=self.spec.one_hot)
+        self._resolve_metrics()
         if self.clients_per_call > 1 and self._together is None:
             self._build_together()
         if self._loop is None:
@@ -307,9 +306,14 @@ class ClientTrainer:
         """A client's arrays in the dtypes and shapes the compiled loop was built for, or
         :class:`ClientDataError` naming the client and the mismatch."""
         x, y = self.spec.conform(index, x, y)
-        if not self.metrics:  # fixed by the first client: the meaning of "accuracy" follows its labels
-            self.metrics = resolve_metrics(self._metric_names, one_hot_labels=self.spec.one_hot)
+        self._resolve_metrics()
         return x, y
+
+    def _resolve_metrics(self) -> None:
+        """The metrics, once the data spec is fixed by a first client: the meaning of "accuracy"
+        follows its labels."""
+        if not self.metrics:
+            self.metrics = resolve_metrics(self._metric_names, one_hot_labels=self.spec.one_hot)
 
     def _build_loop(self, xla: bool) -> Any:
         tf = self._tf
