@@ -9,6 +9,8 @@ import pytest
 from fastfed._backend import _require
 from fastfed.compression.rotated import eden_codebook, shared_codebook
 from fastfed.compression.tables import SUPPORT
+from fastfed.kernels import quantize_numpy
+from fastfed.kernels.random_numpy import random_bits, random_quarters
 
 BITS = [1, 2, 3, 4, 5, 7, 8, 11, 12, 16]
 
@@ -44,6 +46,29 @@ def test_quantize_pack_and_unpack_match_reference(backend: str, bits: int, stoch
     _reference().unpack_dequantize_accumulate(expected, bits, minimum, step, 0.3, want_acc)
     kernel.unpack_dequantize_accumulate(expected, bits, minimum, step, 0.3, got_acc)
     np.testing.assert_array_equal(got_acc, want_acc)
+
+
+def test_values_outside_the_range_take_the_end_levels(backend: str) -> None:
+    # offset and scale cover [-1, 1]; kernels clamp what lies beyond (even where 2^16 v overflows an int32).
+    x = np.concatenate([np.linspace(-3, 3, 1001), [-1e30, 1e30, 3e38]]).astype(np.float32)
+    for bits, stochastic in [(8, True), (8, False), (3, True), (16, False)]:
+        scale = (2**bits - 1) / 2.0
+        expected = np.empty((x.size * bits + 7) // 8, np.uint8)
+        actual = np.empty_like(expected)
+        _reference().quantize_pack(x, bits, stochastic, 9, -1.0, scale, expected)
+        _require(backend).quantize.quantize_pack(x, bits, stochastic, 9, -1.0, scale, actual)
+        np.testing.assert_array_equal(actual, expected)
+        levels = quantize_numpy.unpack(expected, x.size, bits)
+        assert levels[x < -1].max() == 0 and levels[x > 1].min() == 2**bits - 1
+
+
+def test_stochastic_rounding_coins_are_quarters_of_draws() -> None:
+    # Sixteen values share four draws: value 8h + k takes half h of 32-bit word k (a draw's low word first).
+    coins = random_quarters(123, 40)
+    words = random_bits(123, 0, 12).astype("<u8").view("<u4")
+    for index in range(40):
+        group, h, k = index // 16, (index // 8) % 2, index % 8
+        assert coins[index] == (int(words[8 * group + k]) >> (16 * h)) & 0xFFFF
 
 
 def test_packing_is_lsb_first_little_endian(backend: str) -> None:

@@ -4,8 +4,9 @@
 // Element i of a stream depends only on (key, i), so results do not depend on threading or on the
 // order in which elements are visited, and fastfed.kernels.random_numpy reproduces every value.
 //
-// A draw can serve several values: its 64 bits are the random signs of 64 coordinates, or the
-// 32-bit coins of two (fastfed.kernels.random_numpy.sign_flips and random_halves).
+// A draw can serve several values: its 64 bits are the random signs of 64 coordinates, the 32-bit
+// coins of two or the 16-bit coins of four (fastfed.kernels.random_numpy.sign_flips, random_halves
+// and random_quarters).
 #pragma once
 
 #include <cstddef>
@@ -40,6 +41,14 @@ inline std::uint32_t coin(std::uint64_t key, std::uint64_t index) {
 
 // The coin of value `index` as a fraction in [0, 1): coin * 2^-32, exact in a double.
 inline double coin_fraction(std::uint64_t key, std::uint64_t index) { return static_cast<double>(coin(key, index)) * 0x1p-32; }
+
+// The 16-bit coin of value `index`: four draws, read as eight 32-bit words (the low half of a draw
+// first), hold the coins of sixteen values; value 8h + k of such a group takes the low (h = 0) or high
+// (h = 1) 16 bits of word k, so that eight lanes of 32 bits give eight values' coins without a shuffle.
+inline std::uint32_t quarter_coin(std::uint64_t key, std::uint64_t index) {
+    const std::uint64_t word = 8 * (index / 16) + index % 8;
+    return static_cast<std::uint32_t>(bits(key, word / 2) >> (32 * (word & 1) + 16 * ((index / 8) & 1))) & 0xFFFFu;
+}
 
 #if defined(FASTFED_X86_DISPATCH)
 // The low 64 bits of a * b in four lanes; AVX2 multiplies 32 x 32 -> 64 bits only, so
@@ -106,16 +115,20 @@ class draws_avx512 {
             _mm512_mullo_epi64(_mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7), _mm512_set1_epi64(static_cast<long long>(kGolden))));
         step_ = _mm512_set1_epi64(static_cast<long long>(8 * kGolden));
     }
-    // The coins of the next sixteen values as doubles in [0, 1): values 0..7 in low, 8..15 in high.
-    FASTFED_TARGET("avx512f,avx512dq") void coins(__m512d& low, __m512d& high) {
+    // The next eight draws.
+    FASTFED_TARGET("avx512f,avx512dq") __m512i next() {
         __m512i z = counter_;
         counter_ = _mm512_add_epi64(counter_, step_);
         z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64(z, 30)),
                                _mm512_set1_epi64(static_cast<long long>(0xBF58476D1CE4E5B9ULL)));
         z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64(z, 27)),
                                _mm512_set1_epi64(static_cast<long long>(0x94D049BB133111EBULL)));
-        z = _mm512_xor_si512(z, _mm512_srli_epi64(z, 31));
+        return _mm512_xor_si512(z, _mm512_srli_epi64(z, 31));
+    }
+    // The coins of the next sixteen values as doubles in [0, 1): values 0..7 in low, 8..15 in high.
+    FASTFED_TARGET("avx512f,avx512dq") void coins(__m512d& low, __m512d& high) {
         // Read as sixteen 32-bit halves, low half first, the draws are the coins in value order.
+        const __m512i z = next();
         const __m512d scale = _mm512_set1_pd(0x1p-32);
         low = _mm512_mul_pd(_mm512_cvtepu32_pd(_mm512_castsi512_si256(z)), scale);
         high = _mm512_mul_pd(_mm512_cvtepu32_pd(_mm512_extracti64x4_epi64(z, 1)), scale);

@@ -1,14 +1,17 @@
 // Uniform quantization with tensor_encoding's semantics.
 //
 // Quantization maps x to q = round((x - min) * scale) with scale = (2^b - 1) / (max - min), where
-// round is floor(v + 0.5) (nearest) or floor(v + u), u uniform on the multiples of 2^-32 in [0, 1)
-// (unbiased stochastic rounding, Suresh et al. 2017, "Distributed Mean Estimation with Limited
-// Communication"). Decoding gives min + q * step with step = (max - min) / (2^b - 1). The u are the
-// 32-bit coins of the counter-based stream of common/random.hpp (one draw for two values), so results do not depend on threading, and every
-// formula matches fastfed.kernels.quantize_numpy operation for operation: all backends agree bit for bit. Levels are bit-packed as pack.hpp
-// describes.
+// round is floor(v + 0.5) (nearest) or floor(v + u), u uniform on the multiples of 2^-16 in [0, 1)
+// (stochastic rounding, Suresh et al. 2017, "Distributed Mean Estimation with Limited Communication";
+// unbiased for v truncated to 16 fractional bits, as float32 holds v near 2^8). The sum is exact, in
+// fixed point: (floor(2^16 v) + 2^16 u) >> 16. Decoding gives min + q * step with step = (max - min) /
+// (2^b - 1). The u are the 16-bit coins of the counter-based stream of common/random.hpp (one draw for
+// four values), so results do not depend on threading, and every formula matches
+// fastfed.kernels.quantize_numpy operation for operation: all backends agree bit for bit. Levels are
+// bit-packed as pack.hpp describes.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -61,50 +64,81 @@ inline std::size_t min_max_avx2(const float* x, std::size_t begin, std::size_t e
     return i;
 }
 
-// quantize_pack_range for 8-bit levels of float32, eight values per step with the same double-precision
-// operations: the dither is 1/2 (nearest) or the value's coin from the counter-based stream, four
-// splitmix64 draws (eight coins) at a time (random.hpp); min(q, 255) then truncation equals the scalar clamp.
+// The fixed-point values of x[0..7], computed as quantize_value does (loading four floats at a time
+// lets the conversion to double read memory, without a shuffle).
+FASTFED_TARGET("avx2") inline __m256i fixed_eight_avx2(const float* x, __m256d origin, __m256d fixed_scale, __m256d ceiling) {
+    const __m256d zero = _mm256_setzero_pd();
+    const __m256d low = _mm256_mul_pd(_mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(x)), origin), fixed_scale);
+    const __m256d high = _mm256_mul_pd(_mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(x + 4)), origin), fixed_scale);
+    return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm256_cvttpd_epi32(_mm256_min_pd(_mm256_max_pd(low, zero), ceiling))),
+                                   _mm256_cvttpd_epi32(_mm256_min_pd(_mm256_max_pd(high, zero), ceiling)), 1);
+}
+
+// quantize_pack_range for 8-bit levels of float32, sixteen values per step with quantize_value's
+// operations: 2^16 v fits an int32 (v <= 255), the coins of values 0-7 and 8-15 are the low and high
+// halves of four draws' eight 32-bit words (random.hpp), and unsigned saturation when packing to bytes
+// is the clamp to 255.
 template <bool Stochastic>
 FASTFED_TARGET("avx2")
-std::size_t quantize_u8_avx2(const float* x, std::size_t begin, std::size_t end, double offset, double scale, std::uint64_t key,
+std::size_t quantize_u8_avx2(const float* x, std::size_t begin, std::size_t end, double offset, double fixed_scale, std::uint64_t key,
                              std::uint8_t* out) {
-    const __m256d origin = _mm256_set1_pd(offset), factor = _mm256_set1_pd(scale), half = _mm256_set1_pd(0.5), top = _mm256_set1_pd(255.0);
-    const __m128i low_bytes = _mm_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
-    random::draws_avx2 draws(key, begin / 2);  // begin is a multiple of 8: four draws hold the next eight coins
+    const __m256d origin = _mm256_set1_pd(offset), factor = _mm256_set1_pd(fixed_scale), ceiling = _mm256_set1_pd(0x1p24);
+    const __m256i half = _mm256_set1_epi32(1 << 15), low_half = _mm256_set1_epi32(0xFFFF);
+    const __m256i value_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    random::draws_avx2 draws(key, begin / 4);  // begin is a multiple of 16 (quantize_pack)
     std::size_t i = begin;
-    for (; i + 8 <= end; i += 8) {
-        const __m256 v = _mm256_loadu_ps(x + i);
-        const __m256d low = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), high = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
-        __m256d dither_low = half, dither_high = half;
-        if constexpr (Stochastic) random::coins_avx2(draws, dither_low, dither_high);
-        const __m256d q_low = _mm256_min_pd(_mm256_add_pd(_mm256_mul_pd(_mm256_sub_pd(low, origin), factor), dither_low), top);
-        const __m256d q_high = _mm256_min_pd(_mm256_add_pd(_mm256_mul_pd(_mm256_sub_pd(high, origin), factor), dither_high), top);
-        // The low byte of each int32, as the scalar cast keeps it (packing would saturate instead).
-        const __m128i bytes_low = _mm_shuffle_epi8(_mm256_cvttpd_epi32(q_low), low_bytes);
-        const __m128i bytes_high = _mm_shuffle_epi8(_mm256_cvttpd_epi32(q_high), low_bytes);
-        _mm_storel_epi64(reinterpret_cast<__m128i*>(out + i), _mm_unpacklo_epi32(bytes_low, bytes_high));
+    for (; i + 16 <= end; i += 16) {
+        __m256i coins_low = half, coins_high = half;
+        if constexpr (Stochastic) {
+            const __m256i words = draws.next();
+            coins_low = _mm256_and_si256(words, low_half);
+            coins_high = _mm256_srli_epi32(words, 16);
+        }
+        const __m256i q_low = _mm256_srli_epi32(_mm256_add_epi32(fixed_eight_avx2(x + i, origin, factor, ceiling), coins_low), 16);
+        const __m256i q_high = _mm256_srli_epi32(_mm256_add_epi32(fixed_eight_avx2(x + i + 8, origin, factor, ceiling), coins_high), 16);
+        // Packing works per 128-bit lane: the bytes come out as 32-bit groups low 0-3, high 0-3, (again), low 4-7, high 4-7.
+        const __m256i words = _mm256_packus_epi32(q_low, q_high);
+        const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(words, words), value_order);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm256_castsi256_si128(bytes));
     }
     return i;
 }
 
-// quantize_u8_avx2's stochastic rounding sixteen values at a time with AVX-512DQ's random numbers:
-// the same coins and the same double-precision operations, so the same levels.
 FASTFED_AVX512_BEGIN
 FASTFED_TARGET("avx512f,avx512dq,avx512vl,avx512bw")
-inline std::size_t quantize_stochastic_u8_avx512(const float* x, std::size_t begin, std::size_t end, double offset, double scale,
-                                                 std::uint64_t key, std::uint8_t* out) {
-    const __m512d origin = _mm512_set1_pd(offset), factor = _mm512_set1_pd(scale), top = _mm512_set1_pd(255.0);
-    random::draws_avx512 draws(key, begin / 2);  // begin is a multiple of 8, so even
+inline __m256i fixed_eight_avx512(const float* x, __m512d origin, __m512d fixed_scale, __m512d ceiling) {
+    const __m512d fixed = _mm512_mul_pd(_mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(x)), origin), fixed_scale);
+    return _mm512_cvttpd_epi32(_mm512_min_pd(_mm512_max_pd(fixed, _mm512_setzero_pd()), ceiling));
+}
+
+// quantize_u8_avx2 thirty-two values per step with AVX-512DQ's random numbers: the same coins and
+// operations, so the same levels. Eight draws hold the coins of two groups of sixteen values, the
+// first group's in their low 32-bit lanes, so each vector takes values 0-7 (or 8-15) of both groups.
+template <bool Stochastic>
+FASTFED_TARGET("avx512f,avx512dq,avx512vl,avx512bw")
+inline std::size_t quantize_u8_avx512(const float* x, std::size_t begin, std::size_t end, double offset, double fixed_scale,
+                                      std::uint64_t key, std::uint8_t* out) {
+    const __m512d origin = _mm512_set1_pd(offset), factor = _mm512_set1_pd(fixed_scale), ceiling = _mm512_set1_pd(0x1p24);
+    const __m512i half = _mm512_set1_epi32(1 << 15), low_half = _mm512_set1_epi32(0xFFFF);
+    random::draws_avx512 draws(key, begin / 4);  // begin is a multiple of 16 (quantize_pack)
     std::size_t i = begin;
-    for (; i + 16 <= end; i += 16) {
-        __m512d coins[2];
-        draws.coins(coins[0], coins[1]);
-        for (int h = 0; h < 2; ++h) {
-            const __m512d v = _mm512_cvtps_pd(_mm256_loadu_ps(x + i + 8 * h));
-            const __m512d q = _mm512_min_pd(_mm512_add_pd(_mm512_mul_pd(_mm512_sub_pd(v, origin), factor), coins[h]), top);
-            // The low byte of each int32, as the scalar cast keeps it.
-            _mm_storel_epi64(reinterpret_cast<__m128i*>(out + i + 8 * h), _mm256_cvtepi32_epi8(_mm512_cvttpd_epi32(q)));
+    for (; i + 32 <= end; i += 32) {
+        __m512i coins_low = half, coins_high = half;
+        if constexpr (Stochastic) {
+            const __m512i words = draws.next();
+            coins_low = _mm512_and_si512(words, low_half);
+            coins_high = _mm512_srli_epi32(words, 16);
         }
+        __m128i bytes[2];
+        for (int h = 0; h < 2; ++h) {
+            const float* p = x + i + 8 * h;
+            const __m512i fixed = _mm512_inserti64x4(_mm512_castsi256_si512(fixed_eight_avx512(p, origin, factor, ceiling)),
+                                                     fixed_eight_avx512(p + 16, origin, factor, ceiling), 1);
+            const __m512i q = _mm512_srli_epi32(_mm512_add_epi32(fixed, h == 0 ? coins_low : coins_high), 16);
+            bytes[h] = _mm512_cvtusepi32_epi8(q);  // values 8h..8h+7 of both groups
+        }
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm_unpacklo_epi64(bytes[0], bytes[1]));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i + 16), _mm_unpackhi_epi64(bytes[0], bytes[1]));
     }
     return i;
 }
@@ -191,35 +225,38 @@ min_max_result min_max(const Source* x, std::size_t n) {
     return result;
 }
 
+// Level of x: floor(v + u) with v = (x - offset) scale clamped to [0, 2^bits] (in range when offset and
+// scale come from the minimum and maximum), computed exactly as (floor(2^16 v) + 2^16 u) >> 16, with
+// fixed_scale = 2^16 scale (scaling by a power of two does not round), then clamped to the top level.
 template <bool Stochastic, class Source>
-inline std::uint32_t quantize_value(Source x, std::size_t index, double offset, double scale, double levels, std::uint64_t key) {
-    const double v = (static_cast<double>(x) - offset) * scale;
-    double dither = 0.5;
-    if constexpr (Stochastic) dither = random::coin_fraction(key, index);
-    // v >= 0 because x >= offset, so truncation equals the reference's floor, without a libm call;
-    // through int32 (levels <= 65535), which SSE2 converts several at a time, unlike uint32.
-    const double q = v + dither;
-    return static_cast<std::uint32_t>(q >= levels ? static_cast<std::int32_t>(levels) : static_cast<std::int32_t>(q));
+inline std::uint32_t quantize_value(Source x, std::size_t index, double offset, double fixed_scale, double ceiling, std::uint64_t levels,
+                                    std::uint64_t key) {
+    const auto fixed = static_cast<std::uint64_t>(std::min(std::max((static_cast<double>(x) - offset) * fixed_scale, 0.0), ceiling));
+    const std::uint64_t dither = Stochastic ? random::quarter_coin(key, index) : 1u << 15;
+    return static_cast<std::uint32_t>(std::min((fixed + dither) >> 16, levels));
 }
 
 template <bool Stochastic, class Source>
 void quantize_pack_range(const Source* FASTFED_RESTRICT x, std::size_t begin, std::size_t end, unsigned bits, std::uint64_t key,
                          double offset, double scale, std::uint8_t* FASTFED_RESTRICT out) {
-    const double levels = static_cast<double>((1u << bits) - 1);
+    const std::uint64_t levels = (1u << bits) - 1;
+    const double fixed_scale = scale * 0x1p16, ceiling = std::ldexp(1.0, static_cast<int>(bits) + 16);
     if (bits == 8) {
         std::size_t i = begin;
 #if defined(FASTFED_X86_DISPATCH)
         if constexpr (std::is_same_v<Source, float>) {
-            if (Stochastic && active_isa() >= isa::avx512)
-                i = quantize_stochastic_u8_avx512(x, begin, end, offset, scale, key, out);
+            if (active_isa() >= isa::avx512)
+                i = quantize_u8_avx512<Stochastic>(x, begin, end, offset, fixed_scale, key, out);
             else if (active_isa() >= isa::avx2)
-                i = quantize_u8_avx2<Stochastic>(x, begin, end, offset, scale, key, out);
+                i = quantize_u8_avx2<Stochastic>(x, begin, end, offset, fixed_scale, key, out);
         }
 #endif
-        for (; i < end; ++i) out[i] = static_cast<std::uint8_t>(quantize_value<Stochastic>(x[i], i, offset, scale, levels, key));
+        for (; i < end; ++i)
+            out[i] = static_cast<std::uint8_t>(quantize_value<Stochastic>(x[i], i, offset, fixed_scale, ceiling, levels, key));
         return;
     }
-    pack::pack_range(begin, end, bits, out, [&](std::size_t i) { return quantize_value<Stochastic>(x[i], i, offset, scale, levels, key); });
+    pack::pack_range(begin, end, bits, out,
+                     [&](std::size_t i) { return quantize_value<Stochastic>(x[i], i, offset, fixed_scale, ceiling, levels, key); });
 }
 
 template <class Source>

@@ -24,7 +24,7 @@ from ._checks import (
     require_staircase,
     require_table,
 )
-from .random_numba import random_coin
+from .random_numba import random_coin, random_quarter
 from .rotate_numba import rotate_block, round_scales, unrotate_block
 
 _ONE = np.uint64(1)
@@ -32,17 +32,18 @@ _GROUP_BLOCK = 4096  # groups of 8 values per parallel task
 
 
 @numba.njit(inline="always")
-def _quantize_value(x, index, offset, scale, levels, stochastic, key):  # type: ignore[no-untyped-def]
-    v = (np.float64(x) - offset) * scale
-    dither = random_coin(key, index) if stochastic else 0.5
-    q = np.floor(v + dither)
-    return np.uint64(levels) if q >= levels else np.uint64(q)
+def _quantize_value(x, index, offset, fixed_scale, ceiling, levels, stochastic, key):  # type: ignore[no-untyped-def]
+    fixed_v = min(max((np.float64(x) - offset) * fixed_scale, 0.0), ceiling)
+    dither = random_quarter(key, index) if stochastic else np.uint64(1 << 15)
+    return min((np.uint64(fixed_v) + dither) >> np.uint64(16), levels)
 
 
 @numba.njit(parallel=True, cache=True)
 def _quantize_pack(x, bits, stochastic, key, offset, scale, out):  # type: ignore[no-untyped-def]
     n = x.shape[0]
-    levels = np.float64((1 << bits) - 1)
+    levels = np.uint64((1 << bits) - 1)
+    fixed_scale = scale * 2.0**16
+    ceiling = 2.0 ** (bits + 16)
     n_groups = (n + 7) // 8
     n_blocks = (n_groups + _GROUP_BLOCK - 1) // _GROUP_BLOCK
     for block in prange(n_blocks):
@@ -52,7 +53,9 @@ def _quantize_pack(x, bits, stochastic, key, offset, scale, out):  # type: ignor
         buffer = np.uint64(0)
         filled = 0
         for i in range(begin, end):
-            buffer |= _quantize_value(x[i], i, offset, scale, levels, stochastic, key) << np.uint64(filled)
+            buffer |= _quantize_value(x[i], i, offset, fixed_scale, ceiling, levels, stochastic, key) << np.uint64(
+                filled
+            )
             filled += bits
             while filled >= 8:
                 out[byte] = np.uint8(buffer & np.uint64(0xFF))

@@ -2,9 +2,10 @@
 
 Quantization follows tensor_encoding's uniform quantizer: ``v = (x - min) * (2^b - 1) / (max - min)``
 rounded to ``floor(v + 0.5)`` (nearest) or ``floor(v + u)`` with ``u`` uniform on the multiples of
-2^-32 in [0, 1) (unbiased stochastic rounding, Suresh et al. 2017, "Distributed Mean Estimation with
-Limited Communication"). The ``u`` are the 32-bit coins of the counter-based stream of
-:mod:`fastfed.kernels.random_numpy` (:func:`random_coins`: one draw for two values).
+2^-16 in [0, 1) (stochastic rounding, Suresh et al. 2017, "Distributed Mean Estimation with Limited
+Communication"; unbiased for ``v`` truncated to 16 fractional bits). The sum is exact: it is computed
+as ``(floor(2^16 v) + 2^16 u) >> 16``. The ``u`` are the 16-bit coins of the counter-based stream of
+:mod:`fastfed.kernels.random_numpy` (:func:`random_quarters`: one draw for four values).
 
 Packing: value ``i`` occupies bits ``[i*b, (i+1)*b)`` of a little-endian, LSB-first bit stream.
 
@@ -34,7 +35,7 @@ from ._checks import (
     require_staircase,
     require_table,
 )
-from .random_numpy import random_coins
+from .random_numpy import random_coins, random_quarters
 from .rotate_numpy import rotate_blocks, unrotate_blocks
 
 __all__ = [
@@ -68,11 +69,12 @@ def min_max(x: np.ndarray) -> tuple[float, float]:
 
 
 def quantize(x: np.ndarray, bits: int, stochastic: bool, key: int, offset: float, scale: float) -> np.ndarray:
-    """The quantized levels ``q`` as uint32, before packing."""
-    levels = float(2**bits - 1)
-    v = (x.astype(np.float64) - offset) * scale
-    dither = random_coins(key, x.shape[0]) if stochastic else 0.5
-    return np.minimum(np.floor(v + dither), levels).astype(np.uint32)
+    """The quantized levels ``q`` as uint32, before packing; ``v`` clamped to ``[0, 2^bits]`` (in range
+    when ``offset`` and ``scale`` come from the minimum and maximum)."""
+    fixed_v = np.clip((x.astype(np.float64) - offset) * (scale * 2.0**16), 0.0, 2.0 ** (bits + 16))
+    dither = random_quarters(key, x.shape[0]).astype(np.uint64) if stochastic else np.uint64(1 << 15)
+    levels = (fixed_v.astype(np.uint64) + dither) >> np.uint64(16)
+    return np.asarray(np.minimum(levels, np.uint64(2**bits - 1)), dtype=np.uint32)
 
 
 def pack(q: np.ndarray, bits: int) -> np.ndarray:

@@ -43,3 +43,12 @@ def random_coin(key, index):  # type: ignore[no-untyped-def]
     draw = random_bits(key, np.uint64(index) >> _ONE)
     half = (draw >> np.uint64(32 * (index & 1))) & np.uint64(0xFFFFFFFF)
     return np.float64(half) * 2.0**-32
+
+
+@numba.njit(inline="always")
+def random_quarter(key, index):  # type: ignore[no-untyped-def]
+    """The 16-bit coin of value ``index`` (:func:`fastfed.kernels.random_numpy.random_quarters`)."""
+    word = np.uint64(8 * (index // 16) + index % 8)
+    draw = random_bits(key, word >> _ONE)
+    shift = np.uint64(32) * (word & _ONE) + np.uint64(16 * ((index // 8) & 1))
+    return (draw >> shift) & np.uint64(0xFFFF)
