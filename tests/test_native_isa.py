@@ -94,9 +94,10 @@ def _rotated_kernel_outputs(rng: np.random.Generator) -> list[np.ndarray]:
         rotated = np.empty(padded, np.float32)
         core.quantize.dequantize_shared(levels, bits, block, 7, 3, book.table, sigmas, rotated)
         mean, crcs = np.empty(padded), np.zeros(19, np.uint32)
-        clients = [levels] * 19
-        rows = np.tile(np.array([[5, 3]], np.uint32), (19, 1))
-        scales = np.ones((19, 2), np.float32)
+        # Clients that differ in levels, rows and scales, so that any mix-up between them shows.
+        clients = [np.roll(levels, 3 * k) for k in range(19)]
+        rows = np.array([[5 + k, 2 * k + 1] for k in range(19)], np.uint32)
+        scales = rng.random((19, 2)).astype(np.float32)
         core.aggregate.weighted_sum_levels(clients, bits, scales, block, book.table, rows, None, 2.0, mean, crcs)
         affine, offsets = np.empty(padded), rng.standard_normal((2, 16))
         core.aggregate.weighted_sum_levels(clients, bits, scales, block, None, rows, offsets, 2.0, affine, crcs)

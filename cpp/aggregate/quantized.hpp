@@ -34,6 +34,9 @@ using pack::unpack_range;
 // quantization step.
 inline constexpr std::size_t kQuantizedTile = 16384;  // a multiple of 8, so every tile starts on a byte
 inline constexpr std::size_t kClientBlock = 8;
+// Floats after each client's scaled rows in weighted_sum_levels' vector paths: room for the widest
+// load that starts inside the rows.
+inline constexpr std::size_t kRowsSpare = 16;
 
 #if defined(FASTFED_X86_DISPATCH)
 // Eight 8-bit levels at p, as floats.
@@ -227,22 +230,29 @@ struct level_values {
 //
 // The shuffle port is the limit here, so each client's level bits are broadcast straight from memory
 // (four bytes, where they lie inside the stream) rather than moved into a register and shuffled.
+template <std::size_t Levels>
+inline void scaled_sequences(std::size_t first, std::size_t clients, const level_values& values, std::size_t blocks, std::size_t begin,
+                             float* scaled, const float** sequences) {
+    const std::size_t rows = values.rows, stride = rows * Levels + kRowsSpare;
+    for (std::size_t j = 0; j < clients; ++j) {
+        float* own = scaled + j * stride;
+        const float scale = values.scale(first + j, begin, blocks);
+        for (std::size_t t = 0; t < rows; ++t) {
+            const float* row = values.table + values.row(first + j, begin + 8 * t) * Levels;
+            for (std::size_t q = 0; q < Levels; ++q) own[t * Levels + q] = scale * row[q];
+        }
+        sequences[j] = own;
+    }
+}
+
 template <unsigned Bits>
 FASTFED_TARGET("avx2")
 void sum_table_groups_avx2(const std::uint8_t* const* packed, std::size_t first, std::size_t clients, const level_values& values,
                            std::size_t blocks, std::size_t begin, std::size_t end, double* acc, float* scaled, std::size_t total_bytes) {
     constexpr std::size_t kLevels = std::size_t{1} << Bits;
-    const std::size_t rows = values.rows, stride = rows * kLevels + 8;
+    const std::size_t rows = values.rows;
     const float* sequences[kClientBlock];
-    for (std::size_t j = 0; j < clients; ++j) {
-        float* own = scaled + j * stride;
-        const float scale = values.scale(first + j, begin, blocks);
-        for (std::size_t t = 0; t < rows; ++t) {
-            const float* row = values.table + values.row(first + j, begin + 8 * t) * kLevels;
-            for (std::size_t q = 0; q < kLevels; ++q) own[t * kLevels + q] = scale * row[q];
-        }
-        sequences[j] = own;
-    }
+    scaled_sequences<kLevels>(first, clients, values, blocks, begin, scaled, sequences);
     const __m256i shifts = _mm256_setr_epi32(0, Bits, 2 * Bits, 3 * Bits, 4 * Bits, 5 * Bits, 6 * Bits, 7 * Bits);
     const __m256i level_mask = _mm256_set1_epi32(kLevels - 1);
     for (std::size_t i = begin, t = 0; i < end; i += 8, t = (t + 1) & (rows - 1)) {
@@ -272,6 +282,72 @@ void sum_table_groups_avx2(const std::uint8_t* const* packed, std::size_t first,
     }
 }
 
+// sum_table_groups_avx2 with AVX-512 at 1, 2 and 4 bits, two groups of eight (t and t + 1) per step:
+// lane 2m + h holds value m of group t + h, so one broadcast of both groups' level bits and one
+// permutation from both groups' rows (one register, or two at 4 bits) give sixteen values. The sums
+// are de-interleaved once per step, after all clients: the same float32 sums in client order as the
+// AVX2 path, so the same bits. The rows repeat every `rows` groups, an even number, so rows t and
+// t + 1 lie side by side in each client's sequence.
+FASTFED_AVX512_BEGIN
+template <unsigned Bits>
+FASTFED_TARGET("avx2,avx512f")
+void sum_table_pairs_avx512(const std::uint8_t* const* packed, std::size_t first, std::size_t clients, const level_values& values,
+                            std::size_t blocks, std::size_t begin, std::size_t end, double* acc, float* scaled, std::size_t total_bytes) {
+    static_assert(Bits == 1 || Bits == 2 || Bits == 4, "a pair of groups' levels is read as one 32- or 64-bit word");
+    constexpr std::size_t kLevels = std::size_t{1} << Bits;
+    // At 4 bits the pair's 64 bits are broadcast per 64-bit lane, so even lanes see group t's 32 bits
+    // and odd lanes group t + 1's; narrower pairs fit one 32-bit word, group t + 1 from bit 8 * Bits.
+    constexpr std::size_t kWordBytes = Bits == 4 ? 8 : 4;
+    constexpr int kPairShift = Bits == 4 ? 0 : 8 * static_cast<int>(Bits);
+    constexpr int kSecondRow = Bits == 4 ? 16 : static_cast<int>(kLevels);  // where group t + 1's row starts among the permuted entries
+    const std::size_t rows = values.rows;
+    const float* sequences[kClientBlock];
+    scaled_sequences<kLevels>(first, clients, values, blocks, begin, scaled, sequences);
+    alignas(64) std::int32_t shift_of[16], row_of[16];
+    for (int lane = 0; lane < 16; ++lane) {
+        shift_of[lane] = static_cast<int>(Bits) * (lane / 2) + kPairShift * (lane % 2);
+        row_of[lane] = kSecondRow * (lane % 2);
+    }
+    const __m512i shifts = _mm512_load_si512(shift_of), second_row = _mm512_load_si512(row_of);
+    const __m512i level_mask = _mm512_set1_epi32(static_cast<int>(kLevels - 1));
+    const __m512i in_order = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    std::size_t i = begin, t = 0;
+    for (; i + 16 <= end; i += 16, t = (t + 2) & (rows - 1)) {
+        const std::size_t byte = i / 8 * Bits;
+        const bool inside = byte + kWordBytes <= total_bytes;
+        __m512 sum = _mm512_setzero_ps();
+        for (std::size_t j = 0; j < clients; ++j) {
+            // Broadcast straight from memory, which needs no shuffle port, where the word lies inside the stream.
+            const std::uint8_t* source = packed[first + j] + byte;
+            __m512i word;
+            if (inside) {
+                word = Bits == 4 ? _mm512_castpd_si512(_mm512_broadcastsd_pd(_mm_load_sd(reinterpret_cast<const double*>(source))))
+                                 : _mm512_castps_si512(_mm512_broadcastss_ps(_mm_load_ss(reinterpret_cast<const float*>(source))));
+            } else {
+                std::uint64_t bits = 0;
+                std::memcpy(&bits, source, 2 * Bits);
+                word = Bits == 4 ? _mm512_set1_epi64(static_cast<long long>(bits)) : _mm512_set1_epi32(static_cast<int>(bits));
+            }
+            // (word >> shift) & (levels - 1) | second_row: the level's entry among both rows.
+            const __m512i entry = _mm512_ternarylogic_epi32(_mm512_srlv_epi32(word, shifts), level_mask, second_row, 0xEA);
+            const float* own = sequences[j] + t * kLevels;
+            __m512 value;
+            if constexpr (Bits == 4)
+                value = _mm512_permutex2var_ps(_mm512_loadu_ps(own), entry, _mm512_loadu_ps(own + kLevels));
+            else
+                value = _mm512_permutexvar_ps(entry, _mm512_loadu_ps(own));
+            sum = _mm512_add_ps(sum, value);
+        }
+        const __m512 ordered = _mm512_permutexvar_ps(in_order, sum);
+        double* a = acc + (i - begin);
+        _mm512_storeu_pd(a, _mm512_add_pd(_mm512_loadu_pd(a), _mm512_cvtps_pd(_mm512_castps512_ps256(ordered))));
+        _mm512_storeu_pd(a + 8, _mm512_add_pd(_mm512_loadu_pd(a + 8),
+                                              _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(ordered), 1)))));
+    }
+    if (i < end) sum_table_groups_avx2<Bits>(packed, first, clients, values, blocks, i, end, acc + (i - begin), scaled, total_bytes);
+}
+FASTFED_AVX512_END
+
 // Whether sum_level_segment_avx2 has a vector path for these values.
 inline bool vector_levels(unsigned bits, const level_values& values) { return values.table != nullptr ? bits <= 4 : bits == 8; }
 
@@ -281,6 +357,11 @@ inline void sum_level_segment_avx2(const std::vector<const std::uint8_t*>& packe
                                    const level_values& values, std::size_t blocks, std::size_t start, std::size_t stop, double* acc,
                                    float* scaled, const std::uint8_t* const* next, std::size_t n_next) {
     const std::size_t clients = last - first, total = packed_bytes(blocks * values.block, bits);
+    if (values.table != nullptr && active_isa() >= isa::avx512 && (bits == 1 || bits == 2 || bits == 4)) {
+        if (bits == 1) return sum_table_pairs_avx512<1>(packed.data(), first, clients, values, blocks, start, stop, acc, scaled, total);
+        if (bits == 2) return sum_table_pairs_avx512<2>(packed.data(), first, clients, values, blocks, start, stop, acc, scaled, total);
+        return sum_table_pairs_avx512<4>(packed.data(), first, clients, values, blocks, start, stop, acc, scaled, total);
+    }
     switch (values.table != nullptr ? bits : 0) {
         case 1: return sum_table_groups_avx2<1>(packed.data(), first, clients, values, blocks, start, stop, acc, scaled, total);
         case 2: return sum_table_groups_avx2<2>(packed.data(), first, clients, values, blocks, start, stop, acc, scaled, total);
@@ -312,7 +393,7 @@ void sum_level_tiles(const std::vector<const std::uint8_t*>& packed, unsigned bi
     [[maybe_unused]] std::vector<float> scaled_tables;
 #if defined(FASTFED_X86_DISPATCH)
     fast = active_isa() >= isa::avx2 && vector_levels(bits, values);
-    if (fast && values.table != nullptr) scaled_tables.resize(kClientBlock * (values.rows * levels + 8));
+    if (fast && values.table != nullptr) scaled_tables.resize(kClientBlock * (values.rows * levels + kRowsSpare));
 #endif
     for (std::size_t tile = first_tile; tile < end_tile; ++tile) {
         const std::size_t begin = tile * kQuantizedTile;

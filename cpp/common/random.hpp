@@ -85,16 +85,6 @@ class draws_avx2 {
     __m256i counter_, step_;
 };
 
-// GCC 12's AVX-512 intrinsics pass _mm512_undefined_*() as the unused source of their masked forms,
-// which -Wmaybe-uninitialized reports in every caller.
-#if defined(__GNUC__) && !defined(__clang__)
-#define FASTFED_AVX512_BEGIN _Pragma("GCC diagnostic push") _Pragma("GCC diagnostic ignored \"-Wmaybe-uninitialized\"")
-#define FASTFED_AVX512_END _Pragma("GCC diagnostic pop")
-#else
-#define FASTFED_AVX512_BEGIN
-#define FASTFED_AVX512_END
-#endif
-
 // The 32-bit coins of eight values as doubles in [0, 1): four draws hold eight coins, in order.
 FASTFED_TARGET("avx2") inline void coins_avx2(draws_avx2& draws, __m256d& low, __m256d& high) {
     // Unsigned to double exactly: convert u - 2^31 as a signed integer, then add 2^31 back.
