@@ -296,3 +296,40 @@ def test_weighted_sum_levels_matches_reference(backend: str, bits: int, with_tab
     np.testing.assert_array_equal(results[1][0], results[0][0])
     np.testing.assert_array_equal(results[1][1], results[0][1])
     assert results[0][1][0] == zlib.crc32(packed[0], 9)
+
+
+def _corrections(positions: list[int], values: list[float]) -> np.ndarray:
+    """A payload's corrections as bytes: the positions (uint32), then the values (float32)."""
+    return np.concatenate([np.array(positions, "<u4").view(np.uint8), np.array(values, "<f4").view(np.uint8)])
+
+
+def test_add_corrections_matches_reference(backend: str) -> None:
+    rng = np.random.default_rng(5)
+    n = 5000
+    sources = []
+    for k in range(7):  # clients share positions, so the order of their additions shows
+        count = int(rng.integers(0, 300)) if k != 3 else 0
+        positions = np.sort(rng.choice(n, count, replace=False))
+        sources.append(_corrections(positions.tolist(), (rng.standard_normal(count) * 10.0**k).tolist()))
+    shares = rng.random(7).astype(np.float32)
+    start = rng.standard_normal(n).astype(np.float32)
+    results = []
+    for name in ("numpy", backend):
+        out = start.copy()
+        assert _require(name).aggregate.add_corrections(sources, shares, 2.0**100, out) == -1
+        results.append(out)
+    np.testing.assert_array_equal(results[1], results[0])
+    assert not np.array_equal(results[0], start)
+
+
+@pytest.mark.parametrize(
+    ("positions", "values"),
+    [([3, 3], [1.0, 1.0]), ([4, 2], [1.0, 1.0]), ([1, 10], [1.0, 1.0]), ([1], [float("nan")]), ([1], [2.0**101])],
+)
+def test_add_corrections_reports_the_first_bad_client(backend: str, positions: list[int], values: list[float]) -> None:
+    # Out of order, repeated, beyond the tensor (10 values), not finite or too large: client 1 is named.
+    sources = [_corrections([0, 9], [1.0, -1.0]), _corrections(positions, values), _corrections([], [])]
+    out = np.zeros(10, np.float32)
+    assert _require(backend).aggregate.add_corrections(sources, np.ones(3, np.float32), 2.0**100, out) == 1
+    with pytest.raises(ValueError, match="8 bytes per correction"):
+        _require(backend).aggregate.add_corrections([np.zeros(5, np.uint8)], np.ones(1, np.float32), 1.0, out)

@@ -635,12 +635,14 @@ def test_shared_rotation_one_pass_mean_equals_the_verify_first_path(
 
 
 def _with_values(payload: bytes, tensor: int, part: str, value: float) -> bytes:
-    """A payload whose first block scale (or first correction's position) of ``tensor`` is replaced,
+    """A payload whose first block scale (or first correction, or its position) of ``tensor`` is replaced,
     with a valid checksum: only the value checks can catch it."""
     entry = parse(payload)[tensor]
     corrupted = bytearray(payload)
     if part == "scale":
         struct.pack_into("<f", corrupted, entry.offset, value)
+    elif part == "correction":
+        struct.pack_into("<f", corrupted, entry.offset + entry.data.nbytes - 4 * entry.outliers, value)
     else:
         struct.pack_into("<I", corrupted, entry.offset + entry.data.nbytes - 8 * entry.outliers, int(value))
     return _rewrite_checksum(corrupted)
@@ -651,6 +653,8 @@ def _with_values(payload: bytes, tensor: int, part: str, value: float) -> bytes:
     ("scale", -1.0, "block scales must be finite"),
     ("scale", 2.0**110, "block scales must be finite"),
     ("position", 2**31, "positions of corrections must increase"),
+    ("correction", float("inf"), "corrections must be finite"),
+    ("correction", 2.0**120, "corrections must be finite"),
 ])  # fmt: skip
 def test_rotated_values_are_validated_before_use(part: str, value: float, message: str) -> None:
     payloads = _shared_payloads(4)

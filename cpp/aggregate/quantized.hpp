@@ -1,6 +1,7 @@
 // Weighted means of K quantized tensors of one bit width, summed from their packed levels.
 #pragma once
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -454,6 +455,31 @@ void weighted_sum_levels(const std::vector<const std::uint8_t*>& packed, unsigne
     for_tile_runs(packed.size(), bits, n, checksums, [&](std::size_t first_tile, std::size_t end_tile, std::uint32_t* run_checksums) {
         sum_level_tiles(packed, bits, values, divisor, out, n, first_tile, end_tile, run_checksums);
     });
+}
+
+// out[p] += shares[k] * c for each correction (p, c) of each client k, in client order, a float32
+// product and sum each (the shared-rotation mean's values beyond the table's support). sources[k]
+// holds counts[k] positions (uint32) then as many corrections (float32), both little-endian, as a
+// payload stores them. Returns the first client whose positions do not increase or reach n, or
+// whose corrections are not finite or exceed `limit` in magnitude, or -1; out is then unspecified.
+inline std::ptrdiff_t add_corrections(const std::vector<const std::uint8_t*>& sources, const std::vector<std::size_t>& counts,
+                                      const float* shares, double limit, float* out, std::size_t n) {
+    for (std::size_t k = 0; k < sources.size(); ++k) {
+        const std::uint8_t* positions = sources[k];
+        const std::uint8_t* corrections = sources[k] + 4 * counts[k];
+        std::uint64_t lowest = 0;  // positions must increase
+        for (std::size_t i = 0; i < counts[k]; ++i) {
+            std::uint32_t position;
+            float correction;
+            std::memcpy(&position, positions + 4 * i, 4);
+            std::memcpy(&correction, corrections + 4 * i, 4);
+            if (position < lowest || position >= n || !(std::fabs(static_cast<double>(correction)) <= limit))
+                return static_cast<std::ptrdiff_t>(k);
+            out[position] += shares[k] * correction;
+            lowest = std::uint64_t{position} + 1;
+        }
+    }
+    return -1;
 }
 
 }  // namespace fastfed::aggregate

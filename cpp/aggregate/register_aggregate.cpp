@@ -256,6 +256,36 @@ void weighted_sum_levels(const py::list& packed, unsigned bits, const py::array_
     });
 }
 
+std::ptrdiff_t add_corrections(const py::list& sources, const py::array_t<float, py::array::c_style>& shares, double limit,
+                               py::array& out) {
+    const std::size_t n_clients = py::len(sources);
+    if (shares.ndim() != 1 || static_cast<std::size_t>(shares.shape(0)) != n_clients)
+        throw std::invalid_argument("shares: expected a float32 array of shape (" + std::to_string(n_clients) + ",)");
+    require_flat_contiguous(out, "out");
+    if (!out.dtype().is(py::dtype::of<float>())) throw std::invalid_argument("out: expected a float32 array");
+    if (!out.writeable()) throw std::invalid_argument("out: array is read-only");
+    std::vector<packed_array> arrays;
+    std::vector<const std::uint8_t*> pointers;
+    std::vector<std::size_t> counts;
+    for (std::size_t k = 0; k < n_clients; ++k) {
+        const std::string name = "sources[" + std::to_string(k) + "]";
+        const py::handle object = sources[k];
+        if (!py::isinstance<packed_array>(object)) throw std::invalid_argument(name + ": expected a uint8 array");
+        arrays.push_back(py::reinterpret_borrow<packed_array>(object));
+        require_flat_contiguous(arrays.back(), name.c_str());
+        const auto size = static_cast<std::size_t>(arrays.back().shape(0));
+        if (size % 8 != 0) throw std::invalid_argument(name + ": expected 8 bytes per correction, got " + std::to_string(size) + " bytes");
+        pointers.push_back(arrays.back().data());
+        counts.push_back(size / 8);
+    }
+    const float* share_data = shares.data();
+    auto* out_data = static_cast<float*>(out.mutable_data());
+    const auto n = static_cast<std::size_t>(out.shape(0));
+    // Safe: raw pointers only; `arrays` and the caller keep every buffer alive until return.
+    const py::gil_scoped_release release;
+    return aggregate::add_corrections(pointers, counts, share_data, limit, out_data, n);
+}
+
 }  // namespace
 
 void register_aggregate(py::module_& m) {
@@ -277,6 +307,10 @@ void register_aggregate(py::module_& m) {
           py::arg("table"), py::arg("rows"), py::arg("offsets"), py::arg("divisor"), py::arg("out"), py::arg("checksums"),
           "out[i] = (sum_k scales[k, i / block] * value_k(i) + offsets[i / block, (i / 8) % period]) / divisor, value_k(i) = "
           "table[row_k(i), level] or the level; checksums[k] = crc32(packed[k], checksums[k]).");
+    m.def("add_corrections", &add_corrections, py::arg("sources"), py::arg("shares"), py::arg("limit"), py::arg("out"),
+          "out[p] += shares[k] * c for each correction (p, c) of each client, read from sources[k] (its positions as uint32, then its "
+          "corrections as float32); returns the first client whose positions do not increase or stay below len(out), or whose "
+          "corrections are not finite or exceed limit in magnitude, else -1.");
 }
 
 }  // namespace fastfed

@@ -191,43 +191,34 @@ class _RotatedColumn:
     entry: Entry  # the template's
     scales: np.ndarray  # float32 (payloads, blocks)
     levels: list[np.ndarray]
-    counts: np.ndarray  # int64 (payloads,): shared rotation, how many corrections each payload has
-    positions: np.ndarray  # int64: every payload's correction positions, one payload after the other
-    corrections: np.ndarray  # float32, likewise
+    corrections: list[np.ndarray]  # shared rotation: each payload's positions then corrections, as bytes
 
     @classmethod
     def of(cls, entry: Entry, payloads: list[np.ndarray], starts: list[int], counts: list[int]) -> _RotatedColumn:
         level_bytes = (entry.padded * entry.bits + 7) // 8
-        scales, levels, positions, corrections = [], [], [], []
+        scales, levels, corrections = [], [], []
         for payload, start, count in zip(payloads, starts, counts):
             scales.append(payload[start : start + entry.scale_bytes])
             first = start + entry.scale_bytes
             levels.append(payload[first : first + level_bytes])
             first += level_bytes
-            positions.append(payload[first : first + 4 * count])
-            corrections.append(payload[first + 4 * count : first + 8 * count])
-        # Joined once (a copy, aligned by np.concatenate): checked and applied in a few vectorized passes.
+            corrections.append(payload[first : first + 8 * count])
+        # Joined once (a copy, aligned by np.concatenate): checked in one vectorized pass.
         joined_scales = raw_view(np.concatenate(scales), np.dtype(np.float32)).reshape(len(payloads), -1)
-        joined_positions = raw_view(np.concatenate(positions), np.dtype(np.uint32)).astype(np.int64)
-        joined_corrections = raw_view(np.concatenate(corrections), np.dtype(np.float32))
-        return cls(entry, joined_scales, levels, np.array(counts, np.int64), joined_positions, joined_corrections)
+        return cls(entry, joined_scales, levels, corrections)
 
     def problem(self) -> tuple[int, str] | None:
-        """The first payload whose values are out of bounds, and what is wrong (see Entry.check_values)."""
+        """The first payload whose block scales are out of bounds (see Entry.check_values); the
+        corrections are checked as they are added (:func:`_mean_of_shared_rotation`)."""
         valid = scales_valid(self.scales)
-        if not valid.all():
-            return int(np.argmin(valid)), SCALES_PROBLEM
-        ends = np.cumsum(self.counts)
-        rising = np.ones(self.positions.shape[0], dtype=bool)
-        rising[1:] = self.positions[1:] > self.positions[:-1]
-        rising[(ends - self.counts)[self.counts > 0]] = True  # each payload's first position starts afresh
-        with np.errstate(invalid="ignore"):
-            bad = ~rising | (self.positions >= self.entry.padded) | ~(np.abs(self.corrections) <= VALUE_LIMIT)
-        if not bad.any():
-            return None
-        k = int(np.searchsorted(ends, np.argmax(bad), side="right"))
-        own = slice(int(ends[k] - self.counts[k]), int(ends[k]))
-        return k, corrections_problem(self.positions[own], self.corrections[own], self.entry.padded) or ""
+        return None if valid.all() else (int(np.argmin(valid)), SCALES_PROBLEM)
+
+    def corrections_problem(self, k: int) -> str:
+        """What is wrong with payload ``k``'s corrections."""
+        count = self.corrections[k].shape[0] // 8
+        positions = raw_view(self.corrections[k][: 4 * count], np.dtype(np.uint32)).astype(np.int64)
+        values = raw_view(self.corrections[k][4 * count :], np.dtype(np.float32))
+        return corrections_problem(positions, values, self.entry.padded) or ""
 
 
 def _mean_of_rotated(
@@ -245,10 +236,10 @@ def _mean_of_rotated(
 
 def _mean_of_shared_rotation(
     column: _RotatedColumn, seeds: np.ndarray, weights: np.ndarray, total: float, spec: LayerSpec, checksums: np.ndarray
-) -> np.ndarray:
+) -> np.ndarray | int:
     """QUIC-FL layers: ``sum_k (w_k / W) sigma_k R[h_k, X_k]`` in the rotated domain, in one pass over
     the levels (which also continues the checksums), plus the clients' corrections, then one inverse
-    rotation.
+    rotation; or the first payload whose corrections are out of bounds.
 
     With a dither table, ``R[h, X] = -T + step X + offset_h``: the kernel sums the integer levels and
     adds the offsets, which repeat every ``rows`` groups of eight values.
@@ -271,8 +262,10 @@ def _mean_of_shared_rotation(
         weighted_sum_levels(
             column.levels, entry.bits, scales, entry.block, None, rows, offsets, 1.0, rotated, checksums
         )
-    shares = np.repeat((weights / total).astype(np.float32), column.counts)
-    np.add.at(rotated, column.positions, shares * column.corrections)
+    shares = (weights / total).astype(np.float32)
+    bad = kernels().aggregate.add_corrections(column.corrections, shares, VALUE_LIMIT, rotated)
+    if bad >= 0:
+        return bad
     mean = np.empty(entry.count, dtype=np.float32)
     kernels().rotate.unrotate_blocks(rotated, entry.block, [stream_key(entry.rotation_seed, STREAM_SIGNS)], mean)
     return cast_to_layer(mean, spec)
@@ -347,7 +340,10 @@ def _mean_of_shared_layout(
             means.append(_mean_of_rotated(column, layout.seeds[:, j], weights, total, spec))
         else:
             _continue_checksums(checksums, buffers, position, starts + entry.scale_bytes)
-            means.append(_mean_of_shared_rotation(column, layout.seeds[:, j], weights, total, spec, checksums))
+            mean = _mean_of_shared_rotation(column, layout.seeds[:, j], weights, total, spec, checksums)
+            if isinstance(mean, int):
+                raise _verified_problem(buffers[mean], clients[mean], j, column.corrections_problem(mean))
+            means.append(mean)
             position = starts + entry.scale_bytes + (entry.padded * entry.bits + 7) // 8
         j += 1
     _continue_checksums(checksums, buffers, position, np.array([checksummed_length(b.nbytes) for b in buffers]))

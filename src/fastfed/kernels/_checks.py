@@ -263,3 +263,20 @@ def require_table(table: np.ndarray, bits: int) -> None:
     _require_rows(table.shape[0])
     if table.shape[1] != 2**bits:
         raise ValueError(f"table: expected {2**bits} columns for {bits} bits")
+
+
+def check_add_corrections(sources: Sequence[np.ndarray], shares: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Checks the arguments of ``add_corrections``; returns the shares as float32."""
+    shares = np.ascontiguousarray(shares, dtype=np.float32)
+    if shares.shape != (len(sources),):
+        raise ValueError(f"shares: expected a float32 array of shape ({len(sources)},)")
+    if not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.ndim != 1 or not out.flags.c_contiguous:
+        raise ValueError("out: expected a float32 array")
+    if not out.flags.writeable:
+        raise ValueError("out: array is read-only")
+    for k, source in enumerate(sources):
+        if not isinstance(source, np.ndarray) or source.dtype != np.uint8 or source.ndim != 1:
+            raise ValueError(f"sources[{k}]: expected a uint8 array")
+        if source.shape[0] % 8:
+            raise ValueError(f"sources[{k}]: expected 8 bytes per correction, got {source.shape[0]} bytes")
+    return shares

@@ -12,6 +12,7 @@ from numba import prange
 from . import aggregate_numpy as reference
 from ._checks import (
     check_accumulate,
+    check_add_corrections,
     check_cut,
     check_robust,
     check_weighted_sum,
@@ -463,3 +464,40 @@ def weighted_sum_levels(
     _weighted_sum_levels(
         data_addresses(packed), example, bits, scales, block, values, rows, added, float(divisor), out, tasks
     )  # fmt: skip
+
+
+@numba.njit(inline="always")
+def _word(data, at):  # type: ignore[no-untyped-def]
+    """The little-endian uint32 at byte ``at``."""
+    return (
+        np.uint32(data[at])
+        | (np.uint32(data[at + 1]) << np.uint32(8))
+        | (np.uint32(data[at + 2]) << np.uint32(16))
+        | (np.uint32(data[at + 3]) << np.uint32(24))
+    )
+
+
+@numba.njit(cache=True)
+def _add_corrections(sources, example, sizes, shares, limit, out):  # type: ignore[no-untyped-def]
+    words = np.empty(1, np.uint32)
+    as_float = words.view(np.float32)
+    for k in range(sizes.shape[0]):
+        count = sizes[k] // 8
+        data = client_view(sources, k, example, 0, sizes[k])
+        lowest = np.int64(0)
+        for i in range(count):
+            position = np.int64(_word(data, 4 * i))
+            words[0] = _word(data, 4 * (count + i))
+            correction = as_float[0]
+            if position < lowest or position >= out.shape[0] or not abs(np.float64(correction)) <= limit:
+                return k
+            out[position] += shares[k] * correction
+            lowest = position + 1
+    return -1
+
+
+def add_corrections(sources: Sequence[np.ndarray], shares: np.ndarray, limit: float, out: np.ndarray) -> int:
+    """The shared-rotation corrections added in client order; see the NumPy reference."""
+    shares = check_add_corrections(sources, shares, out)
+    sizes = np.array([source.shape[0] for source in sources], dtype=np.int64)
+    return int(_add_corrections(data_addresses(sources), np.empty(0, np.uint8), sizes, shares, float(limit), out))

@@ -16,6 +16,7 @@ import numpy as np
 
 from ._checks import (
     check_accumulate,
+    check_add_corrections,
     check_cut,
     check_robust,
     check_weighted_sum,
@@ -218,3 +219,23 @@ def weighted_sum_levels(
         acc += block_sum.astype(np.float64)
     added = np.zeros((n // block, 1)) if offsets is None else offsets
     out[:] = (acc + added[np.arange(n) // block, group & (added.shape[1] - 1)]) / divisor
+
+
+def add_corrections(sources: Sequence[np.ndarray], shares: np.ndarray, limit: float, out: np.ndarray) -> int:
+    """``out[p] += shares[k] * c`` (float32) for each correction ``(p, c)`` of each client ``k``, in
+    client order: ``sources[k]`` holds its positions (little-endian uint32), then as many corrections
+    (little-endian float32). Returns the first client whose positions do not increase or stay below
+    ``len(out)``, or whose corrections are not finite or exceed ``limit`` in magnitude (``out`` is then
+    unspecified), else -1."""
+    shares = check_add_corrections(sources, shares, out)
+    for k, source in enumerate(sources):
+        count = source.shape[0] // 8
+        positions = source[: 4 * count].view("<u4").astype(np.int64)
+        corrections = source[4 * count :].view("<f4").astype(np.float32)
+        rising = positions[1:] > positions[:-1]
+        with np.errstate(invalid="ignore"):
+            finite = np.abs(corrections.astype(np.float64)) <= limit
+        if not (rising.all() and finite.all() and (positions < out.shape[0]).all()):
+            return k
+        np.add.at(out, positions, shares[k] * corrections)
+    return -1
