@@ -232,15 +232,25 @@ struct level_values {
 // The shuffle port is the limit here, so each client's level bits are broadcast straight from memory
 // (four bytes, where they lie inside the stream) rather than moved into a register and shuffled.
 template <std::size_t Levels>
+FASTFED_TARGET("avx2")
 inline void scaled_sequences(std::size_t first, std::size_t clients, const level_values& values, std::size_t blocks, std::size_t begin,
                              float* scaled, const float** sequences) {
     const std::size_t rows = values.rows, stride = rows * Levels + kRowsSpare;
     for (std::size_t j = 0; j < clients; ++j) {
         float* own = scaled + j * stride;
         const float scale = values.scale(first + j, begin, blocks);
+        const __m256 factor = _mm256_set1_ps(scale);
         for (std::size_t t = 0; t < rows; ++t) {
             const float* row = values.table + values.row(first + j, begin + 8 * t) * Levels;
-            for (std::size_t q = 0; q < Levels; ++q) own[t * Levels + q] = scale * row[q];
+            float* scaled_row = own + t * Levels;
+            if constexpr (Levels >= 8) {
+                for (std::size_t q = 0; q < Levels; q += 8)
+                    _mm256_storeu_ps(scaled_row + q, _mm256_mul_ps(factor, _mm256_loadu_ps(row + q)));
+            } else if constexpr (Levels == 4) {
+                _mm_storeu_ps(scaled_row, _mm_mul_ps(_mm256_castps256_ps128(factor), _mm_loadu_ps(row)));
+            } else {
+                for (std::size_t q = 0; q < Levels; ++q) scaled_row[q] = scale * row[q];
+            }
         }
         sequences[j] = own;
     }
@@ -317,6 +327,7 @@ void sum_table_pairs_avx512(const std::uint8_t* const* packed, std::size_t first
         const std::size_t byte = i / 8 * Bits;
         const bool inside = byte + kWordBytes <= total_bytes;
         __m512 sum = _mm512_setzero_ps();
+#pragma GCC unroll 1
         for (std::size_t j = 0; j < clients; ++j) {
             // Broadcast straight from memory, which needs no shuffle port, where the word lies inside the stream.
             const std::uint8_t* source = packed[first + j] + byte;
