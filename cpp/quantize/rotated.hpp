@@ -20,6 +20,7 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../common/cpu.hpp"
@@ -383,6 +384,18 @@ struct staircase_cells {
         fraction = _mm256_mul_pd(_mm256_sub_pd(z, gather_doubles(points, step)), gather_doubles(inverse_width, step));
         return step;
     }
+
+    // steps_avx2 for eight z, with AVX-512's eight-lane gathers and comparisons into mask registers.
+    FASTFED_TARGET("avx2,avx512f,avx512vl") __m256i steps_avx512(__m512d z, __m512d& fraction) const {
+        __m256i cell = _mm512_cvttpd_epi32(_mm512_mul_pd(_mm512_sub_pd(z, _mm512_set1_pd(first_point)), _mm512_set1_pd(cells_per_unit)));
+        cell = _mm256_min_epi32(cell, _mm256_set1_epi32(last_cell));
+        const __m256i below = _mm256_i32gather_epi32(steps, cell, 4);
+        const __mmask8 above = _mm512_cmp_pd_mask(z, _mm512_i32gather_pd(cell, next_points, 8), _CMP_GE_OQ);
+        const __m256i step =
+            _mm256_min_epi32(_mm256_mask_add_epi32(below, above, below, _mm256_set1_epi32(1)), _mm256_set1_epi32(last_step));
+        fraction = _mm512_mul_pd(_mm512_sub_pd(z, _mm512_i32gather_pd(step, points, 8)), _mm512_i32gather_pd(step, inverse_width, 8));
+        return step;
+    }
 #endif
 };
 
@@ -497,6 +510,24 @@ struct table_levels {
         const __m128i four_bytes = _mm_i32gather_epi32(reinterpret_cast<const int*>(level_bytes), index, 1);
         return _mm_and_si128(four_bytes, _mm_set1_epi32(0xFF));
     }
+
+    // The same for eight values (see steps_avx512).
+    FASTFED_TARGET("avx2,avx512f,avx512vl") __m256i operator()(__m512d z, __m512d coin, std::size_t row) const {
+        __m512d fraction;
+        const __m256i step = cells.steps_avx512(z, fraction);
+        const __mmask8 raise = _mm512_cmp_pd_mask(coin, fraction, _CMP_LT_OQ);
+        const __m256i configuration = _mm256_mask_add_epi32(step, raise, step, _mm256_set1_epi32(1));
+        if (columns <= 3) {
+            __m256i level = _mm256_setzero_si256();
+            for (std::size_t k = 0; k < columns; ++k)
+                level = _mm256_sub_epi32(level, _mm256_cmpgt_epi32(configuration, _mm256_set1_epi32(ranks[row * columns + k])));
+            return level;
+        }
+        const int configurations = cells.last_step + 2;
+        const __m256i index = _mm256_add_epi32(configuration, _mm256_set1_epi32(static_cast<int>(row) * configurations));
+        const __m256i four_bytes = _mm256_i32gather_epi32(reinterpret_cast<const int*>(level_bytes), index, 1);
+        return _mm256_and_si256(four_bytes, _mm256_set1_epi32(0xFF));
+    }
 #endif
 };
 
@@ -586,11 +617,25 @@ void shared_levels_avx2(const float* y, std::size_t block, float inverse, std::s
     }
 }
 
+// shared_eight with eight-lane vectors and comparisons into mask registers, for a staircase table.
+FASTFED_AVX512_BEGIN
+FASTFED_TARGET("avx2,avx512f,avx512vl")
+inline bool shared_eight_avx512(const float* y, __m256 scale, __m512d low, __m512d high, __m512d coin, std::size_t row,
+                                const table_levels& levels_of, std::uint8_t* levels) {
+    const __m512d z = _mm512_cvtps_pd(_mm256_mul_ps(_mm256_loadu_ps(y), scale));
+    const __mmask8 outside = _mm512_cmp_pd_mask(z, low, _CMP_LT_OQ) | _mm512_cmp_pd_mask(z, high, _CMP_GT_OQ);
+    const __m256i level = levels_of(_mm512_min_pd(_mm512_max_pd(z, low), high), coin, row);
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(levels), _mm256_cvtepi32_epi8(level));
+    return outside != 0;
+}
+FASTFED_AVX512_END
+
 // shared_levels_avx2 with AVX-512DQ's coins, sixteen per draw step (the same coins: the AVX2 draws
-// emulate 64-bit multiplies, which cost more than the levels themselves).
+// emulate 64-bit multiplies, which cost more than the levels themselves), and for a staircase table
+// AVX-512's eight-lane steps.
 FASTFED_AVX512_BEGIN
 template <class Levels>
-FASTFED_TARGET("avx2,avx512f,avx512dq")
+FASTFED_TARGET("avx2,avx512f,avx512dq,avx512vl")
 void shared_levels_avx512(const float* y, std::size_t block, float inverse, std::size_t begin, std::uint64_t coin_key,
                           std::uint64_t row_offset, std::uint64_t row_stride, std::size_t rows, const Levels& levels_of,
                           std::uint8_t* levels, std::uint8_t* outside) {
@@ -603,8 +648,12 @@ void shared_levels_avx512(const float* y, std::size_t block, float inverse, std:
         draws.coins(coins[0], coins[1]);
         for (std::size_t h = 0; h < 2; ++h) {
             const std::size_t row = shared_row(begin + j + 8 * h, row_offset, row_stride, rows);
-            outside[j / 8 + h] = shared_eight(y + j + 8 * h, scale, low, high, _mm512_castpd512_pd256(coins[h]),
-                                              _mm512_extractf64x4_pd(coins[h], 1), row, rule, levels + j + 8 * h);
+            if constexpr (std::is_same_v<Levels, table_levels>)
+                outside[j / 8 + h] = shared_eight_avx512(y + j + 8 * h, scale, _mm512_set1_pd(rule.low), _mm512_set1_pd(rule.high),
+                                                         coins[h], row, rule, levels + j + 8 * h);
+            else
+                outside[j / 8 + h] = shared_eight(y + j + 8 * h, scale, low, high, _mm512_castpd512_pd256(coins[h]),
+                                                  _mm512_extractf64x4_pd(coins[h], 1), row, rule, levels + j + 8 * h);
         }
     }
 }
