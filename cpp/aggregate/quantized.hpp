@@ -468,6 +468,8 @@ void weighted_sum_levels(const std::vector<const std::uint8_t*>& packed, unsigne
     });
 }
 
+inline constexpr std::size_t kCorrectionsAhead = 16;  // how many corrections ahead add_corrections prefetches
+
 // out[p] += shares[k] * c for each correction (p, c) of each client k, in client order, a float32
 // product and sum each (the shared-rotation mean's values beyond the table's support). sources[k]
 // holds counts[k] positions (uint32) then as many corrections (float32), both little-endian, as a
@@ -482,6 +484,14 @@ inline std::ptrdiff_t add_corrections(const std::vector<const std::uint8_t*>& so
         for (std::size_t i = 0; i < counts[k]; ++i) {
             std::uint32_t position;
             float correction;
+#if defined(__GNUC__) || defined(__clang__)
+            // The positions scatter over the whole tensor: ask for a later one's line meanwhile (a hint only).
+            if (i + kCorrectionsAhead < counts[k]) {
+                std::uint32_t ahead;
+                std::memcpy(&ahead, positions + 4 * (i + kCorrectionsAhead), 4);
+                if (ahead < n) __builtin_prefetch(out + ahead, 1);
+            }
+#endif
             std::memcpy(&position, positions + 4 * i, 4);
             std::memcpy(&correction, corrections + 4 * i, 4);
             if (position < lowest || position >= n || !(std::fabs(static_cast<double>(correction)) <= limit))
