@@ -13,8 +13,9 @@ client's rotation inverted, one fused decode-and-accumulate per client.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -235,11 +236,17 @@ def _mean_of_rotated(
 
 
 def _mean_of_shared_rotation(
-    column: _RotatedColumn, seeds: np.ndarray, weights: np.ndarray, total: float, spec: LayerSpec, checksums: np.ndarray
-) -> np.ndarray | int:
+    column: _RotatedColumn,
+    seeds: np.ndarray,
+    weights: np.ndarray,
+    total: float,
+    spec: LayerSpec,
+    checksums: np.ndarray,
+    bad_corrections: Callable[[int], DecodeError],
+) -> np.ndarray:
     """QUIC-FL layers: ``sum_k (w_k / W) sigma_k R[h_k, X_k]`` in the rotated domain, in one pass over
     the levels (which also continues the checksums), plus the clients' corrections, then one inverse
-    rotation; or the first payload whose corrections are out of bounds.
+    rotation. Raises ``bad_corrections(k)`` for the first payload whose corrections are out of bounds.
 
     With a dither table, ``R[h, X] = -T + step X + offset_h``: the kernel sums the integer levels and
     adds the offsets, which repeat every ``rows`` groups of eight values.
@@ -265,7 +272,7 @@ def _mean_of_shared_rotation(
     shares = (weights / total).astype(np.float32)
     bad = kernels().aggregate.add_corrections(column.corrections, shares, VALUE_LIMIT, rotated)
     if bad >= 0:
-        return bad
+        raise bad_corrections(bad)
     mean = np.empty(entry.count, dtype=np.float32)
     kernels().rotate.unrotate_blocks(rotated, entry.block, [stream_key(entry.rotation_seed, STREAM_SIGNS)], mean)
     return cast_to_layer(mean, spec)
@@ -285,6 +292,12 @@ def _verified_problem(buffer: memoryview, client: int, tensor: int, message: str
     if crc32(buffer[: checksummed_length(buffer.nbytes)]) != stored_checksum(buffer):
         return DecodeError(f"client {client}: invalid fastfed payload: checksum mismatch (corrupted in transit?)")
     return DecodeError(f"client {client}: invalid fastfed payload: tensor {tensor}: {message}")
+
+
+def _bad_corrections(
+    buffers: list[memoryview], clients: list[int], tensor: int, column: _RotatedColumn, k: int
+) -> DecodeError:
+    return _verified_problem(buffers[k], clients[k], tensor, column.corrections_problem(k))
 
 
 def _mean_of_shared_layout(
@@ -340,10 +353,9 @@ def _mean_of_shared_layout(
             means.append(_mean_of_rotated(column, layout.seeds[:, j], weights, total, spec))
         else:
             _continue_checksums(checksums, buffers, position, starts + entry.scale_bytes)
-            mean = _mean_of_shared_rotation(column, layout.seeds[:, j], weights, total, spec, checksums)
-            if isinstance(mean, int):
-                raise _verified_problem(buffers[mean], clients[mean], j, column.corrections_problem(mean))
-            means.append(mean)
+            bad_corrections = functools.partial(_bad_corrections, buffers, clients, j, column)
+            seeds = layout.seeds[:, j]
+            means.append(_mean_of_shared_rotation(column, seeds, weights, total, spec, checksums, bad_corrections))
             position = starts + entry.scale_bytes + (entry.padded * entry.bits + 7) // 8
         j += 1
     _continue_checksums(checksums, buffers, position, np.array([checksummed_length(b.nbytes) for b in buffers]))
