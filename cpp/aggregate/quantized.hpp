@@ -221,16 +221,10 @@ struct level_values {
 };
 
 #if defined(FASTFED_X86_DISPATCH)
-// Eight clients' table values for the groups of eight values in [begin, end) (inside one block),
-// summed in a register in client order and added to acc (relative to begin). Bits = 1..4: a row of
-// 2^Bits floats is one or two registers, and a permutation picks each value's level from it. Each
-// client's rows are first laid out in the order its groups visit them, from the segment's first
-// group on, and multiplied by its scale (`scaled`: room for kClientBlock sequences of rows * 2^Bits
-// + 8 floats); a row repeats every `rows` groups, so group t reads entry t mod rows of every
+// Each client's rows laid out in the order its groups visit them, from the segment's first group on,
+// and multiplied by its scale (`scaled`: room for kClientBlock sequences of rows * Levels +
+// kRowsSpare floats); a row repeats every `rows` groups, so group t reads entry t mod rows of every
 // client's sequence. The products are the float32 products of multiplying each value.
-//
-// The shuffle port is the limit here, so each client's level bits are broadcast straight from memory
-// (four bytes, where they lie inside the stream) rather than moved into a register and shuffled.
 template <std::size_t Levels>
 FASTFED_TARGET("avx2")
 inline void scaled_sequences(std::size_t first, std::size_t clients, const level_values& values, std::size_t blocks, std::size_t begin,
@@ -256,6 +250,13 @@ inline void scaled_sequences(std::size_t first, std::size_t clients, const level
     }
 }
 
+// Eight clients' table values for the groups of eight values in [begin, end) (inside one block),
+// summed in a register in client order and added to acc (relative to begin). Bits = 1..4: a row of
+// 2^Bits floats is one or two registers, and a permutation picks each value's level from the client's
+// scaled sequence (scaled_sequences).
+//
+// The shuffle port is the limit here, so each client's level bits are broadcast straight from memory
+// (four bytes, where they lie inside the stream) rather than moved into a register and shuffled.
 template <unsigned Bits>
 FASTFED_TARGET("avx2")
 void sum_table_groups_avx2(const std::uint8_t* const* packed, std::size_t first, std::size_t clients, const level_values& values,
