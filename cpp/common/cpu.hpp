@@ -32,7 +32,7 @@ namespace fastfed {
 //   avx2:     AVX2 kernels and PCLMULQDQ CRC-32 folding.
 //   avx512:   additionally AVX-512 VPCLMULQDQ CRC-32 folding, 64 bytes per instruction,
 //             AVX-512DQ random numbers (64-bit multiplies) for stochastic rounding, and
-//             sixteen-lane table lookups for the shared-rotation mean.
+//             wider table lookups for the shared-rotation encode and mean.
 enum class isa { baseline = 0, avx2 = 1, avx512 = 2 };
 
 isa best_isa();           // the highest level this CPU and OS support
