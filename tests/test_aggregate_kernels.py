@@ -298,6 +298,28 @@ def test_weighted_sum_levels_matches_reference(backend: str, bits: int, with_tab
     assert results[0][1][0] == zlib.crc32(packed[0], 9)
 
 
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_weighted_sum_levels_with_few_table_rows(backend: str, bits: int, rows: int) -> None:
+    # Vector kernels that read two groups' rows at once must still see one row repeat every group.
+    rng = np.random.default_rng(rows * 10 + bits)
+    clients, block, n = 9, 512, 2048
+    packed = [rng.integers(0, 256, n * bits // 8, dtype=np.uint8) for _ in range(clients)]
+    scales = rng.random((clients, n // block)).astype(np.float32)
+    table = rng.standard_normal((rows, 2**bits)).astype(np.float32)
+    row_parameters = np.stack([rng.integers(0, 2**32, clients), rng.integers(0, 8, clients) * 2 + 1], axis=1).astype(
+        np.uint32
+    )
+    results = []
+    for name in ("numpy", backend):
+        out, checksums = np.empty(n), np.zeros(clients, np.uint32)
+        _require(name).aggregate.weighted_sum_levels(
+            packed, bits, scales, block, table, row_parameters, None, 2.0, out, checksums
+        )
+        results.append(out)
+    np.testing.assert_array_equal(results[1], results[0])
+
+
 def _corrections(positions: list[int], values: list[float]) -> np.ndarray:
     """A payload's corrections as bytes: the positions (uint32), then the values (float32)."""
     return np.concatenate([np.array(positions, "<u4").view(np.uint8), np.array(values, "<f4").view(np.uint8)])

@@ -370,7 +370,8 @@ inline void sum_level_segment_avx2(const std::vector<const std::uint8_t*>& packe
                                    const level_values& values, std::size_t blocks, std::size_t start, std::size_t stop, double* acc,
                                    float* scaled, const std::uint8_t* const* next, std::size_t n_next) {
     const std::size_t clients = last - first, total = packed_bytes(blocks * values.block, bits);
-    if (values.table != nullptr && active_isa() >= isa::avx512 && (bits == 1 || bits == 2 || bits == 4)) {
+    // The AVX-512 kernel reads two consecutive rows per step, so tables need at least two.
+    if (values.table != nullptr && values.rows >= 2 && active_isa() >= isa::avx512 && (bits == 1 || bits == 2 || bits == 4)) {
         if (bits == 1) return sum_table_pairs_avx512<1>(packed.data(), first, clients, values, blocks, start, stop, acc, scaled, total);
         if (bits == 2) return sum_table_pairs_avx512<2>(packed.data(), first, clients, values, blocks, start, stop, acc, scaled, total);
         return sum_table_pairs_avx512<4>(packed.data(), first, clients, values, blocks, start, stop, acc, scaled, total);
