@@ -355,3 +355,5 @@ def test_add_corrections_reports_the_first_bad_client(backend: str, positions: l
     assert _require(backend).aggregate.add_corrections(sources, np.ones(3, np.float32), 2.0**100, out) == 1
     with pytest.raises(ValueError, match="8 bytes per correction"):
         _require(backend).aggregate.add_corrections([np.zeros(5, np.uint8)], np.ones(1, np.float32), 1.0, out)
+    with pytest.raises(ValueError, match=r"sources\[0\]: expected a (contiguous|uint8) array"):
+        _require(backend).aggregate.add_corrections([np.zeros(32, np.uint8)[::2]], np.ones(1, np.float32), 1.0, out)

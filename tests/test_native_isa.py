@@ -127,6 +127,30 @@ def test_every_level_matches_the_baseline_bit_for_bit(level: str) -> None:
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("threads", [2, 8])
+def test_stochastic_levels_do_not_depend_on_how_threads_split_the_values(threads: int) -> None:
+    # 65,544 groups of eight split over two threads, and the 3136x512 kernel over eight, give chunks
+    # that start halfway through a group of sixteen values, whose coins come from the same draws.
+    from fastfed.kernels import quantize_numpy
+
+    core = _core()
+    n = 8 * 8 * 8193 if threads == 2 else 3136 * 512
+    x = np.random.default_rng(threads).standard_normal(n).astype(np.float32)
+    minimum, maximum = float(x.min()), float(x.max())
+    want = np.empty(n, np.uint8)
+    quantize_numpy.quantize_pack(x, 8, True, 1, minimum, 255 / (maximum - minimum), want)
+    previous = core.num_threads()
+    core.set_num_threads(threads)
+    try:
+        for level in _supported():
+            with isa(level):
+                got = np.empty(n, np.uint8)
+                core.quantize.quantize_pack(x, 8, True, 1, minimum, 255 / (maximum - minimum), got)
+                assert np.count_nonzero(got != want) == 0, level
+    finally:
+        core.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("level", _supported())
 def test_crc32_equals_zlib_for_every_length_and_alignment(level: str) -> None:
     data = np.random.default_rng(3).integers(0, 256, 5_000, dtype=np.uint8).tobytes()

@@ -334,8 +334,7 @@ void sum_table_pairs_avx512(const std::uint8_t* const* packed, std::size_t first
             const std::uint8_t* source = packed[first + j] + byte;
             __m512i word;
             if (inside) {
-                word = Bits == 4 ? _mm512_castpd_si512(_mm512_broadcastsd_pd(_mm_load_sd(reinterpret_cast<const double*>(source))))
-                                 : _mm512_castps_si512(_mm512_broadcastss_ps(_mm_load_ss(reinterpret_cast<const float*>(source))));
+                word = Bits == 4 ? _mm512_broadcastq_epi64(_mm_loadu_si64(source)) : _mm512_broadcastd_epi32(_mm_loadu_si32(source));
             } else {
                 std::uint64_t bits = 0;
                 std::memcpy(&bits, source, 2 * Bits);

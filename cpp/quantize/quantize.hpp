@@ -225,9 +225,10 @@ min_max_result min_max(const Source* x, std::size_t n) {
     return result;
 }
 
-// Level of x: floor(v + u) with v = (x - offset) scale clamped to [0, 2^bits] (in range when offset and
-// scale come from the minimum and maximum), computed exactly as (floor(2^16 v) + 2^16 u) >> 16, with
-// fixed_scale = 2^16 scale (scaling by a power of two does not round), then clamped to the top level.
+// Level of a finite x (min_max rejects others; a NaN's level is unspecified): floor(v + u) with
+// v = (x - offset) scale clamped to [0, 2^bits] (in range when offset and scale come from the minimum
+// and maximum), computed exactly as (floor(2^16 v) + 2^16 u) >> 16, with fixed_scale = 2^16 scale
+// (scaling by a power of two does not round), then clamped to the top level.
 template <bool Stochastic, class Source>
 inline std::uint32_t quantize_value(Source x, std::size_t index, double offset, double fixed_scale, double ceiling, std::uint64_t levels,
                                     std::uint64_t key) {
@@ -259,12 +260,13 @@ void quantize_pack_range(const Source* FASTFED_RESTRICT x, std::size_t begin, st
                      [&](std::size_t i) { return quantize_value<Stochastic>(x[i], i, offset, fixed_scale, ceiling, levels, key); });
 }
 
+// Threads take whole groups of sixteen values: the vector paths draw a group's coins together.
 template <class Source>
 void quantize_pack(const Source* x, std::size_t n, unsigned bits, bool stochastic, std::uint64_t key, double offset, double scale,
                    std::uint8_t* out) {
-    const std::size_t n_groups = (n + 7) / 8;
-    parallel_for(n_groups, 4096, 8, [&](std::size_t first_group, std::size_t end_group) {
-        const std::size_t begin = first_group * 8, end = std::min(n, end_group * 8);
+    const std::size_t n_groups = (n + 15) / 16;
+    parallel_for(n_groups, 2048, 16, [&](std::size_t first_group, std::size_t end_group) {
+        const std::size_t begin = first_group * 16, end = std::min(n, end_group * 16);
         run_vectorized([&] {
             if (stochastic)
                 quantize_pack_range<true>(x, begin, end, bits, key, offset, scale, out);

@@ -277,6 +277,8 @@ def check_add_corrections(sources: Sequence[np.ndarray], shares: np.ndarray, out
     for k, source in enumerate(sources):
         if not isinstance(source, np.ndarray) or source.dtype != np.uint8 or source.ndim != 1:
             raise ValueError(f"sources[{k}]: expected a uint8 array")
+        if not source.flags.c_contiguous:
+            raise ValueError(f"sources[{k}]: expected a contiguous array")
         if source.shape[0] % 8:
             raise ValueError(f"sources[{k}]: expected 8 bytes per correction, got {source.shape[0]} bytes")
     return shares

@@ -70,7 +70,8 @@ def min_max(x: np.ndarray) -> tuple[float, float]:
 
 def quantize(x: np.ndarray, bits: int, stochastic: bool, key: int, offset: float, scale: float) -> np.ndarray:
     """The quantized levels ``q`` as uint32, before packing; ``v`` clamped to ``[0, 2^bits]`` (in range
-    when ``offset`` and ``scale`` come from the minimum and maximum)."""
+    when ``offset`` and ``scale`` come from the minimum and maximum). ``x`` must be finite (as
+    :func:`min_max` requires): the level of a NaN is unspecified and differs between backends."""
     fixed_v = np.clip((x.astype(np.float64) - offset) * (scale * 2.0**16), 0.0, 2.0 ** (bits + 16))
     dither = random_quarters(key, x.shape[0]).astype(np.uint64) if stochastic else np.uint64(1 << 15)
     levels = (fixed_v.astype(np.uint64) + dither) >> np.uint64(16)
