@@ -643,14 +643,15 @@ void shared_levels_avx512(const float* y, std::size_t block, float inverse, std:
     const Levels rule = levels_of;  // by value: see staircase_cells
     const __m256 scale = _mm256_set1_ps(inverse);
     const __m256d low = _mm256_set1_pd(rule.low), high = _mm256_set1_pd(rule.high);
+    const __m512d low_eight = _mm512_set1_pd(rule.low), high_eight = _mm512_set1_pd(rule.high);
     for (std::size_t j = 0; j < block; j += 16) {  // blocks hold a power of two >= 64 values
         __m512d coins[2];
         draws.coins(coins[0], coins[1]);
         for (std::size_t h = 0; h < 2; ++h) {
             const std::size_t row = shared_row(begin + j + 8 * h, row_offset, row_stride, rows);
             if constexpr (std::is_same_v<Levels, table_levels>)
-                outside[j / 8 + h] = shared_eight_avx512(y + j + 8 * h, scale, _mm512_set1_pd(rule.low), _mm512_set1_pd(rule.high),
-                                                         coins[h], row, rule, levels + j + 8 * h);
+                outside[j / 8 + h] =
+                    shared_eight_avx512(y + j + 8 * h, scale, low_eight, high_eight, coins[h], row, rule, levels + j + 8 * h);
             else
                 outside[j / 8 + h] = shared_eight(y + j + 8 * h, scale, low, high, _mm512_castpd512_pd256(coins[h]),
                                                   _mm512_extractf64x4_pd(coins[h], 1), row, rule, levels + j + 8 * h);

@@ -53,9 +53,8 @@ def _quantize_pack(x, bits, stochastic, key, offset, scale, out):  # type: ignor
         buffer = np.uint64(0)
         filled = 0
         for i in range(begin, end):
-            buffer |= _quantize_value(x[i], i, offset, fixed_scale, ceiling, levels, stochastic, key) << np.uint64(
-                filled
-            )
+            level = _quantize_value(x[i], i, offset, fixed_scale, ceiling, levels, stochastic, key)
+            buffer |= level << np.uint64(filled)
             filled += bits
             while filled >= 8:
                 out[byte] = np.uint8(buffer & np.uint64(0xFF))
