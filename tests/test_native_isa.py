@@ -151,6 +151,55 @@ def test_stochastic_levels_do_not_depend_on_how_threads_split_the_values(threads
         core.set_num_threads(previous)
 
 
+def test_shared_encode_at_breakpoints_matches_the_reference_at_every_level() -> None:
+    """Coordinates exactly at a staircase's breakpoints, one float below them, and below breakpoints
+    that lie between two floats (the first and last among them, so that coordinates less than a float
+    spacing beyond them need corrections) are encoded as the reference encodes them at every level:
+    the vector paths find steps and the values beyond the support from float copies of the breakpoints."""
+    from fastfed.kernels import quantize_numpy
+
+    core = _core()
+    block, bits = 65536, 2
+    x = np.random.default_rng(5).standard_normal(block).astype(np.float32)
+    book = shared_codebook(bits)
+    assert book.breakpoints is not None and book.ranks is not None
+
+    def encode(module: ModuleType, breakpoints: np.ndarray) -> list[np.ndarray]:
+        sigmas, packed = np.empty(1, np.float32), np.empty(block * bits // 8, np.uint8)
+        index, value = np.empty(block, np.uint32), np.empty(block, np.float32)
+        count = module.encode_shared_table(
+            x, bits, block, [5, 6], 7, 3, book.table, breakpoints, book.ranks, sigmas, packed, index, value
+        )
+        return [sigmas, packed, index[:count], value[:count]]
+
+    # The coordinates z the encoder quantizes: the rotated block times float32(1 / sigma).
+    rotated = np.empty(block, np.float32)
+    core.rotate.rotate_blocks(x, block, [5], rotated)
+    sigma = encode(quantize_numpy, book.breakpoints)[0]
+    z = np.unique(rotated * np.float32(1.0 / np.float64(sigma[0])))
+    # Breakpoints >= 0.012 apart (so that the native table holds them): a third at a z, a third one
+    # float above one, a third half a float above one (between two floats), the first and last too.
+    chosen = [z[20]]
+    for value in z[21:]:
+        if value - chosen[-1] >= 0.012 and len(chosen) < book.breakpoints.size:
+            chosen.append(value)
+    assert len(chosen) == book.breakpoints.size and chosen[-1] < z[-20]
+    as_floats = np.array(chosen, np.float32)
+    above = np.nextafter(as_floats, np.float32(np.inf)).astype(np.float64) - as_floats
+    breakpoints = as_floats.astype(np.float64)
+    breakpoints[1::3] += above[1::3]
+    breakpoints[2::3] += above[2::3] / 2
+    breakpoints[[0, -1]] += above[[0, -1]] / 2
+    assert np.isin(z, breakpoints).sum() > 100 and np.isin(np.nextafter(z, np.float32(np.inf)), breakpoints).sum() > 100
+    expected = encode(quantize_numpy, breakpoints)
+    just_below_the_first = np.flatnonzero(rotated * np.float32(1 / np.float64(sigma[0])) == chosen[0])
+    assert just_below_the_first.size and np.isin(just_below_the_first, expected[2]).all()  # corrected
+    for level in _supported():
+        with isa(level):
+            for want, got in zip(expected, encode(core.quantize, breakpoints), strict=True):
+                np.testing.assert_array_equal(got, want, err_msg=level)
+
+
 @pytest.mark.parametrize("level", _supported())
 def test_crc32_equals_zlib_for_every_length_and_alignment(level: str) -> None:
     data = np.random.default_rng(3).integers(0, 256, 5_000, dtype=np.uint8).tobytes()

@@ -368,24 +368,34 @@ FASTFED_TARGET("avx2") inline __m128i low_halves(__m256d mask) {
 struct staircase_cells {
     const std::int32_t* steps;  // per cell: the step below its breakpoint (if any)
     const double* next_points;  // per cell: the breakpoint above that step
+    const float* next_floats;   // per cell: the smallest float >= that breakpoint
     const double* points;
     const double* inverse_width;
     double first_point, cells_per_unit;
+    float first_float, cells_per_unit_float, last_float;  // the nearest floats to m_0, cells_per_unit and m_M
+    float inside_low, inside_high;                        // the floats in [m_0, m_M] run from inside_low to inside_high
     int last_cell, last_step;
 
 #if defined(FASTFED_X86_DISPATCH)
-    // Four clipped z at once: each step index and its fraction of the step.
-    FASTFED_TARGET("avx2") __m128i steps_avx2(__m256d z, __m256d& fraction) const {
-        __m128i cell = _mm256_cvttpd_epi32(_mm256_mul_pd(_mm256_sub_pd(z, _mm256_set1_pd(first_point)), _mm256_set1_pd(cells_per_unit)));
-        cell = _mm_min_epi32(cell, _mm_set1_epi32(last_cell));
-        const __m128i below = _mm_i32gather_epi32(steps, cell, 4);
-        const __m128i above = low_halves(_mm256_cmp_pd(z, gather_doubles(next_points, cell), _CMP_GE_OQ));
-        const __m128i step = _mm_min_epi32(_mm_sub_epi32(below, above), _mm_set1_epi32(last_step));
-        fraction = _mm256_mul_pd(_mm256_sub_pd(z, gather_doubles(points, step)), gather_doubles(inverse_width, step));
-        return step;
+    // The steps of eight float z clipped to [first_float, last_float], with float arithmetic and
+    // eight-lane gathers: the same steps as their clipped doubles have (steps_avx512). A float z is >= a
+    // breakpoint exactly when it is >= the smallest float above it, and the table's margins cover the
+    // float rounding of the cell index (see staircase_table).
+    FASTFED_TARGET("avx2") __m256i steps_eight_avx2(__m256 z) const {
+        const __m256 position = _mm256_mul_ps(_mm256_sub_ps(z, _mm256_set1_ps(first_float)), _mm256_set1_ps(cells_per_unit_float));
+        const __m256i cell = _mm256_min_epi32(_mm256_cvttps_epi32(position), _mm256_set1_epi32(last_cell));
+        const __m256i below = _mm256_i32gather_epi32(steps, cell, 4);
+        const __m256i above = _mm256_castps_si256(_mm256_cmp_ps(z, _mm256_i32gather_ps(next_floats, cell, 4), _CMP_GE_OQ));
+        return _mm256_min_epi32(_mm256_sub_epi32(below, above), _mm256_set1_epi32(last_step));
     }
 
-    // steps_avx2 for eight z, with AVX-512's eight-lane gathers and comparisons into mask registers.
+    // The fraction of its step of each of four clipped z, given the steps.
+    FASTFED_TARGET("avx2") __m256d fractions_avx2(__m256d z, __m128i step) const {
+        return _mm256_mul_pd(_mm256_sub_pd(z, gather_doubles(points, step)), gather_doubles(inverse_width, step));
+    }
+
+    // The steps of eight clipped double z and their fractions, with AVX-512's eight-lane gathers and
+    // comparisons into mask registers.
     FASTFED_TARGET("avx2,avx512f,avx512vl") __m256i steps_avx512(__m512d z, __m512d& fraction) const {
         __m256i cell = _mm512_cvttpd_epi32(_mm512_mul_pd(_mm512_sub_pd(z, _mm512_set1_pd(first_point)), _mm512_set1_pd(cells_per_unit)));
         cell = _mm256_min_epi32(cell, _mm256_set1_epi32(last_cell));
@@ -401,8 +411,8 @@ struct staircase_cells {
 
 // Where a clipped z falls on a staircase: the step j with m_j <= z < m_j+1 (the last step for z = m_M),
 // from a table of uniform cells over [m_0, m_M] each holding at most one breakpoint (with a margin
-// for the rounding of the cell index), then one comparison; or by bisection if the breakpoints are
-// too close for the table.
+// for the rounding of the cell index, computed in double or, by the AVX2 path, in float), then one
+// comparison; or by bisection if the breakpoints are too close for the table.
 class staircase_table {
  public:
     staircase_table(const double* breakpoints, std::size_t count) : points_(breakpoints, breakpoints + count) {
@@ -419,7 +429,9 @@ class staircase_table {
         cells_per_unit_ = cells / span;
         const std::size_t n_cells = static_cast<std::size_t>(cells) + 1;
         steps_.resize(n_cells);
-        constexpr double kMargin = 1e-9;
+        // A float cell index is off by at most 7 * 2^-24 * max |m| in z (the rounding of m_0, of the
+        // difference and of the product); the margin, 2^-19 * max |m|, is over four times that.
+        const double kMargin = std::max(1e-9, 0x1p-19 * std::max(std::fabs(points_.front()), std::fabs(points_.back())));
         for (std::size_t c = 0; c < n_cells; ++c) {
             const double start = points_.front() + static_cast<double>(c) / cells_per_unit_ - kMargin;
             const double end = points_.front() + static_cast<double>(c + 1) / cells_per_unit_ + kMargin;
@@ -433,7 +445,11 @@ class staircase_table {
         }
         // Each cell's next breakpoint, so that the vector path loads it beside the cell's step, not after.
         next_points_.resize(n_cells);
-        for (std::size_t c = 0; c < n_cells; ++c) next_points_[c] = points_[static_cast<std::size_t>(steps_[c]) + 1];
+        next_floats_.resize(n_cells);
+        for (std::size_t c = 0; c < n_cells; ++c) {
+            next_points_[c] = points_[static_cast<std::size_t>(steps_[c]) + 1];
+            next_floats_[c] = float_at_least(next_points_[c]);
+        }
     }
 
     std::size_t operator()(double z) const {
@@ -456,18 +472,30 @@ class staircase_table {
     staircase_cells cells() const {
         return {steps_.data(),
                 next_points_.data(),
+                next_floats_.data(),
                 points_.data(),
                 inverse_width_.data(),
                 points_.front(),
                 cells_per_unit_,
+                static_cast<float>(points_.front()),
+                static_cast<float>(cells_per_unit_),
+                static_cast<float>(points_.back()),
+                float_at_least(points_.front()),
+                -float_at_least(-points_.back()),
                 static_cast<int>(steps_.size()) - 1,
                 static_cast<int>(steps()) - 1};
     }
 
  private:
+    static float float_at_least(double value) {
+        const auto nearest = static_cast<float>(value);
+        return static_cast<double>(nearest) >= value ? nearest : std::nextafter(nearest, std::numeric_limits<float>::infinity());
+    }
+
     std::vector<double> points_, inverse_width_;
     std::vector<std::int32_t> steps_;
     std::vector<double> next_points_;  // per cell: points_[steps_[cell] + 1]
+    std::vector<float> next_floats_;   // per cell: the smallest float >= next_points_[cell]
     double cells_per_unit_ = 0.0;
 };
 
@@ -495,23 +523,30 @@ struct table_levels {
     bool vectorized() const { return stairs.tabulated(); }
 
 #if defined(FASTFED_X86_DISPATCH)
-    FASTFED_TARGET("avx2") __m128i operator()(__m256d z, __m256d coin, std::size_t row) const {
-        __m256d fraction;
-        const __m128i step = cells.steps_avx2(z, fraction);
-        const __m128i configuration = _mm_sub_epi32(step, low_halves(_mm256_cmp_pd(coin, fraction, _CMP_LT_OQ)));
-        if (columns <= 3) {  // 1 or 2 bits: fewer comparisons than a gather costs
-            __m128i level = _mm_setzero_si128();
-            for (std::size_t k = 0; k < columns; ++k)
-                level = _mm_sub_epi32(level, _mm_cmpgt_epi32(configuration, _mm_set1_epi32(ranks[row * columns + k])));
-            return level;
+    // Eight values' levels, their steps found at once from their floats (see steps_eight_avx2): z
+    // clipped as floats, and as doubles in two halves of four.
+    FASTFED_TARGET("avx2")
+    __m256i operator()(__m256 z, __m256d z_low, __m256d z_high, __m256d coin_low, __m256d coin_high, std::size_t row) const {
+        const __m256i step = cells.steps_eight_avx2(z);
+        const __m256d raise_low = _mm256_cmp_pd(coin_low, cells.fractions_avx2(z_low, _mm256_castsi256_si128(step)), _CMP_LT_OQ);
+        const __m256d raise_high = _mm256_cmp_pd(coin_high, cells.fractions_avx2(z_high, _mm256_extracti128_si256(step, 1)), _CMP_LT_OQ);
+        const __m256i configuration = _mm256_sub_epi32(step, _mm256_set_m128i(low_halves(raise_high), low_halves(raise_low)));
+        // 1 or 2 bits: fewer comparisons than a gather costs, each width unrolled.
+        const std::int32_t* rank = ranks + row * columns;
+        if (columns == 1) return _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_cmpgt_epi32(configuration, _mm256_set1_epi32(rank[0])));
+        if (columns == 3) {
+            const __m256i first = _mm256_cmpgt_epi32(configuration, _mm256_set1_epi32(rank[0]));
+            const __m256i second = _mm256_cmpgt_epi32(configuration, _mm256_set1_epi32(rank[1]));
+            const __m256i third = _mm256_cmpgt_epi32(configuration, _mm256_set1_epi32(rank[2]));
+            return _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_add_epi32(_mm256_add_epi32(first, second), third));
         }
         const int configurations = cells.last_step + 2;
-        const __m128i index = _mm_add_epi32(configuration, _mm_set1_epi32(static_cast<int>(row) * configurations));
-        const __m128i four_bytes = _mm_i32gather_epi32(reinterpret_cast<const int*>(level_bytes), index, 1);
-        return _mm_and_si128(four_bytes, _mm_set1_epi32(0xFF));
+        const __m256i index = _mm256_add_epi32(configuration, _mm256_set1_epi32(static_cast<int>(row) * configurations));
+        const __m256i four_bytes = _mm256_i32gather_epi32(reinterpret_cast<const int*>(level_bytes), index, 1);
+        return _mm256_and_si256(four_bytes, _mm256_set1_epi32(0xFF));
     }
 
-    // The same for eight values (see steps_avx512).
+    // The same with AVX-512 (see steps_avx512).
     FASTFED_TARGET("avx2,avx512f,avx512vl") __m256i operator()(__m512d z, __m512d coin, std::size_t row) const {
         __m512d fraction;
         const __m256i step = cells.steps_avx512(z, fraction);
@@ -592,12 +627,35 @@ inline bool shared_eight(const float* y, __m256 scale, __m256d low, __m256d high
     const __m128i low_bytes = _mm_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
     const __m256 z = _mm256_mul_ps(_mm256_loadu_ps(y), scale);
     const __m256d z_low = _mm256_cvtps_pd(_mm256_castps256_ps128(z)), z_high = _mm256_cvtps_pd(_mm256_extractf128_ps(z, 1));
-    const __m256d outside = _mm256_or_pd(_mm256_or_pd(_mm256_cmp_pd(z_low, low, _CMP_LT_OQ), _mm256_cmp_pd(z_low, high, _CMP_GT_OQ)),
-                                         _mm256_or_pd(_mm256_cmp_pd(z_high, low, _CMP_LT_OQ), _mm256_cmp_pd(z_high, high, _CMP_GT_OQ)));
-    const __m128i first = _mm_shuffle_epi8(levels_of(_mm256_min_pd(_mm256_max_pd(z_low, low), high), coin_low, row), low_bytes);
-    const __m128i second = _mm_shuffle_epi8(levels_of(_mm256_min_pd(_mm256_max_pd(z_high, low), high), coin_high, row), low_bytes);
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(levels), _mm_unpacklo_epi32(first, second));
-    return _mm256_movemask_pd(outside) != 0;
+    bool outside;
+    __m128i first, second;
+    if constexpr (std::is_same_v<Levels, table_levels>) {
+        // Outside [low, high] exactly when outside [inside_low, inside_high], as z is a float; only
+        // then is anything clipped.
+        const staircase_cells& cells = levels_of.cells;
+        const __m256 beyond = _mm256_or_ps(_mm256_cmp_ps(z, _mm256_set1_ps(cells.inside_low), _CMP_LT_OQ),
+                                           _mm256_cmp_ps(z, _mm256_set1_ps(cells.inside_high), _CMP_GT_OQ));
+        outside = _mm256_movemask_ps(beyond) != 0;
+        __m256i level;
+        if (!outside) {
+            level = levels_of(z, z_low, z_high, coin_low, coin_high, row);
+        } else {
+            const __m256 clipped = _mm256_min_ps(_mm256_max_ps(z, _mm256_set1_ps(cells.first_float)), _mm256_set1_ps(cells.last_float));
+            level = levels_of(clipped, _mm256_min_pd(_mm256_max_pd(z_low, low), high), _mm256_min_pd(_mm256_max_pd(z_high, low), high),
+                              coin_low, coin_high, row);
+        }
+        first = _mm256_castsi256_si128(level);
+        second = _mm256_extracti128_si256(level, 1);
+    } else {
+        const __m256d beyond = _mm256_or_pd(_mm256_or_pd(_mm256_cmp_pd(z_low, low, _CMP_LT_OQ), _mm256_cmp_pd(z_low, high, _CMP_GT_OQ)),
+                                            _mm256_or_pd(_mm256_cmp_pd(z_high, low, _CMP_LT_OQ), _mm256_cmp_pd(z_high, high, _CMP_GT_OQ)));
+        outside = _mm256_movemask_pd(beyond) != 0;
+        first = levels_of(_mm256_min_pd(_mm256_max_pd(z_low, low), high), coin_low, row);
+        second = levels_of(_mm256_min_pd(_mm256_max_pd(z_high, low), high), coin_high, row);
+    }
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(levels),
+                     _mm_unpacklo_epi32(_mm_shuffle_epi8(first, low_bytes), _mm_shuffle_epi8(second, low_bytes)));
+    return outside;
 }
 
 template <class Levels>
@@ -622,9 +680,12 @@ FASTFED_AVX512_BEGIN
 FASTFED_TARGET("avx2,avx512f,avx512vl")
 inline bool shared_eight_avx512(const float* y, __m256 scale, __m512d low, __m512d high, __m512d coin, std::size_t row,
                                 const table_levels& levels_of, std::uint8_t* levels) {
-    const __m512d z = _mm512_cvtps_pd(_mm256_mul_ps(_mm256_loadu_ps(y), scale));
-    const __mmask8 outside = _mm512_cmp_pd_mask(z, low, _CMP_LT_OQ) | _mm512_cmp_pd_mask(z, high, _CMP_GT_OQ);
-    const __m256i level = levels_of(_mm512_min_pd(_mm512_max_pd(z, low), high), coin, row);
+    const __m256 z_float = _mm256_mul_ps(_mm256_loadu_ps(y), scale);
+    const __m512d z = _mm512_cvtps_pd(z_float);
+    // As in shared_eight: only values outside [low, high] are clipped.
+    const __mmask8 outside = _mm256_cmp_ps_mask(z_float, _mm256_set1_ps(levels_of.cells.inside_low), _CMP_LT_OQ) |
+                             _mm256_cmp_ps_mask(z_float, _mm256_set1_ps(levels_of.cells.inside_high), _CMP_GT_OQ);
+    const __m256i level = levels_of(outside ? _mm512_min_pd(_mm512_max_pd(z, low), high) : z, coin, row);
     _mm_storel_epi64(reinterpret_cast<__m128i*>(levels), _mm256_cvtepi32_epi8(level));
     return outside != 0;
 }
