@@ -200,6 +200,39 @@ def test_shared_encode_at_breakpoints_matches_the_reference_at_every_level() -> 
                 np.testing.assert_array_equal(got, want, err_msg=level)
 
 
+def test_shared_encode_rebuilds_its_kept_tables_for_another_codebook() -> None:
+    """The native encoder keeps the last codebook's tables per bit width; other breakpoints or ranks of
+    the same width, and then the first codebook again, encode as the reference does."""
+    from fastfed.kernels import quantize_numpy
+
+    block, bits = 4096, 4
+    x = np.random.default_rng(6).standard_normal(block).astype(np.float32)
+    book = shared_codebook(bits)
+    assert book.breakpoints is not None and book.ranks is not None
+    stretched = book.breakpoints * 1.25
+    swapped = book.ranks[::-1].copy()
+
+    def encode(module: ModuleType, breakpoints: np.ndarray, ranks: np.ndarray) -> list[np.ndarray]:
+        sigmas, packed = np.empty(1, np.float32), np.empty(block * bits // 8, np.uint8)
+        index, value = np.empty(block, np.uint32), np.empty(block, np.float32)
+        count = module.encode_shared_table(
+            x, bits, block, [5, 6], 7, 3, book.table, breakpoints, ranks, sigmas, packed, index, value
+        )
+        return [sigmas, packed, index[:count], value[:count]]
+
+    codebooks = [
+        (book.breakpoints, book.ranks),
+        (stretched, book.ranks),
+        (stretched, swapped),
+        (book.breakpoints, book.ranks),
+    ]
+    outputs = [encode(_core().quantize, *codebook) for codebook in codebooks]
+    for (breakpoints, ranks), got in zip(codebooks, outputs, strict=True):
+        for want, part in zip(encode(quantize_numpy, breakpoints, ranks), got, strict=True):
+            np.testing.assert_array_equal(part, want)
+    assert not np.array_equal(outputs[0][1], outputs[1][1]) and not np.array_equal(outputs[1][1], outputs[2][1])
+
+
 @pytest.mark.parametrize("level", _supported())
 def test_crc32_equals_zlib_for_every_length_and_alignment(level: str) -> None:
     data = np.random.default_rng(3).integers(0, 256, 5_000, dtype=np.uint8).tobytes()

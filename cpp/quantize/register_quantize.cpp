@@ -1,6 +1,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
+#include <array>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -210,6 +213,32 @@ std::size_t run_encode_shared(const py::array& x, unsigned bits, std::size_t blo
                                    table_data, rows, levels, sigma_data, packed_data, padded, index_data, value_data);
 }
 
+// A codebook's staircase and level table, kept per bit width for the next call with the same codebook:
+// building them takes 0.1-0.25 ms, more than encoding a small tensor. Per thread, so that a call
+// using them (without the GIL) never sees them rebuilt by another.
+struct shared_table_cache {
+    std::vector<double> points;
+    std::vector<std::int32_t> ranks;
+    std::unique_ptr<quantize::staircase_table> stairs;
+    std::vector<std::uint8_t> level_bytes;
+};
+
+const shared_table_cache& shared_tables(unsigned bits, const double* points, std::size_t count, const std::int32_t* ranks, std::size_t rows,
+                                        std::size_t columns) {
+    thread_local std::array<shared_table_cache, 17> by_bits;
+    shared_table_cache& cache = by_bits[bits];
+    const std::size_t n_ranks = rows * columns;
+    if (!cache.stairs || !std::equal(points, points + count, cache.points.begin(), cache.points.end()) ||
+        !std::equal(ranks, ranks + n_ranks, cache.ranks.begin(), cache.ranks.end())) {
+        cache.stairs.reset();  // a failure below leaves no half-built entry
+        cache.points.assign(points, points + count);
+        cache.ranks.assign(ranks, ranks + n_ranks);
+        cache.level_bytes = quantize::tabulate_levels(ranks, rows, columns, n_ranks);
+        cache.stairs = std::make_unique<quantize::staircase_table>(points, count);
+    }
+    return cache;
+}
+
 std::size_t encode_shared_table(const py::array& x, unsigned bits, std::size_t block, const std::vector<std::uint64_t>& keys,
                                 std::uint64_t row_offset, std::uint64_t row_stride, const float32_array& table,
                                 const float64_array& breakpoints, const py::array_t<std::int32_t, py::array::c_style>& ranks,
@@ -228,10 +257,9 @@ std::size_t encode_shared_table(const py::array& x, unsigned bits, std::size_t b
     for (std::size_t j = 0; j + 1 < rows * columns + 1; ++j)
         if (!(points[j] < points[j + 1]) || !std::isfinite(points[j + 1]) || !std::isfinite(points[0]))
             throw std::invalid_argument("breakpoints: expected finite, strictly increasing values");
-    const quantize::staircase_table stairs(points, rows * columns + 1);
-    const std::vector<std::uint8_t> level_bytes = quantize::tabulate_levels(ranks.data(), rows, columns, rows * columns);
-    const quantize::table_levels levels{stairs,        ranks.data(), columns, points[0], points[rows * columns], level_bytes.data(),
-                                        stairs.cells()};
+    const shared_table_cache& tables = shared_tables(bits, points, rows * columns + 1, ranks.data(), rows, columns);
+    const quantize::table_levels levels{
+        *tables.stairs, ranks.data(), columns, points[0], points[rows * columns], tables.level_bytes.data(), tables.stairs->cells()};
     return run_encode_shared(x, bits, block, keys, row_offset, row_stride, table, levels, sigmas, packed, outlier_index, outlier_value,
                              padded);
 }
