@@ -151,32 +151,64 @@ def test_stochastic_levels_do_not_depend_on_how_threads_split_the_values(threads
         core.set_num_threads(previous)
 
 
+def _encode_shared(
+    module: ModuleType,
+    x: np.ndarray,
+    bits: int,
+    block: int,
+    table: np.ndarray,
+    breakpoints: np.ndarray,
+    ranks: np.ndarray,
+) -> list[np.ndarray]:
+    """Every output of one shared-rotation encode of whole blocks (the corrections trimmed)."""
+    blocks = x.size // block
+    sigmas, packed = np.empty(blocks, np.float32), np.empty(x.size * bits // 8, np.uint8)
+    index, value = np.empty(blocks * (block // 9), np.uint32), np.empty(blocks * (block // 9), np.float32)
+    count = module.encode_shared_table(
+        x, bits, block, [5, 6], 7, 3, table, breakpoints, ranks, sigmas, packed, index, value
+    )
+    return [sigmas, packed, index[:count], value[:count]]
+
+
+def _assert_encodes_as_the_reference(
+    x: np.ndarray, bits: int, block: int, table: np.ndarray, breakpoints: np.ndarray, ranks: np.ndarray
+) -> list[np.ndarray]:
+    """The native encode at every level equals the NumPy reference's; returns the reference's outputs."""
+    from fastfed.kernels import quantize_numpy
+
+    expected = _encode_shared(quantize_numpy, x, bits, block, table, breakpoints, ranks)
+    for level in _supported():
+        with isa(level):
+            got = _encode_shared(_core().quantize, x, bits, block, table, breakpoints, ranks)
+            for want, part in zip(expected, got, strict=True):
+                np.testing.assert_array_equal(part, want, err_msg=level)
+    return expected
+
+
+def _coordinates(x: np.ndarray, block: int) -> np.ndarray:
+    """The coordinates z a shared-rotation encode quantizes, for one block: the rotated block times
+    float32(1 / sigma), sigma as an encode computes it."""
+    from fastfed.kernels import quantize_numpy
+
+    book = shared_codebook(2)
+    assert book.breakpoints is not None and book.ranks is not None
+    sigma = _encode_shared(quantize_numpy, x, 2, block, book.table, book.breakpoints, book.ranks)[0]
+    rotated = np.empty(block, np.float32)
+    _core().rotate.rotate_blocks(x, block, [5], rotated)
+    return rotated * np.float32(1.0 / np.float64(sigma[0]))
+
+
 def test_shared_encode_at_breakpoints_matches_the_reference_at_every_level() -> None:
     """Coordinates exactly at a staircase's breakpoints, one float below them, and below breakpoints
     that lie between two floats (the first and last among them, so that coordinates less than a float
     spacing beyond them need corrections) are encoded as the reference encodes them at every level:
     the vector paths find steps and the values beyond the support from float copies of the breakpoints."""
-    from fastfed.kernels import quantize_numpy
-
-    core = _core()
     block, bits = 65536, 2
     x = np.random.default_rng(5).standard_normal(block).astype(np.float32)
     book = shared_codebook(bits)
     assert book.breakpoints is not None and book.ranks is not None
-
-    def encode(module: ModuleType, breakpoints: np.ndarray) -> list[np.ndarray]:
-        sigmas, packed = np.empty(1, np.float32), np.empty(block * bits // 8, np.uint8)
-        index, value = np.empty(block, np.uint32), np.empty(block, np.float32)
-        count = module.encode_shared_table(
-            x, bits, block, [5, 6], 7, 3, book.table, breakpoints, book.ranks, sigmas, packed, index, value
-        )
-        return [sigmas, packed, index[:count], value[:count]]
-
-    # The coordinates z the encoder quantizes: the rotated block times float32(1 / sigma).
-    rotated = np.empty(block, np.float32)
-    core.rotate.rotate_blocks(x, block, [5], rotated)
-    sigma = encode(quantize_numpy, book.breakpoints)[0]
-    z = np.unique(rotated * np.float32(1.0 / np.float64(sigma[0])))
+    coordinates = _coordinates(x, block)
+    z = np.unique(coordinates)
     # Breakpoints >= 0.012 apart (so that the native table holds them): a third at a z, a third one
     # float above one, a third half a float above one (between two floats), the first and last too.
     chosen = [z[20]]
@@ -191,45 +223,71 @@ def test_shared_encode_at_breakpoints_matches_the_reference_at_every_level() -> 
     breakpoints[2::3] += above[2::3] / 2
     breakpoints[[0, -1]] += above[[0, -1]] / 2
     assert np.isin(z, breakpoints).sum() > 100 and np.isin(np.nextafter(z, np.float32(np.inf)), breakpoints).sum() > 100
-    expected = encode(quantize_numpy, breakpoints)
-    just_below_the_first = np.flatnonzero(rotated * np.float32(1 / np.float64(sigma[0])) == chosen[0])
+    expected = _assert_encodes_as_the_reference(x, bits, block, book.table, breakpoints, book.ranks)
+    just_below_the_first = np.flatnonzero(coordinates == chosen[0])
     assert just_below_the_first.size and np.isin(just_below_the_first, expected[2]).all()  # corrected
+
+
+def test_shared_encode_with_two_breakpoints_in_a_float_gap_at_a_support_edge() -> None:
+    """A value clipped to the support is in the first (or last) step even where the float nearest an
+    edge of the support lies beyond the next breakpoint: the vector paths clip floats to the floats
+    just outside the support."""
+    block, bits = 4096, 1
+    rng = np.random.default_rng(1)
+    # Rotated values clustered at 1 (within 200 float spacings), a few well below and above it.
+    wanted = (1 + rng.integers(-200, 200, block) * 2.0**-23).astype(np.float32)
+    wanted[rng.choice(block, 240, replace=False)] = np.repeat(np.float32([0.9, 1.1]), 120)
+    x = np.empty(block, np.float32)
+    _core().rotate.unrotate_blocks(wanted, block, [5], x)
+    z = np.unique(_coordinates(x, block)).astype(np.float64)
+    cluster = z[(z > 0.95) & (z < 1.05)]
+    low, high = cluster[len(cluster) // 20], cluster[-len(cluster) // 100]
+    spacing = np.float64(np.spacing(np.float32(low)))
+    table, ranks = np.array([[-1, 1], [-1, 1]], np.float32), np.array([[0], [0]], np.int32)
+    # m_0 and m_1 between `low` and the next float, m_0 nearer that float; then m_1 and m_2 above
+    # `high`, m_2 nearer `high`.
+    for breakpoints in (
+        np.array([low + 0.6 * spacing, low + 0.9 * spacing, high + 100 * spacing]),
+        np.array([cluster[0] - 10 * spacing, high + 0.1 * spacing, high + 0.3 * spacing]),
+    ):
+        corrected = _assert_encodes_as_the_reference(x, bits, block, table, breakpoints, ranks)[2]
+        assert corrected.size > 100
+
+
+@pytest.mark.parametrize("breakpoints", [[0.0, 1e-39], [-1.2e38, 1.2e38]], ids=["too narrow", "beyond floats"])
+def test_shared_encode_of_staircases_beyond_float_arithmetic_matches_the_reference(breakpoints: list[float]) -> None:
+    """Staircases too narrow for a float cell scale, or beyond the float range, take the exact path; a
+    block with more values beyond the support than a payload has room for is refused by every backend."""
+    from fastfed.kernels import quantize_numpy
+
+    x = np.random.default_rng(0).standard_normal(4096).astype(np.float32)
+    table, ranks = np.array([[-1, 1]], np.float32), np.array([[0]], np.int32)
+    _assert_encodes_as_the_reference(np.zeros_like(x), 1, 4096, table, np.array(breakpoints), ranks)
+    if breakpoints[1] > 1:
+        _assert_encodes_as_the_reference(x, 1, 4096, table, np.array(breakpoints), ranks)
+        return
     for level in _supported():
-        with isa(level):
-            for want, got in zip(expected, encode(core.quantize, breakpoints), strict=True):
-                np.testing.assert_array_equal(got, want, err_msg=level)
+        with isa(level), pytest.raises(ValueError, match="values too large"):
+            _encode_shared(_core().quantize, x, 1, 4096, table, np.array(breakpoints), ranks)
+    with pytest.raises(ValueError, match="values too large"):
+        _encode_shared(quantize_numpy, x, 1, 4096, table, np.array(breakpoints), ranks)
 
 
 def test_shared_encode_rebuilds_its_kept_tables_for_another_codebook() -> None:
     """The native encoder keeps the last codebook's tables per bit width; other breakpoints or ranks of
     the same width, and then the first codebook again, encode as the reference does."""
-    from fastfed.kernels import quantize_numpy
-
     block, bits = 4096, 4
     x = np.random.default_rng(6).standard_normal(block).astype(np.float32)
     book = shared_codebook(bits)
     assert book.breakpoints is not None and book.ranks is not None
-    stretched = book.breakpoints * 1.25
-    swapped = book.ranks[::-1].copy()
-
-    def encode(module: ModuleType, breakpoints: np.ndarray, ranks: np.ndarray) -> list[np.ndarray]:
-        sigmas, packed = np.empty(1, np.float32), np.empty(block * bits // 8, np.uint8)
-        index, value = np.empty(block, np.uint32), np.empty(block, np.float32)
-        count = module.encode_shared_table(
-            x, bits, block, [5, 6], 7, 3, book.table, breakpoints, ranks, sigmas, packed, index, value
-        )
-        return [sigmas, packed, index[:count], value[:count]]
-
+    stretched, swapped = book.breakpoints * 1.25, book.ranks[::-1].copy()
     codebooks = [
         (book.breakpoints, book.ranks),
         (stretched, book.ranks),
         (stretched, swapped),
         (book.breakpoints, book.ranks),
     ]
-    outputs = [encode(_core().quantize, *codebook) for codebook in codebooks]
-    for (breakpoints, ranks), got in zip(codebooks, outputs, strict=True):
-        for want, part in zip(encode(quantize_numpy, breakpoints, ranks), got, strict=True):
-            np.testing.assert_array_equal(part, want)
+    outputs = [_assert_encodes_as_the_reference(x, bits, block, book.table, *codebook) for codebook in codebooks]
     assert not np.array_equal(outputs[0][1], outputs[1][1]) and not np.array_equal(outputs[1][1], outputs[2][1])
 
 

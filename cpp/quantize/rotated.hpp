@@ -372,15 +372,17 @@ struct staircase_cells {
     const double* points;
     const double* inverse_width;
     double first_point, cells_per_unit;
-    float first_float, cells_per_unit_float, last_float;  // the nearest floats to m_0, cells_per_unit and m_M
-    float inside_low, inside_high;                        // the floats in [m_0, m_M] run from inside_low to inside_high
+    float first_float, last_float;  // the floats next to m_0 and m_M outside [m_0, m_M]: clip bounds, and the origin
+    float cells_per_unit_float;     // the nearest float to cells_per_unit
+    float inside_low, inside_high;  // the floats in [m_0, m_M] run from inside_low to inside_high
     int last_cell, last_step;
 
 #if defined(FASTFED_X86_DISPATCH)
     // The steps of eight float z clipped to [first_float, last_float], with float arithmetic and
     // eight-lane gathers: the same steps as their clipped doubles have (steps_avx512). A float z is >= a
     // breakpoint exactly when it is >= the smallest float above it, and the table's margins cover the
-    // float rounding of the cell index (see staircase_table).
+    // float rounding of the cell index (see staircase_table). A value clipped to first_float (<= m_0)
+    // is in step 0 and one clipped to last_float (>= m_M) in the last, as m_0 and m_M are.
     FASTFED_TARGET("avx2") __m256i steps_eight_avx2(__m256 z) const {
         const __m256 position = _mm256_mul_ps(_mm256_sub_ps(z, _mm256_set1_ps(first_float)), _mm256_set1_ps(cells_per_unit_float));
         const __m256i cell = _mm256_min_epi32(_mm256_cvttps_epi32(position), _mm256_set1_epi32(last_cell));
@@ -429,8 +431,9 @@ class staircase_table {
         cells_per_unit_ = cells / span;
         const std::size_t n_cells = static_cast<std::size_t>(cells) + 1;
         steps_.resize(n_cells);
-        // A float cell index is off by at most 7 * 2^-24 * max |m| in z (the rounding of m_0, of the
-        // difference and of the product); the margin, 2^-19 * max |m|, is over four times that.
+        // A float cell index is off by at most 8 * 2^-24 * max |m| in z (first_float's distance from
+        // m_0, the rounding of the difference and of the product); the margin, 2^-19 * max |m|, is
+        // four times that.
         const double kMargin = std::max(1e-9, 0x1p-19 * std::max(std::fabs(points_.front()), std::fabs(points_.back())));
         for (std::size_t c = 0; c < n_cells; ++c) {
             const double start = points_.front() + static_cast<double>(c) / cells_per_unit_ - kMargin;
@@ -464,6 +467,13 @@ class staircase_table {
     }
 
     bool tabulated() const { return !steps_.empty(); }
+    // Whether the AVX2 path's float arithmetic holds for this table: not for staircases beyond the
+    // float range, or too narrow or too wide for a normal float cells_per_unit.
+    bool float_cells() const {
+        const staircase_cells view = cells();
+        return std::isfinite(view.first_float) && std::isfinite(view.last_float) && std::isnormal(view.cells_per_unit_float) &&
+               std::isfinite((view.last_float - view.first_float) * view.cells_per_unit_float);
+    }
     std::size_t steps() const { return points_.size() - 1; }
     double point(std::size_t j) const { return points_[j]; }
     double inverse_width(std::size_t j) const { return inverse_width_[j]; }
@@ -477,9 +487,9 @@ class staircase_table {
                 inverse_width_.data(),
                 points_.front(),
                 cells_per_unit_,
-                static_cast<float>(points_.front()),
+                -float_at_least(-points_.front()),
+                float_at_least(points_.back()),
                 static_cast<float>(cells_per_unit_),
-                static_cast<float>(points_.back()),
                 float_at_least(points_.front()),
                 -float_at_least(-points_.back()),
                 static_cast<int>(steps_.size()) - 1,
@@ -520,7 +530,7 @@ struct table_levels {
         return level;
     }
 
-    bool vectorized() const { return stairs.tabulated(); }
+    bool vectorized() const { return stairs.tabulated() && stairs.float_cells(); }
 
 #if defined(FASTFED_X86_DISPATCH)
     // Eight values' levels, their steps found at once from their floats (see steps_eight_avx2): z

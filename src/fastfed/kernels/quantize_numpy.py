@@ -299,7 +299,9 @@ def _shared_finish(
     block = y.shape[1]
     received = sigma32[index // block] * table[row.reshape(-1)[index], levels.reshape(-1)[index]]
     corrections = (y.reshape(-1)[index].astype(np.float64) - received.astype(np.float64)).astype(np.float32)
-    if (np.abs(corrections) > VALUE_LIMIT).any():
+    # Beyond a block's room (outlier_capacity: only a table of narrower support than fastfed's fills it).
+    crowded = (np.bincount(index // block, minlength=y.shape[0]) > block // 9).any()
+    if crowded or (np.abs(corrections) > VALUE_LIMIT).any():
         raise ValueError(f"x: values too large (a rotated value exceeds 2^{int(np.log2(VALUE_LIMIT))})")
     sigmas[:] = sigma32
     packed[:] = pack(levels.reshape(-1).astype(np.uint32), bits)
