@@ -250,6 +250,43 @@ inline void scaled_sequences(std::size_t first, std::size_t clients, const level
     }
 }
 
+// One client's table values for a group of eight: the level bits in `word` (value m at bit Bits * m),
+// each picked from the client's scaled row `own` by a permutation.
+template <unsigned Bits>
+FASTFED_TARGET("avx2")
+inline __m256 table_values(__m256i word, const float* own) {
+    const __m256i shifts = _mm256_setr_epi32(0, Bits, 2 * Bits, 3 * Bits, 4 * Bits, 5 * Bits, 6 * Bits, 7 * Bits);
+    const __m256i level = _mm256_and_si256(_mm256_srlv_epi32(word, shifts), _mm256_set1_epi32((1 << Bits) - 1));
+    const __m256 value = _mm256_permutevar8x32_ps(_mm256_loadu_ps(own), level);
+    if constexpr (Bits == 4)
+        return _mm256_blendv_ps(value, _mm256_permutevar8x32_ps(_mm256_loadu_ps(own + 8), level),
+                                _mm256_castsi256_ps(_mm256_slli_epi32(level, 28)));
+    return value;
+}
+
+// acc[0, 8) += the float32 sum of eight values.
+FASTFED_TARGET("avx2") inline void add_group(double* acc, __m256 sum) {
+    _mm256_storeu_pd(acc, _mm256_add_pd(_mm256_loadu_pd(acc), _mm256_cvtps_pd(_mm256_castps256_ps128(sum))));
+    _mm256_storeu_pd(acc + 4, _mm256_add_pd(_mm256_loadu_pd(acc + 4), _mm256_cvtps_pd(_mm256_extractf128_ps(sum, 1))));
+}
+
+// sum_table_groups_avx2 for `groups` groups whose level words lie inside every stream, with the
+// client count fixed so that the loop over clients unrolls (its bookkeeping cost as much as the values).
+template <unsigned Bits, std::size_t Clients>
+FASTFED_TARGET("avx2")
+void sum_table_groups_inside(const std::uint8_t* const* streams, const float* const* sequences, std::size_t rows, std::size_t groups,
+                             double* acc) {
+    constexpr std::size_t kLevels = std::size_t{1} << Bits;
+    for (std::size_t g = 0, t = 0; g < groups; ++g, t = (t + 1) & (rows - 1)) {
+        __m256 sum = _mm256_setzero_ps();
+        for (std::size_t j = 0; j < Clients; ++j) {
+            const __m256i word = _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float*>(streams[j] + g * Bits)));
+            sum = _mm256_add_ps(sum, table_values<Bits>(word, sequences[j] + t * kLevels));
+        }
+        add_group(acc + 8 * g, sum);
+    }
+}
+
 // Eight clients' table values for the groups of eight values in [begin, end) (inside one block),
 // summed in a register in client order and added to acc (relative to begin). Bits = 1..4: a row of
 // 2^Bits floats is one or two registers, and a permutation picks each value's level from the client's
@@ -265,32 +302,30 @@ void sum_table_groups_avx2(const std::uint8_t* const* packed, std::size_t first,
     const std::size_t rows = values.rows;
     const float* sequences[kClientBlock];
     scaled_sequences<kLevels>(first, clients, values, blocks, begin, scaled, sequences);
-    const __m256i shifts = _mm256_setr_epi32(0, Bits, 2 * Bits, 3 * Bits, 4 * Bits, 5 * Bits, 6 * Bits, 7 * Bits);
-    const __m256i level_mask = _mm256_set1_epi32(kLevels - 1);
-    for (std::size_t i = begin, t = 0; i < end; i += 8, t = (t + 1) & (rows - 1)) {
+    // The groups before the stream's last four bytes (begin is a multiple of 8), then the rest.
+    const std::size_t inside_groups = total_bytes < 4 ? 0 : (total_bytes - 4) / Bits + 1;
+    const std::size_t groups = std::min((end - begin) / 8, inside_groups > begin / 8 ? inside_groups - begin / 8 : 0);
+    const std::uint8_t* streams[kClientBlock];
+    for (std::size_t j = 0; j < clients; ++j) streams[j] = packed[first + j] + begin / 8 * Bits;
+    switch (clients) {
+        case 1: sum_table_groups_inside<Bits, 1>(streams, sequences, rows, groups, acc); break;
+        case 2: sum_table_groups_inside<Bits, 2>(streams, sequences, rows, groups, acc); break;
+        case 3: sum_table_groups_inside<Bits, 3>(streams, sequences, rows, groups, acc); break;
+        case 4: sum_table_groups_inside<Bits, 4>(streams, sequences, rows, groups, acc); break;
+        case 5: sum_table_groups_inside<Bits, 5>(streams, sequences, rows, groups, acc); break;
+        case 6: sum_table_groups_inside<Bits, 6>(streams, sequences, rows, groups, acc); break;
+        case 7: sum_table_groups_inside<Bits, 7>(streams, sequences, rows, groups, acc); break;
+        default: sum_table_groups_inside<Bits, 8>(streams, sequences, rows, groups, acc); break;
+    }
+    for (std::size_t i = begin + 8 * groups, t = groups & (rows - 1); i < end; i += 8, t = (t + 1) & (rows - 1)) {
         const std::size_t byte = i / 8 * Bits;
-        const bool inside = byte + 4 <= total_bytes;
         __m256 sum = _mm256_setzero_ps();
         for (std::size_t j = 0; j < clients; ++j) {
-            __m256i word;
-            if (inside) {
-                word = _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float*>(packed[first + j] + byte)));
-            } else {
-                std::uint32_t bytes = 0;
-                std::memcpy(&bytes, packed[first + j] + byte, Bits);
-                word = _mm256_set1_epi32(static_cast<int>(bytes));
-            }
-            const float* own = sequences[j] + t * kLevels;
-            const __m256i level = _mm256_and_si256(_mm256_srlv_epi32(word, shifts), level_mask);
-            __m256 value = _mm256_permutevar8x32_ps(_mm256_loadu_ps(own), level);
-            if constexpr (kLevels == 16)
-                value = _mm256_blendv_ps(value, _mm256_permutevar8x32_ps(_mm256_loadu_ps(own + 8), level),
-                                         _mm256_castsi256_ps(_mm256_slli_epi32(level, 28)));
-            sum = _mm256_add_ps(sum, value);
+            std::uint32_t bytes = 0;
+            std::memcpy(&bytes, packed[first + j] + byte, Bits);
+            sum = _mm256_add_ps(sum, table_values<Bits>(_mm256_set1_epi32(static_cast<int>(bytes)), sequences[j] + t * kLevels));
         }
-        double* a = acc + (i - begin);
-        _mm256_storeu_pd(a, _mm256_add_pd(_mm256_loadu_pd(a), _mm256_cvtps_pd(_mm256_castps256_ps128(sum))));
-        _mm256_storeu_pd(a + 4, _mm256_add_pd(_mm256_loadu_pd(a + 4), _mm256_cvtps_pd(_mm256_extractf128_ps(sum, 1))));
+        add_group(acc + (i - begin), sum);
     }
 }
 
@@ -301,60 +336,105 @@ void sum_table_groups_avx2(const std::uint8_t* const* packed, std::size_t first,
 // AVX2 path, so the same bits. The rows repeat every `rows` groups, an even number, so rows t and
 // t + 1 lie side by side in each client's sequence.
 FASTFED_AVX512_BEGIN
+// Bytes read per client for a pair of groups: at 4 bits the pair's 64 bits are broadcast per 64-bit
+// lane, so even lanes see group t's 32 bits and odd lanes group t + 1's; narrower pairs fit one
+// 32-bit word, group t + 1 from bit 8 * Bits.
+template <unsigned Bits>
+inline constexpr std::size_t kPairWordBytes = Bits == 4 ? 8 : 4;
+
+// sum_table_pairs_avx512's lane constants: lane 2m + h holds value m of group t + h.
+template <unsigned Bits>
+struct pair_lanes {
+    static_assert(Bits == 1 || Bits == 2 || Bits == 4, "a pair of groups' levels is read as one 32- or 64-bit word");
+    static constexpr std::size_t kLevels = std::size_t{1} << Bits;
+    __m512i shifts, second_row, level_mask, in_order;
+
+    FASTFED_TARGET("avx2,avx512f") pair_lanes() {
+        constexpr int kPairShift = Bits == 4 ? 0 : 8 * static_cast<int>(Bits);
+        constexpr int kSecondRow = Bits == 4 ? 16 : static_cast<int>(kLevels);  // where group t + 1's row starts among the permuted entries
+        alignas(64) std::int32_t shift_of[16], row_of[16];
+        for (int lane = 0; lane < 16; ++lane) {
+            shift_of[lane] = static_cast<int>(Bits) * (lane / 2) + kPairShift * (lane % 2);
+            row_of[lane] = kSecondRow * (lane % 2);
+        }
+        shifts = _mm512_load_si512(shift_of);
+        second_row = _mm512_load_si512(row_of);
+        level_mask = _mm512_set1_epi32(static_cast<int>(kLevels - 1));
+        in_order = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    }
+
+    // One client's values of a pair of groups, from the pair's level bits and the client's rows t, t + 1.
+    FASTFED_TARGET("avx2,avx512f") __m512 values(__m512i word, const float* own) const {
+        // (word >> shift) & (levels - 1) | second_row: the level's entry among both rows.
+        const __m512i entry = _mm512_ternarylogic_epi32(_mm512_srlv_epi32(word, shifts), level_mask, second_row, 0xEA);
+        if constexpr (Bits == 4) return _mm512_permutex2var_ps(_mm512_loadu_ps(own), entry, _mm512_loadu_ps(own + kLevels));
+        return _mm512_permutexvar_ps(entry, _mm512_loadu_ps(own));
+    }
+
+    // acc[0, 16) += the pair's sums, de-interleaved.
+    FASTFED_TARGET("avx2,avx512f") void add(double* acc, __m512 sum) const {
+        const __m512 ordered = _mm512_permutexvar_ps(in_order, sum);
+        _mm512_storeu_pd(acc, _mm512_add_pd(_mm512_loadu_pd(acc), _mm512_cvtps_pd(_mm512_castps512_ps256(ordered))));
+        _mm512_storeu_pd(acc + 8, _mm512_add_pd(_mm512_loadu_pd(acc + 8),
+                                                _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(ordered), 1)))));
+    }
+};
+
+// sum_table_pairs_avx512 for `pairs` pairs of groups whose words lie inside every stream, with the
+// client count fixed so that the loop over clients unrolls. Each client's level bits are broadcast
+// straight from memory, which needs no shuffle port.
+template <unsigned Bits, std::size_t Clients>
+FASTFED_TARGET("avx2,avx512f")
+void sum_table_pairs_inside(const pair_lanes<Bits>& lanes, const std::uint8_t* const* streams, const float* const* sequences,
+                            std::size_t rows, std::size_t pairs, double* acc) {
+    for (std::size_t p = 0, t = 0; p < pairs; ++p, t = (t + 2) & (rows - 1)) {
+        __m512 sum = _mm512_setzero_ps();
+        for (std::size_t j = 0; j < Clients; ++j) {
+            const std::uint8_t* source = streams[j] + 2 * p * Bits;
+            const __m512i word =
+                Bits == 4 ? _mm512_broadcastq_epi64(_mm_loadu_si64(source)) : _mm512_broadcastd_epi32(_mm_loadu_si32(source));
+            sum = _mm512_add_ps(sum, lanes.values(word, sequences[j] + t * pair_lanes<Bits>::kLevels));
+        }
+        lanes.add(acc + 16 * p, sum);
+    }
+}
+
 template <unsigned Bits>
 FASTFED_TARGET("avx2,avx512f")
 void sum_table_pairs_avx512(const std::uint8_t* const* packed, std::size_t first, std::size_t clients, const level_values& values,
                             std::size_t blocks, std::size_t begin, std::size_t end, double* acc, float* scaled, std::size_t total_bytes) {
-    static_assert(Bits == 1 || Bits == 2 || Bits == 4, "a pair of groups' levels is read as one 32- or 64-bit word");
     constexpr std::size_t kLevels = std::size_t{1} << Bits;
-    // At 4 bits the pair's 64 bits are broadcast per 64-bit lane, so even lanes see group t's 32 bits
-    // and odd lanes group t + 1's; narrower pairs fit one 32-bit word, group t + 1 from bit 8 * Bits.
-    constexpr std::size_t kWordBytes = Bits == 4 ? 8 : 4;
-    constexpr int kPairShift = Bits == 4 ? 0 : 8 * static_cast<int>(Bits);
-    constexpr int kSecondRow = Bits == 4 ? 16 : static_cast<int>(kLevels);  // where group t + 1's row starts among the permuted entries
     const std::size_t rows = values.rows;
     const float* sequences[kClientBlock];
     scaled_sequences<kLevels>(first, clients, values, blocks, begin, scaled, sequences);
-    alignas(64) std::int32_t shift_of[16], row_of[16];
-    for (int lane = 0; lane < 16; ++lane) {
-        shift_of[lane] = static_cast<int>(Bits) * (lane / 2) + kPairShift * (lane % 2);
-        row_of[lane] = kSecondRow * (lane % 2);
+    const pair_lanes<Bits> lanes;
+    // The pairs whose words lie inside every stream (begin is a multiple of 8) with the client count
+    // fixed, so that the loop over clients unrolls; then the rest.
+    const std::size_t inside_groups = total_bytes < kPairWordBytes<Bits> ? 0 : (total_bytes - kPairWordBytes<Bits>) / Bits + 1;
+    const std::size_t pairs = std::min((end - begin) / 16, inside_groups > begin / 8 ? (inside_groups - begin / 8) / 2 : 0);
+    const std::uint8_t* streams[kClientBlock];
+    for (std::size_t j = 0; j < clients; ++j) streams[j] = packed[first + j] + begin / 8 * Bits;
+    switch (clients) {
+        case 1: sum_table_pairs_inside<Bits, 1>(lanes, streams, sequences, rows, pairs, acc); break;
+        case 2: sum_table_pairs_inside<Bits, 2>(lanes, streams, sequences, rows, pairs, acc); break;
+        case 3: sum_table_pairs_inside<Bits, 3>(lanes, streams, sequences, rows, pairs, acc); break;
+        case 4: sum_table_pairs_inside<Bits, 4>(lanes, streams, sequences, rows, pairs, acc); break;
+        case 5: sum_table_pairs_inside<Bits, 5>(lanes, streams, sequences, rows, pairs, acc); break;
+        case 6: sum_table_pairs_inside<Bits, 6>(lanes, streams, sequences, rows, pairs, acc); break;
+        case 7: sum_table_pairs_inside<Bits, 7>(lanes, streams, sequences, rows, pairs, acc); break;
+        default: sum_table_pairs_inside<Bits, 8>(lanes, streams, sequences, rows, pairs, acc); break;
     }
-    const __m512i shifts = _mm512_load_si512(shift_of), second_row = _mm512_load_si512(row_of);
-    const __m512i level_mask = _mm512_set1_epi32(static_cast<int>(kLevels - 1));
-    const __m512i in_order = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
-    std::size_t i = begin, t = 0;
+    std::size_t i = begin + 16 * pairs, t = (2 * pairs) & (rows - 1);
     for (; i + 16 <= end; i += 16, t = (t + 2) & (rows - 1)) {
         const std::size_t byte = i / 8 * Bits;
-        const bool inside = byte + kWordBytes <= total_bytes;
         __m512 sum = _mm512_setzero_ps();
-#pragma GCC unroll 1
         for (std::size_t j = 0; j < clients; ++j) {
-            // Broadcast straight from memory, which needs no shuffle port, where the word lies inside the stream.
-            const std::uint8_t* source = packed[first + j] + byte;
-            __m512i word;
-            if (inside) {
-                word = Bits == 4 ? _mm512_broadcastq_epi64(_mm_loadu_si64(source)) : _mm512_broadcastd_epi32(_mm_loadu_si32(source));
-            } else {
-                std::uint64_t bits = 0;
-                std::memcpy(&bits, source, 2 * Bits);
-                word = Bits == 4 ? _mm512_set1_epi64(static_cast<long long>(bits)) : _mm512_set1_epi32(static_cast<int>(bits));
-            }
-            // (word >> shift) & (levels - 1) | second_row: the level's entry among both rows.
-            const __m512i entry = _mm512_ternarylogic_epi32(_mm512_srlv_epi32(word, shifts), level_mask, second_row, 0xEA);
-            const float* own = sequences[j] + t * kLevels;
-            __m512 value;
-            if constexpr (Bits == 4)
-                value = _mm512_permutex2var_ps(_mm512_loadu_ps(own), entry, _mm512_loadu_ps(own + kLevels));
-            else
-                value = _mm512_permutexvar_ps(entry, _mm512_loadu_ps(own));
-            sum = _mm512_add_ps(sum, value);
+            std::uint64_t bits = 0;
+            std::memcpy(&bits, packed[first + j] + byte, 2 * Bits);
+            const __m512i word = Bits == 4 ? _mm512_set1_epi64(static_cast<long long>(bits)) : _mm512_set1_epi32(static_cast<int>(bits));
+            sum = _mm512_add_ps(sum, lanes.values(word, sequences[j] + t * kLevels));
         }
-        const __m512 ordered = _mm512_permutexvar_ps(in_order, sum);
-        double* a = acc + (i - begin);
-        _mm512_storeu_pd(a, _mm512_add_pd(_mm512_loadu_pd(a), _mm512_cvtps_pd(_mm512_castps512_ps256(ordered))));
-        _mm512_storeu_pd(a + 8, _mm512_add_pd(_mm512_loadu_pd(a + 8),
-                                              _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(ordered), 1)))));
+        lanes.add(acc + (i - begin), sum);
     }
     if (i < end) sum_table_groups_avx2<Bits>(packed, first, clients, values, blocks, i, end, acc + (i - begin), scaled, total_bytes);
 }
