@@ -38,11 +38,14 @@ thread_local bool inside_job = false;
 
 class pool {
  public:
-    // Starts helpers until there are `wanted` of them or the system refuses more.
+    // Starts helpers until there are `wanted` of them or the system refuses more. A new helper waits
+    // for the next job: the jobs so far (generation_, which only run() changes, under job_mutex_ as
+    // here) are not its to take, and after a fork() or a raise in the thread count it would otherwise
+    // run a finished job and miscount pending_.
     std::size_t reserve(std::size_t wanted) {
         while (helpers_.size() < wanted && !refused_) {
             try {
-                helpers_.emplace_back(&pool::helper_loop, this, helpers_.size());
+                helpers_.emplace_back(&pool::helper_loop, this, helpers_.size(), generation_);
             } catch (const std::system_error&) {
                 refused_ = true;  // out of threads or address space: make do with what runs
             }
@@ -104,8 +107,7 @@ class pool {
         inside_job = false;
     }
 
-    void helper_loop(std::size_t index) {
-        std::size_t seen = 0;
+    void helper_loop(std::size_t index, std::size_t seen) {
         for (;;) {
             {
                 std::unique_lock<std::mutex> guard(mutex_);
