@@ -40,8 +40,8 @@ class pool {
  public:
     // Starts helpers until there are `wanted` of them or the system refuses more. A new helper waits
     // for the next job: the jobs so far (generation_, which only run() changes, under job_mutex_ as
-    // here) are not its to take, and after a fork() or a raise in the thread count it would otherwise
-    // run a finished job and miscount pending_.
+    // here) are not its to take; in a forked child, whose helpers are all new, one would otherwise
+    // run the parent's finished job and miscount pending_.
     std::size_t reserve(std::size_t wanted) {
         while (helpers_.size() < wanted && !refused_) {
             try {
@@ -133,13 +133,19 @@ class pool {
     std::exception_ptr first_error_;
 };
 
+// The pool, for the fork handler: set before the handler is registered, so that a fork() while the
+// pool is being created (before the_pool()'s guard is released) cannot leave the child's handler
+// waiting on that guard.
+std::atomic<pool*> created_pool{nullptr};
+
 pool& the_pool() {
     // Never destroyed: helpers blocked on the condition variable end with the process, and no
     // destructor can race a kernel still running on another Python thread at interpreter exit.
     static pool* const instance = [] {
         auto* created = new pool;
+        created_pool.store(created);
 #if defined(__unix__) || defined(__APPLE__)
-        pthread_atfork(nullptr, nullptr, [] { the_pool().forget_helpers_after_fork(); });
+        pthread_atfork(nullptr, nullptr, [] { created_pool.load()->forget_helpers_after_fork(); });
 #endif
         return created;
     }();
