@@ -329,12 +329,6 @@ void sum_table_groups_avx2(const std::uint8_t* const* packed, std::size_t first,
     }
 }
 
-// sum_table_groups_avx2 with AVX-512 at 1, 2 and 4 bits, two groups of eight (t and t + 1) per step:
-// lane 2m + h holds value m of group t + h, so one broadcast of both groups' level bits and one
-// permutation from both groups' rows (one register, or two at 4 bits) give sixteen values. The sums
-// are de-interleaved once per step, after all clients: the same float32 sums in client order as the
-// AVX2 path, so the same bits. The rows repeat every `rows` groups, an even number, so rows t and
-// t + 1 lie side by side in each client's sequence.
 FASTFED_AVX512_BEGIN
 // Bytes read per client for a pair of groups: at 4 bits the pair's 64 bits are broadcast per 64-bit
 // lane, so even lanes see group t's 32 bits and odd lanes group t + 1's; narrower pairs fit one
@@ -399,6 +393,12 @@ void sum_table_pairs_inside(const pair_lanes<Bits>& lanes, const std::uint8_t* c
     }
 }
 
+// sum_table_groups_avx2 with AVX-512 at 1, 2 and 4 bits, two groups of eight (t and t + 1) per step:
+// lane 2m + h holds value m of group t + h, so one broadcast of both groups' level bits and one
+// permutation from both groups' rows (one register, or two at 4 bits) give sixteen values. The sums
+// are de-interleaved once per step, after all clients: the same float32 sums in client order as the
+// AVX2 path, so the same bits. The rows repeat every `rows` groups, an even number, so rows t and
+// t + 1 lie side by side in each client's sequence.
 template <unsigned Bits>
 FASTFED_TARGET("avx2,avx512f")
 void sum_table_pairs_avx512(const std::uint8_t* const* packed, std::size_t first, std::size_t clients, const level_values& values,
