@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../common/cpu.hpp"
@@ -38,6 +39,22 @@ inline constexpr std::size_t kClientBlock = 8;
 // Floats after each client's scaled rows in weighted_sum_levels' vector paths: room for the widest
 // load that starts inside the rows.
 inline constexpr std::size_t kRowsSpare = 16;
+
+// run(std::integral_constant<std::size_t, clients>{}) for a block's 1..kClientBlock clients: kernels
+// with the client count fixed at compile time, so that their loops over clients unroll.
+template <class Run>
+inline decltype(auto) with_client_count(std::size_t clients, Run&& run) {
+    switch (clients) {
+        case 1: return run(std::integral_constant<std::size_t, 1>{});
+        case 2: return run(std::integral_constant<std::size_t, 2>{});
+        case 3: return run(std::integral_constant<std::size_t, 3>{});
+        case 4: return run(std::integral_constant<std::size_t, 4>{});
+        case 5: return run(std::integral_constant<std::size_t, 5>{});
+        case 6: return run(std::integral_constant<std::size_t, 6>{});
+        case 7: return run(std::integral_constant<std::size_t, 7>{});
+        default: return run(std::integral_constant<std::size_t, kClientBlock>{});
+    }
+}
 
 #if defined(FASTFED_X86_DISPATCH)
 // Eight 8-bit levels at p, as floats.
@@ -76,16 +93,7 @@ std::size_t sum_clients_avx2(const std::uint8_t* const* q, const float* scales, 
 
 inline std::size_t sum_clients_avx2(std::size_t clients, const std::uint8_t* const* q, const float* scales, double* acc, std::size_t length,
                                     const std::uint8_t* const* next, std::size_t n_next) {
-    switch (clients) {
-        case 1: return sum_clients_avx2<1>(q, scales, acc, length, next, n_next);
-        case 2: return sum_clients_avx2<2>(q, scales, acc, length, next, n_next);
-        case 3: return sum_clients_avx2<3>(q, scales, acc, length, next, n_next);
-        case 4: return sum_clients_avx2<4>(q, scales, acc, length, next, n_next);
-        case 5: return sum_clients_avx2<5>(q, scales, acc, length, next, n_next);
-        case 6: return sum_clients_avx2<6>(q, scales, acc, length, next, n_next);
-        case 7: return sum_clients_avx2<7>(q, scales, acc, length, next, n_next);
-        default: return sum_clients_avx2<8>(q, scales, acc, length, next, n_next);
-    }
+    return with_client_count(clients, [&](auto count) { return sum_clients_avx2<count()>(q, scales, acc, length, next, n_next); });
 }
 #endif
 
@@ -307,16 +315,7 @@ void sum_table_groups_avx2(const std::uint8_t* const* packed, std::size_t first,
     const std::size_t groups = std::min((end - begin) / 8, inside_groups > begin / 8 ? inside_groups - begin / 8 : 0);
     const std::uint8_t* streams[kClientBlock];
     for (std::size_t j = 0; j < clients; ++j) streams[j] = packed[first + j] + begin / 8 * Bits;
-    switch (clients) {
-        case 1: sum_table_groups_inside<Bits, 1>(streams, sequences, rows, groups, acc); break;
-        case 2: sum_table_groups_inside<Bits, 2>(streams, sequences, rows, groups, acc); break;
-        case 3: sum_table_groups_inside<Bits, 3>(streams, sequences, rows, groups, acc); break;
-        case 4: sum_table_groups_inside<Bits, 4>(streams, sequences, rows, groups, acc); break;
-        case 5: sum_table_groups_inside<Bits, 5>(streams, sequences, rows, groups, acc); break;
-        case 6: sum_table_groups_inside<Bits, 6>(streams, sequences, rows, groups, acc); break;
-        case 7: sum_table_groups_inside<Bits, 7>(streams, sequences, rows, groups, acc); break;
-        default: sum_table_groups_inside<Bits, 8>(streams, sequences, rows, groups, acc); break;
-    }
+    with_client_count(clients, [&](auto count) { sum_table_groups_inside<Bits, count()>(streams, sequences, rows, groups, acc); });
     for (std::size_t i = begin + 8 * groups, t = groups & (rows - 1); i < end; i += 8, t = (t + 1) & (rows - 1)) {
         const std::size_t byte = i / 8 * Bits;
         __m256 sum = _mm256_setzero_ps();
@@ -414,16 +413,7 @@ void sum_table_pairs_avx512(const std::uint8_t* const* packed, std::size_t first
     const std::size_t pairs = std::min((end - begin) / 16, inside_groups > begin / 8 ? (inside_groups - begin / 8) / 2 : 0);
     const std::uint8_t* streams[kClientBlock];
     for (std::size_t j = 0; j < clients; ++j) streams[j] = packed[first + j] + begin / 8 * Bits;
-    switch (clients) {
-        case 1: sum_table_pairs_inside<Bits, 1>(lanes, streams, sequences, rows, pairs, acc); break;
-        case 2: sum_table_pairs_inside<Bits, 2>(lanes, streams, sequences, rows, pairs, acc); break;
-        case 3: sum_table_pairs_inside<Bits, 3>(lanes, streams, sequences, rows, pairs, acc); break;
-        case 4: sum_table_pairs_inside<Bits, 4>(lanes, streams, sequences, rows, pairs, acc); break;
-        case 5: sum_table_pairs_inside<Bits, 5>(lanes, streams, sequences, rows, pairs, acc); break;
-        case 6: sum_table_pairs_inside<Bits, 6>(lanes, streams, sequences, rows, pairs, acc); break;
-        case 7: sum_table_pairs_inside<Bits, 7>(lanes, streams, sequences, rows, pairs, acc); break;
-        default: sum_table_pairs_inside<Bits, 8>(lanes, streams, sequences, rows, pairs, acc); break;
-    }
+    with_client_count(clients, [&](auto count) { sum_table_pairs_inside<Bits, count()>(lanes, streams, sequences, rows, pairs, acc); });
     std::size_t i = begin + 16 * pairs, t = (2 * pairs) & (rows - 1);
     for (; i + 16 <= end; i += 16, t = (t + 2) & (rows - 1)) {
         const std::size_t byte = i / 8 * Bits;
