@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._checks import (
+    outlier_capacity,
     require_bits,
     require_block,
     require_codebook,
@@ -299,8 +300,8 @@ def _shared_finish(
     block = y.shape[1]
     received = sigma32[index // block] * table[row.reshape(-1)[index], levels.reshape(-1)[index]]
     corrections = (y.reshape(-1)[index].astype(np.float64) - received.astype(np.float64)).astype(np.float32)
-    # Beyond a block's room (outlier_capacity: only a table of narrower support than fastfed's fills it).
-    crowded = (np.bincount(index // block, minlength=y.shape[0]) > block // 9).any()
+    # Beyond a block's room (only a table of narrower support than fastfed's fills it).
+    crowded = (np.bincount(index // block, minlength=y.shape[0]) > outlier_capacity(1, block)).any()
     if crowded or (np.abs(corrections) > VALUE_LIMIT).any():
         raise ValueError(f"x: values too large (a rotated value exceeds 2^{int(np.log2(VALUE_LIMIT))})")
     sigmas[:] = sigma32
