@@ -540,20 +540,7 @@ struct table_levels {
         const __m256i step = cells.steps_eight_avx2(z);
         const __m256d raise_low = _mm256_cmp_pd(coin_low, cells.fractions_avx2(z_low, _mm256_castsi256_si128(step)), _CMP_LT_OQ);
         const __m256d raise_high = _mm256_cmp_pd(coin_high, cells.fractions_avx2(z_high, _mm256_extracti128_si256(step, 1)), _CMP_LT_OQ);
-        const __m256i configuration = _mm256_sub_epi32(step, _mm256_set_m128i(low_halves(raise_high), low_halves(raise_low)));
-        // 1 or 2 bits: fewer comparisons than a gather costs, each width unrolled.
-        const std::int32_t* rank = ranks + row * columns;
-        if (columns == 1) return _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_cmpgt_epi32(configuration, _mm256_set1_epi32(rank[0])));
-        if (columns == 3) {
-            const __m256i first = _mm256_cmpgt_epi32(configuration, _mm256_set1_epi32(rank[0]));
-            const __m256i second = _mm256_cmpgt_epi32(configuration, _mm256_set1_epi32(rank[1]));
-            const __m256i third = _mm256_cmpgt_epi32(configuration, _mm256_set1_epi32(rank[2]));
-            return _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_add_epi32(_mm256_add_epi32(first, second), third));
-        }
-        const int configurations = cells.last_step + 2;
-        const __m256i index = _mm256_add_epi32(configuration, _mm256_set1_epi32(static_cast<int>(row) * configurations));
-        const __m256i four_bytes = _mm256_i32gather_epi32(reinterpret_cast<const int*>(level_bytes), index, 1);
-        return _mm256_and_si256(four_bytes, _mm256_set1_epi32(0xFF));
+        return levels_of_configurations(_mm256_sub_epi32(step, _mm256_set_m128i(low_halves(raise_high), low_halves(raise_low))), row);
     }
 
     // The same with AVX-512 (see steps_avx512).
@@ -561,12 +548,19 @@ struct table_levels {
         __m512d fraction;
         const __m256i step = cells.steps_avx512(z, fraction);
         const __mmask8 raise = _mm512_cmp_pd_mask(coin, fraction, _CMP_LT_OQ);
-        const __m256i configuration = _mm256_mask_add_epi32(step, raise, step, _mm256_set1_epi32(1));
-        if (columns <= 3) {
-            __m256i level = _mm256_setzero_si256();
-            for (std::size_t k = 0; k < columns; ++k)
-                level = _mm256_sub_epi32(level, _mm256_cmpgt_epi32(configuration, _mm256_set1_epi32(ranks[row * columns + k])));
-            return level;
+        return levels_of_configurations(_mm256_mask_add_epi32(step, raise, step, _mm256_set1_epi32(1)), row);
+    }
+
+    // Eight configurations' levels in a row: at 1 or 2 bits by comparisons with the row's ranks
+    // (fewer than a gather costs, each width unrolled), otherwise from level_bytes.
+    FASTFED_TARGET("avx2") __m256i levels_of_configurations(__m256i configuration, std::size_t row) const {
+        const std::int32_t* rank = ranks + row * columns;
+        if (columns == 1) return _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_cmpgt_epi32(configuration, _mm256_set1_epi32(rank[0])));
+        if (columns == 3) {
+            const __m256i first = _mm256_cmpgt_epi32(configuration, _mm256_set1_epi32(rank[0]));
+            const __m256i second = _mm256_cmpgt_epi32(configuration, _mm256_set1_epi32(rank[1]));
+            const __m256i third = _mm256_cmpgt_epi32(configuration, _mm256_set1_epi32(rank[2]));
+            return _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_add_epi32(_mm256_add_epi32(first, second), third));
         }
         const int configurations = cells.last_step + 2;
         const __m256i index = _mm256_add_epi32(configuration, _mm256_set1_epi32(static_cast<int>(row) * configurations));
