@@ -14,6 +14,7 @@ import pytest
 from fastfed._backend import available_backends
 from fastfed.compression.rotated import eden_codebook, shared_codebook
 from fastfed.compression.tables import SUPPORT
+from fastfed.kernels._checks import outlier_capacity
 
 pytestmark = pytest.mark.skipif("native" not in available_backends(), reason="the native extension is not built")
 
@@ -163,7 +164,10 @@ def _encode_shared(
     """Every output of one shared-rotation encode of whole blocks (the corrections trimmed)."""
     blocks = x.size // block
     sigmas, packed = np.empty(blocks, np.float32), np.empty(x.size * bits // 8, np.uint8)
-    index, value = np.empty(blocks * (block // 9), np.uint32), np.empty(blocks * (block // 9), np.float32)
+    index, value = (
+        np.empty(outlier_capacity(blocks, block), np.uint32),
+        np.empty(outlier_capacity(blocks, block), np.float32),
+    )
     count = module.encode_shared_table(
         x, bits, block, [5, 6], 7, 3, table, breakpoints, ranks, sigmas, packed, index, value
     )
