@@ -36,6 +36,8 @@ BAD_ARGUMENTS = [
     ("--bits 33", "argument --bits: expected from 1 to 16, got 33"),
     ("--codec rotated --bits 9", "--codec rotated needs --bits 1..8, got 9"),
     ("--codec rotated", "--codec rotated needs --bits 1..8, got None"),
+    ("--broadcast-bits 0", "argument --broadcast-bits: expected from 1 to 16, got 0"),
+    ("--codec rotated --bits 2 --broadcast-bits 12", "--codec rotated needs --broadcast-bits 1..8, got 12"),
     ("--clients-per-round 0", "argument --clients-per-round: expected at least 1, got 0"),
     ("--num-clients 0", "argument --num-clients: expected at least 1, got 0"),
     ("--client-lr -0.1", "argument --client-lr: expected a number above 0.0, got -0.1"),
@@ -114,12 +116,20 @@ def test_runs_are_never_overwritten_silently_and_plots_name_their_settings(
     assert (run / "metrics.csv").read_text() == first  # untouched
     assert main([*arguments, "--output-dir", str(other), "--seed", "1", "--bits", "2", "--codec", "rotated"]) == 0
     out = capsys.readouterr().out
-    assert f"run folder: {other}" in out and f"run saved in {other}" in out and "2-bit rotated" in out
-    assert main([*arguments, "--output-dir", str(run), "--overwrite", "--seed", "2"]) == 0
+    assert f"run folder: {other}" in out and f"run saved in {other}" in out and "2-bit rotated uploads," in out
+    assert main([*arguments, "--output-dir", str(run), "--overwrite", "--seed", "2", "--broadcast-bits", "8"]) == 0
+    assert "uncompressed uploads and 8-bit broadcast" in capsys.readouterr().out
     assert (run / "metrics.csv").read_text() != first
+    # --bits quantizes the uploads alone; --broadcast-bits the model sent as well
+    (uncompressed_uploads, *_), (quantized_uploads, *_) = (_rows(run), _rows(other))
+    exact = int(uncompressed_uploads["aggregate_bits"])  # ten clients' float32 models
+    assert exact > 32 * 10 * sum(w.size for w in _weights(other))
+    assert int(quantized_uploads["broadcast_bits"]) == exact
+    assert int(quantized_uploads["aggregate_bits"]) < exact / 5
+    assert int(uncompressed_uploads["broadcast_bits"]) < exact / 3
     from fastfed.plot import run_labels
 
-    assert run_labels([run, other]) == ["32-bit float, seed 2", "2-bit, rotated, seed 1"]
+    assert run_labels([run, other]) == ["32-bit float, uniform, 8-bit broadcast, seed 2", "2-bit, rotated, seed 1"]
     assert main(["plot", str(run), str(other), "--output", str(tmp_path / "both.png")]) == 0
     assert (tmp_path / "both.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -201,6 +211,23 @@ def test_a_finished_run_extends_with_rounds_and_keeps_its_settings(reference: Pa
     extended = _fastfed("train", "--resume", str(run), "--rounds", "6", "--no-progress")
     assert extended.returncode == 0, extended.stderr[-2000:]
     assert [row["round"] for row in _rows(run)] == ["1", "2", "3", "4", "5", "6"]
+
+
+def test_a_run_saved_before_broadcast_bits_existed_resumes_with_its_broadcast_quantized(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before --broadcast-bits, --bits quantized the model sent too; such a run resumes as it ran."""
+    from fastfed.learning.checkpoint import load_checkpoint, save_checkpoint
+
+    run = tmp_path / "old"
+    assert main(["train", "--rounds", "1", "--no-progress", "--bits", "8", "--output-dir", str(run)]) == 0
+    saved = load_checkpoint(run)
+    old_config = {key: value for key, value in saved.config.items() if key != "broadcast_bits"}
+    save_checkpoint(run, saved.state, seed=saved.seed, metrics_history=saved.metrics_history, config=old_config)
+    assert main(["train", "--resume", str(run), "--rounds", "2", "--no-progress"]) == 0
+    assert "8-bit uniform uploads and 8-bit broadcast" in capsys.readouterr().out
+    first, second = _rows(run)
+    assert int(second["broadcast_bits"]) < int(second["aggregate_bits"]) * 1.01 < int(first["broadcast_bits"])
 
 
 def test_bench_times_fastfed_rounds_in_a_process_of_their_own() -> None:

@@ -100,8 +100,12 @@ def _parser(defaults: bool = True) -> _Parser:
     model.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="seed of everything random")
     model.add_argument("--deterministic", action="store_true", help="deterministic TensorFlow kernels")
     codec = train.add_argument_group("compression")
+    codec.add_argument("--bits", type=_number(int, 1, 16), default=None, help="quantize client uploads to 1..16 bits")
     codec.add_argument(
-        "--bits", type=_number(int, 1, 16), default=None, help="quantize uploads and broadcast to 1..16 bits"
+        "--broadcast-bits",
+        type=_number(int, 1, 16),
+        default=None,
+        help="also quantize the model the server sends (the weights themselves, not a change: keep it at 8 or more)",
     )
     codec.add_argument(
         "--codec",
@@ -176,8 +180,12 @@ def _check_train(args: argparse.Namespace) -> None:
 
     if args.clients_per_round > args.num_clients and args.dataset != "emnist":
         _fail(f"--clients-per-round {args.clients_per_round} is more than --num-clients {args.num_clients}")
-    if args.codec == "rotated" and (args.bits is None or args.bits > 8):
-        _fail(f"--codec rotated needs --bits 1..8, got {args.bits}")
+    if args.codec == "rotated":
+        if args.bits is None and args.broadcast_bits is None:
+            _fail("--codec rotated needs --bits 1..8, got None")
+        for name in ("bits", "broadcast_bits"):
+            if (getattr(args, name) or 0) > 8:
+                _fail(f"--codec rotated needs --{name.replace('_', '-')} 1..8, got {getattr(args, name)}")
     if args.min_clients > args.clients_per_round:
         _fail(f"--min-clients {args.min_clients} is more than --clients-per-round {args.clients_per_round}")
     if args.dataset == "mnist" and not args.data_dir:
@@ -206,6 +214,8 @@ def _resumed(args: argparse.Namespace, given: argparse.Namespace) -> argparse.Na
     except CheckpointError as error:
         _fail(f"--resume {args.resume}: {error}")
     config = dict(saved.config)
+    # Runs saved before --broadcast-bits existed quantized the broadcast with --bits too.
+    config.setdefault("broadcast_bits", config.get("bits"))
     conflicts = [
         f"--{name.replace('_', '-')} {value} (the run has {config.get(name)})"
         for name, value in vars(given).items()
@@ -298,6 +308,7 @@ def train(args: argparse.Namespace, given: argparse.Namespace) -> int:
     clients, test, input_shape = _load_dataset(args)
     quantizer = RotatedQuantizer if args.codec == "rotated" else UniformQuantizer
     codec = quantizer(bits=args.bits, min_size=args.min_size) if args.bits else None
+    broadcast_codec = quantizer(bits=args.broadcast_bits, min_size=args.min_size) if args.broadcast_bits else None
     clipping: float | AdaptiveBound | None = args.clip
     if args.adaptive_clip:
         clipping = AdaptiveBound(initial=args.clip or 1.0, target_quantile=args.adaptive_clip)
@@ -306,7 +317,7 @@ def train(args: argparse.Namespace, given: argparse.Namespace) -> int:
         client_optimizer=lambda: keras.optimizers.SGD(learning_rate=args.client_lr),
         server_optimizer=optimizers.SGD(learning_rate=args.server_lr),
         aggregator=mean_aggregator(codec=codec, clipping=clipping, zeroing=args.zeroing),
-        broadcast_codec=codec,
+        broadcast_codec=broadcast_codec,
         batch_size=args.batch_size,
         local_epochs=args.local_epochs,
         proximal_mu=args.proximal_mu,
@@ -317,9 +328,11 @@ def train(args: argparse.Namespace, given: argparse.Namespace) -> int:
     settings["output_dir"] = str(folder)
     (folder / "config.json").write_text(json.dumps(settings, indent=2, sort_keys=True))
     per_round = min(args.clients_per_round, len(clients))
+    uploads = "uncompressed uploads" if codec is None else f"{args.bits}-bit {args.codec} uploads"
+    broadcast = "" if broadcast_codec is None else f" and {args.broadcast_bits}-bit broadcast"
     print(
         f"fastfed train: {args.dataset}, {len(clients)} clients, {per_round} per round, model {args.model}, "
-        f"{'uncompressed' if codec is None else f'{args.bits}-bit {args.codec}'}, backend {backend()}",
+        f"{uploads}{broadcast}, backend {backend()}",
         flush=True,
     )
 

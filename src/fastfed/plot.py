@@ -22,6 +22,7 @@ _LABELLED = {
     "model": "{}",
     "bits": "{}-bit",
     "codec": "{}",
+    "broadcast_bits": "{}-bit broadcast",
     "clients_per_round": "{} clients/round",
     "local_epochs": "{} epochs",
     "batch_size": "batch {}",
@@ -56,7 +57,7 @@ def run_labels(runs: Sequence[Path]) -> list[str]:
             value = config.get(key)
             if key == "bits" and value is None:
                 parts.append("32-bit float")
-            elif key == "codec" and config.get("bits") is None:
+            elif key == "codec" and config.get("bits") is None and config.get("broadcast_bits") is None:
                 continue  # uncompressed: no codec
             elif value is not None:
                 parts.append(_LABELLED[key].format(value))

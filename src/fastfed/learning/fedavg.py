@@ -60,7 +60,9 @@ class FedAvg:
         likewise a new one on every call.
       server_optimizer: a :mod:`fastfed.optimizers` optimizer; default ``SGD(learning_rate=1.0)``.
       aggregator: :func:`fastfed.mean_aggregator`, optionally with a codec for the uploads.
-      broadcast_codec: a codec for the server-to-client model, or ``None`` (exact).
+      broadcast_codec: a codec for the server-to-client model, or ``None`` (exact). It quantizes the
+        weights themselves, not a change, so below 8 bits it costs accuracy that uploads at the same
+        bits do not.
       broadcast_compression: deprecated name of ``broadcast_codec``, removed in 0.3.
       loss: a Keras loss (object, function or name); default sparse categorical cross-entropy, on
         logits when the model ends in a linear layer and on probabilities when it ends in a softmax
