@@ -333,7 +333,25 @@ void sum_table_groups_inside(const std::uint8_t* const* streams, const float* sc
     constexpr std::size_t kLevels = std::size_t{1} << Bits;
     const std::uint8_t* own[Clients];
     for (std::size_t j = 0; j < Clients; ++j) own[j] = streams[j];
-    for (std::size_t g = 0, t = 0; g < groups; ++g, t = (t + 1) & (rows - 1)) {
+    // kChains groups at a time, one sum each: independent chains of additions for the out-of-order core.
+    constexpr std::size_t kChains = 2;
+    std::size_t g = 0, t = 0;
+    for (; g + kChains <= groups; g += kChains, t = (t + kChains) & (rows - 1)) {
+        next.prefetch(g * Bits, kChains * Bits);
+        const float* chain_rows[kChains];
+        __m256 sums[kChains];
+        for (std::size_t c = 0; c < kChains; ++c) {
+            chain_rows[c] = scaled_group<kLevels>(scaled, Clients, (t + c) & (rows - 1));
+            sums[c] = _mm256_setzero_ps();
+        }
+        for (std::size_t j = 0; j < Clients; ++j)
+            for (std::size_t c = 0; c < kChains; ++c) {
+                const __m256i word = _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float*>(own[j] + (g + c) * Bits)));
+                sums[c] = _mm256_add_ps(sums[c], table_values<Bits>(word, chain_rows[c] + 2 * kLevels * j));
+            }
+        for (std::size_t c = 0; c < kChains; ++c) add_group(acc + 8 * (g + c), sums[c]);
+    }
+    for (; g < groups; ++g, t = (t + 1) & (rows - 1)) {
         next.prefetch(g * Bits, Bits);
         const float* group_rows = scaled_group<kLevels>(scaled, Clients, t);
         __m256 sum = _mm256_setzero_ps();
@@ -407,6 +425,12 @@ struct pair_lanes {
         in_order = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
     }
 
+    // A pair of groups' level bits at `source`, broadcast: 64 bits per 64-bit lane at 4 bits, else 32
+    // per 32-bit lane.
+    FASTFED_TARGET("avx2,avx512f") static __m512i word(const std::uint8_t* source) {
+        return Bits == 4 ? _mm512_broadcastq_epi64(_mm_loadu_si64(source)) : _mm512_broadcastd_epi32(_mm_loadu_si32(source));
+    }
+
     // One client's values of a pair of groups, from the pair's level bits and the client's rows t, t + 1.
     FASTFED_TARGET("avx2,avx512f") __m512 values(__m512i word, const float* own) const {
         // (word >> shift) & (levels - 1) | second_row: the level's entry among both rows.
@@ -434,16 +458,26 @@ void sum_table_pairs_inside(const pair_lanes<Bits>& lanes, const std::uint8_t* c
     constexpr std::size_t kLevels = pair_lanes<Bits>::kLevels;
     const std::uint8_t* own[Clients];
     for (std::size_t j = 0; j < Clients; ++j) own[j] = streams[j];
-    for (std::size_t p = 0, t = 0; p < pairs; ++p, t = (t + 2) & (rows - 1)) {
+    // Two pairs at a time, two sums: independent chains of additions for the out-of-order core.
+    std::size_t p = 0, t = 0;
+    for (; p + 2 <= pairs; p += 2, t = (t + 4) & (rows - 1)) {
+        next.prefetch(2 * p * Bits, 4 * Bits);
+        const float* pair_rows = scaled_group<kLevels>(scaled, Clients, t);
+        const float* next_rows = scaled_group<kLevels>(scaled, Clients, (t + 2) & (rows - 1));
+        __m512 sum = _mm512_setzero_ps(), sum_next = _mm512_setzero_ps();
+        for (std::size_t j = 0; j < Clients; ++j) {
+            sum = _mm512_add_ps(sum, lanes.values(lanes.word(own[j] + 2 * p * Bits), pair_rows + 2 * kLevels * j));
+            sum_next = _mm512_add_ps(sum_next, lanes.values(lanes.word(own[j] + 2 * (p + 1) * Bits), next_rows + 2 * kLevels * j));
+        }
+        lanes.add(acc + 16 * p, sum);
+        lanes.add(acc + 16 * (p + 1), sum_next);
+    }
+    for (; p < pairs; ++p, t = (t + 2) & (rows - 1)) {
         next.prefetch(2 * p * Bits, 2 * Bits);
         const float* pair_rows = scaled_group<kLevels>(scaled, Clients, t);
         __m512 sum = _mm512_setzero_ps();
-        for (std::size_t j = 0; j < Clients; ++j) {
-            const std::uint8_t* source = own[j] + 2 * p * Bits;
-            const __m512i word =
-                Bits == 4 ? _mm512_broadcastq_epi64(_mm_loadu_si64(source)) : _mm512_broadcastd_epi32(_mm_loadu_si32(source));
-            sum = _mm512_add_ps(sum, lanes.values(word, pair_rows + 2 * kLevels * j));
-        }
+        for (std::size_t j = 0; j < Clients; ++j)
+            sum = _mm512_add_ps(sum, lanes.values(lanes.word(own[j] + 2 * p * Bits), pair_rows + 2 * kLevels * j));
         lanes.add(acc + 16 * p, sum);
     }
 }
