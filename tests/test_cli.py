@@ -118,7 +118,7 @@ def test_runs_are_never_overwritten_silently_and_plots_name_their_settings(
     out = capsys.readouterr().out
     assert f"run folder: {other}" in out and f"run saved in {other}" in out and "2-bit rotated uploads," in out
     assert main([*arguments, "--output-dir", str(run), "--overwrite", "--seed", "2", "--broadcast-bits", "8"]) == 0
-    assert "uncompressed uploads and 8-bit broadcast" in capsys.readouterr().out
+    assert "uncompressed uploads and 8-bit uniform broadcast" in capsys.readouterr().out
     assert (run / "metrics.csv").read_text() != first
     # --bits quantizes the uploads alone; --broadcast-bits the model sent as well
     (uncompressed_uploads, *_), (quantized_uploads, *_) = (_rows(run), _rows(other))
@@ -225,7 +225,7 @@ def test_a_run_saved_before_broadcast_bits_existed_resumes_with_its_broadcast_qu
     old_config = {key: value for key, value in saved.config.items() if key != "broadcast_bits"}
     save_checkpoint(run, saved.state, seed=saved.seed, metrics_history=saved.metrics_history, config=old_config)
     assert main(["train", "--resume", str(run), "--rounds", "2", "--no-progress"]) == 0
-    assert "8-bit uniform uploads and 8-bit broadcast" in capsys.readouterr().out
+    assert "8-bit uniform uploads and 8-bit uniform broadcast" in capsys.readouterr().out
     first, second = _rows(run)
     assert int(second["broadcast_bits"]) < int(second["aggregate_bits"]) * 1.01 < int(first["broadcast_bits"])
 

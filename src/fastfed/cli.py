@@ -329,7 +329,7 @@ def train(args: argparse.Namespace, given: argparse.Namespace) -> int:
     (folder / "config.json").write_text(json.dumps(settings, indent=2, sort_keys=True))
     per_round = min(args.clients_per_round, len(clients))
     uploads = "uncompressed uploads" if codec is None else f"{args.bits}-bit {args.codec} uploads"
-    broadcast = "" if broadcast_codec is None else f" and {args.broadcast_bits}-bit broadcast"
+    broadcast = "" if broadcast_codec is None else f" and {args.broadcast_bits}-bit {args.codec} broadcast"
     print(
         f"fastfed train: {args.dataset}, {len(clients)} clients, {per_round} per round, model {args.model}, "
         f"{uploads}{broadcast}, backend {backend()}",
