@@ -4,6 +4,7 @@ Ctrl-C, resuming and extending, plots."""
 from __future__ import annotations
 
 import csv
+import json
 import signal
 import subprocess
 import sys
@@ -35,7 +36,7 @@ BAD_ARGUMENTS = [
     ("--bits 0", "argument --bits: expected from 1 to 16, got 0"),
     ("--bits 33", "argument --bits: expected from 1 to 16, got 33"),
     ("--codec rotated --bits 9", "--codec rotated needs --bits 1..8, got 9"),
-    ("--codec rotated", "--codec rotated needs --bits 1..8, got None"),
+    ("--codec rotated", "--codec rotated needs --bits 1..8 (or --broadcast-bits 1..8), got neither"),
     ("--broadcast-bits 0", "argument --broadcast-bits: expected from 1 to 16, got 0"),
     ("--codec rotated --bits 2 --broadcast-bits 12", "--codec rotated needs --broadcast-bits 1..8, got 12"),
     ("--clients-per-round 0", "argument --clients-per-round: expected at least 1, got 0"),
@@ -129,9 +130,31 @@ def test_runs_are_never_overwritten_silently_and_plots_name_their_settings(
     assert int(uncompressed_uploads["broadcast_bits"]) < exact / 3
     from fastfed.plot import run_labels
 
-    assert run_labels([run, other]) == ["32-bit float, uniform, 8-bit broadcast, seed 2", "2-bit, rotated, seed 1"]
+    assert run_labels([run, other]) == [
+        "32-bit float, uniform, 8-bit broadcast, seed 2",
+        "2-bit, rotated, exact broadcast, seed 1",
+    ]
     assert main(["plot", str(run), str(other), "--output", str(tmp_path / "both.png")]) == 0
     assert (tmp_path / "both.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_labels_name_the_broadcast_and_read_runs_saved_before_broadcast_bits(tmp_path: Path) -> None:
+    from fastfed.plot import run_labels
+
+    settings = {"dataset": "digits", "model": "mlp", "codec": "uniform", "seed": 0}
+    runs = {
+        "old": {**settings, "bits": 8},  # saved before --broadcast-bits: --bits quantized the broadcast too
+        "uploads": {**settings, "bits": 8, "broadcast_bits": None},
+        "both": {**settings, "bits": 8, "broadcast_bits": 8},
+    }
+    for name, config in runs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    old, uploads, both = (tmp_path / name for name in runs)
+    assert run_labels([old, uploads]) == ["8-bit broadcast", "exact broadcast"]
+    assert run_labels([uploads]) == ["digits, mlp, 8-bit"]
+    assert run_labels([both]) == ["digits, mlp, 8-bit, 8-bit broadcast"]
+    assert run_labels([old, both]) == [f"digits, mlp, 8-bit, 8-bit broadcast ({name})" for name in ("old", "both")]
 
 
 def _train_command(run: Path, *extra: str) -> list[str]:

@@ -182,7 +182,7 @@ def _check_train(args: argparse.Namespace) -> None:
         _fail(f"--clients-per-round {args.clients_per_round} is more than --num-clients {args.num_clients}")
     if args.codec == "rotated":
         if args.bits is None and args.broadcast_bits is None:
-            _fail("--codec rotated needs --bits 1..8, got None")
+            _fail("--codec rotated needs --bits 1..8 (or --broadcast-bits 1..8), got neither")
         for name in ("bits", "broadcast_bits"):
             if (getattr(args, name) or 0) > 8:
                 _fail(f"--codec rotated needs --{name.replace('_', '-')} 1..8, got {getattr(args, name)}")
@@ -213,9 +213,7 @@ def _resumed(args: argparse.Namespace, given: argparse.Namespace) -> argparse.Na
         saved = load_checkpoint(folder)
     except CheckpointError as error:
         _fail(f"--resume {args.resume}: {error}")
-    config = dict(saved.config)
-    # Runs saved before --broadcast-bits existed quantized the broadcast with --bits too.
-    config.setdefault("broadcast_bits", config.get("bits"))
+    config = saved_settings(saved.config)
     conflicts = [
         f"--{name.replace('_', '-')} {value} (the run has {config.get(name)})"
         for name, value in vars(given).items()
@@ -231,6 +229,14 @@ def _resumed(args: argparse.Namespace, given: argparse.Namespace) -> argparse.Na
         _fail(f"--resume {args.resume}: the run has {saved.round} rounds; --rounds {args.rounds} cannot extend it")
     resumed.output_dir, resumed.resume = args.resume, args.resume
     return resumed
+
+
+def saved_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """A saved run's settings as this version reads them: runs saved before ``--broadcast-bits``
+    existed quantized the broadcast with ``--bits`` too."""
+    if "bits" in config and "broadcast_bits" not in config:
+        return {**config, "broadcast_bits": config["bits"]}
+    return dict(config)
 
 
 def _load_dataset(args: argparse.Namespace) -> tuple[Any, tuple[np.ndarray, np.ndarray], tuple[int, ...]]:

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .cli import saved_settings
+
 __all__ = ["plot_runs", "run_labels"]
 
 # Settings worth naming in a legend, in order, and how.
@@ -42,14 +44,17 @@ def _config(run: Path) -> dict[str, Any]:
         loaded = json.loads((run / "config.json").read_text())
     except (OSError, ValueError):
         return {}
-    return loaded if isinstance(loaded, dict) else {}
+    return saved_settings(loaded) if isinstance(loaded, dict) else {}
 
 
 def run_labels(runs: Sequence[Path]) -> list[str]:
-    """A legend entry per run: the settings on which the runs differ (dataset, model and bits for one run)."""
+    """A legend entry per run: the settings on which the runs differ (for one run: dataset, model, bits,
+    and a quantized broadcast's bits)."""
     configs = [_config(run) for run in runs]
     differing = [key for key in _LABELLED if len({json.dumps(c.get(key)) for c in configs}) > 1]
     keys = differing or [key for key in ("dataset", "model", "bits") if any(key in c for c in configs)]
+    if not differing and any(c.get("broadcast_bits") is not None for c in configs):
+        keys.append("broadcast_bits")
     labels = []
     for run, config in zip(runs, configs):
         parts = []
@@ -57,6 +62,8 @@ def run_labels(runs: Sequence[Path]) -> list[str]:
             value = config.get(key)
             if key == "bits" and value is None:
                 parts.append("32-bit float")
+            elif key == "broadcast_bits" and value is None:
+                parts.append("exact broadcast")
             elif key == "codec" and config.get("bits") is None and config.get("broadcast_bits") is None:
                 continue  # uncompressed: no codec
             elif value is not None:
