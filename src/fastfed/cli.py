@@ -203,6 +203,7 @@ def _check_train(args: argparse.Namespace) -> None:
 def _resumed(args: argparse.Namespace, given: argparse.Namespace) -> argparse.Namespace:
     """The saved run's settings, with the few a resumed run may change; raises UsageError on conflicts."""
     from .learning.checkpoint import CheckpointError, load_checkpoint
+    from .plot import saved_settings
 
     folder = Path(args.resume)
     if not folder.is_dir():
@@ -229,14 +230,6 @@ def _resumed(args: argparse.Namespace, given: argparse.Namespace) -> argparse.Na
         _fail(f"--resume {args.resume}: the run has {saved.round} rounds; --rounds {args.rounds} cannot extend it")
     resumed.output_dir, resumed.resume = args.resume, args.resume
     return resumed
-
-
-def saved_settings(config: dict[str, Any]) -> dict[str, Any]:
-    """A saved run's settings as this version reads them: runs saved before ``--broadcast-bits``
-    existed quantized the broadcast with ``--bits`` too."""
-    if "bits" in config and "broadcast_bits" not in config:
-        return {**config, "broadcast_bits": config["bits"]}
-    return dict(config)
 
 
 def _load_dataset(args: argparse.Namespace) -> tuple[Any, tuple[np.ndarray, np.ndarray], tuple[int, ...]]:

@@ -14,8 +14,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .cli import saved_settings
-
 __all__ = ["plot_runs", "run_labels"]
 
 # Settings worth naming in a legend, in order, and how.
@@ -37,6 +35,14 @@ _LABELLED = {
     "zeroing": "zeroing {}",
     "seed": "seed {}",
 }
+
+
+def saved_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """A ``fastfed train`` run's saved settings as this version reads them (also for ``--resume``):
+    runs saved before ``--broadcast-bits`` existed quantized the broadcast with ``--bits`` too."""
+    if "bits" in config and "broadcast_bits" not in config:
+        return {**config, "broadcast_bits": config["bits"]}
+    return dict(config)
 
 
 def _config(run: Path) -> dict[str, Any]:
