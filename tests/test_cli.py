@@ -67,6 +67,13 @@ def test_bad_arguments_fail_in_one_line_before_tensorflow_loads(tmp_path: Path, 
     assert time.perf_counter() - started < 5  # TensorFlow alone takes longer to import
 
 
+def test_bench_refuses_an_output_it_cannot_write_before_measuring(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    completed = _fastfed("bench", "--quick", "--output", str(tmp_path / "file"))
+    assert completed.returncode == 2 and completed.stdout == ""
+    assert completed.stderr.strip() == f"fastfed bench: cannot write to {tmp_path / 'file'}: File exists"
+
+
 def test_version_and_help_show_defaults() -> None:
     from importlib.metadata import version
 

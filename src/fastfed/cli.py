@@ -139,7 +139,7 @@ def _parser(defaults: bool = True) -> _Parser:
     plot.add_argument("--output", default=None, help="PNG path (default: metrics.png in the first run)")
     plot.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
     bench = commands.add_parser("bench", help="benchmark fastfed against its baselines")
-    bench.add_argument("--quick", action="store_true", help="smaller workloads: about 30 seconds on 2 cores")
+    bench.add_argument("--quick", action="store_true", help="fewer repeats: about a minute on 2 cores")
     bench.add_argument("--output", default="fastfed-bench", help="folder for the JSON and PNG results")
     bench.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
     if not defaults:
@@ -149,11 +149,11 @@ def _parser(defaults: bool = True) -> _Parser:
     return parser
 
 
-def _fail(message: str) -> NoReturn:
-    raise UsageError(f"fastfed train: {message}")
+def _fail(message: str, command: str = "train") -> NoReturn:
+    raise UsageError(f"fastfed {command}: {message}")
 
 
-def _check_writable(folder: Path) -> None:
+def _check_writable(folder: Path, command: str = "train") -> None:
     """Creates ``folder`` if needed and proves it writable, before hours of training depend on it."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -161,7 +161,7 @@ def _check_writable(folder: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
-        _fail(f"cannot write to {folder}: {error.strerror or error}")
+        _fail(f"cannot write to {folder}: {error.strerror or error}", command)
 
 
 def _default_run_dir(args: argparse.Namespace) -> Path:
@@ -388,6 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         from .bench import run_benchmarks
 
+        _check_writable(Path(args.output), "bench")  # before minutes of measuring depend on it
         return run_benchmarks(quick=args.quick, output=Path(args.output))
     except UsageError as error:
         print(error, file=sys.stderr)
