@@ -294,14 +294,25 @@ def test_shared_encode_rebuilds_its_kept_tables_for_another_codebook() -> None:
 
 
 @pytest.mark.parametrize("level", _supported())
-def test_crc32_equals_zlib_for_every_length_and_alignment(level: str) -> None:
+def test_crc32_equals_zlib_for_every_length_alignment_and_folding_method(level: str) -> None:
+    """Every way this CPU folds at the level (not only the widest, which crc32 picks), so that the
+    narrower ones, which other CPUs run, are checked here too."""
     data = np.random.default_rng(3).integers(0, 256, 5_000, dtype=np.uint8).tobytes()
     with isa(level):
+        methods = _core().crc32_methods()
+        assert methods[0] == "tables" and ("pclmul" in methods) == (level != "baseline")
         for length in [*range(0, 600), 1_023, 4_096, 4_999]:
             for start in (0, 1, 7):
                 piece = data[start : start + length]
                 assert _core().crc32(piece) == zlib.crc32(piece), (level, length, start)
-                assert _core().crc32(piece, 0xDEADBEEF) == zlib.crc32(piece, 0xDEADBEEF), (level, length, start)
+                for method in methods:
+                    expected = zlib.crc32(piece, 0xDEADBEEF)
+                    assert _core().crc32_using(piece, 0xDEADBEEF, method) == expected, (level, method, length, start)
+
+
+def test_crc32_refuses_a_folding_method_the_level_cannot_run() -> None:
+    with isa("baseline"), pytest.raises(ValueError, match="method 'pclmul' is not one this CPU runs \\('tables'\\)"):
+        _core().crc32_using(b"x" * 100, 0, "pclmul")
 
 
 def test_crc32_of_large_buffers_is_combined_from_parallel_chunks() -> None:

@@ -29,7 +29,8 @@ namespace fastfed {
 
 // Ordered: each level includes the ones before it.
 //   baseline: SSE2 and table-driven CRC-32.
-//   avx2:     AVX2 kernels and PCLMULQDQ CRC-32 folding.
+//   avx2:     AVX2 kernels and PCLMULQDQ CRC-32 folding (VPCLMULQDQ on 256-bit registers where
+//             the CPU has it, as AMD Zen 3 and Intel client cores do).
 //   avx512:   additionally AVX-512 VPCLMULQDQ CRC-32 folding, 64 bytes per instruction,
 //             AVX-512DQ random numbers (64-bit multiplies) for stochastic rounding, and
 //             wider table lookups for the shared-rotation encode and mean.

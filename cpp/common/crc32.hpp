@@ -4,13 +4,26 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
+#include <vector>
 
 namespace fastfed {
 
-// The CRC-32 of data[0, n) continued from `crc` (0 starts a new checksum). Folds 64 bytes per
-// step with carry-less multiplication where the CPU has it (Gopal et al. 2009, "Fast CRC
+// The CRC-32 of data[0, n) continued from `crc` (0 starts a new checksum). Folds 64 to 256 bytes
+// per step with carry-less multiplication where the CPU has it (Gopal et al. 2009, "Fast CRC
 // Computation for Generic Polynomials Using PCLMULQDQ Instruction"), else slice-by-8 tables.
 std::uint32_t crc32_update(std::uint32_t crc, const std::uint8_t* data, std::size_t n);
+
+// How crc32_update folds, narrowest first: slice-by-8 tables; PCLMULQDQ on 128-bit registers;
+// VPCLMULQDQ on 256-bit registers (AVX2 CPUs that have it); on 512-bit registers (AVX-512).
+enum class crc32_method { tables = 0, pclmul = 1, vpclmul256 = 2, vpclmul512 = 3 };
+
+// The methods this CPU can run at the active instruction set, narrowest first; crc32_update
+// uses the last. The named overload runs one of them (std::invalid_argument for any other), so
+// that tests check each against zlib on any machine.
+std::vector<crc32_method> crc32_methods();
+std::string crc32_method_name(crc32_method method);
+std::uint32_t crc32_update(std::uint32_t crc, const std::uint8_t* data, std::size_t n, crc32_method method);
 
 // crc32(a + b) from crc32(a), crc32(b) and len(b), as zlib's crc32_combine: crc(a) is moved
 // past len(b) bytes by multiplying with x^(8 len(b)) modulo the polynomial.
