@@ -318,6 +318,11 @@ inline __m256 table_values(__m256i word, const float* own) {
     return _mm256_permutevar8x32_ps(_mm256_loadu_ps(own), _mm256_and_si256(shifted, _mm256_set1_epi32((1 << Bits) - 1)));
 }
 
+// A group's level bits, the four bytes at `source` broadcast to every lane.
+FASTFED_TARGET("avx2") inline __m256i level_word(const std::uint8_t* source) {
+    return _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float*>(source)));
+}
+
 // acc[0, 8) += the float32 sum of eight values.
 FASTFED_TARGET("avx2") inline void add_group(double* acc, __m256 sum) {
     _mm256_storeu_pd(acc, _mm256_add_pd(_mm256_loadu_pd(acc), _mm256_cvtps_pd(_mm256_castps256_ps128(sum))));
@@ -333,32 +338,26 @@ void sum_table_groups_inside(const std::uint8_t* const* streams, const float* sc
     constexpr std::size_t kLevels = std::size_t{1} << Bits;
     const std::uint8_t* own[Clients];
     for (std::size_t j = 0; j < Clients; ++j) own[j] = streams[j];
-    // kChains groups at a time, one sum each: independent chains of additions for the out-of-order core.
-    constexpr std::size_t kChains = 2;
+    // Two groups at a time, two sums: independent chains of additions for the out-of-order core.
     std::size_t g = 0, t = 0;
-    for (; g + kChains <= groups; g += kChains, t = (t + kChains) & (rows - 1)) {
-        next.prefetch(g * Bits, kChains * Bits);
-        const float* chain_rows[kChains];
-        __m256 sums[kChains];
-        for (std::size_t c = 0; c < kChains; ++c) {
-            chain_rows[c] = scaled_group<kLevels>(scaled, Clients, (t + c) & (rows - 1));
-            sums[c] = _mm256_setzero_ps();
+    for (; g + 2 <= groups; g += 2, t = (t + 2) & (rows - 1)) {
+        next.prefetch(g * Bits, 2 * Bits);
+        const float* group_rows = scaled_group<kLevels>(scaled, Clients, t);
+        const float* next_rows = scaled_group<kLevels>(scaled, Clients, (t + 1) & (rows - 1));
+        __m256 sum = _mm256_setzero_ps(), sum_next = _mm256_setzero_ps();
+        for (std::size_t j = 0; j < Clients; ++j) {
+            sum = _mm256_add_ps(sum, table_values<Bits>(level_word(own[j] + g * Bits), group_rows + 2 * kLevels * j));
+            sum_next = _mm256_add_ps(sum_next, table_values<Bits>(level_word(own[j] + (g + 1) * Bits), next_rows + 2 * kLevels * j));
         }
-        for (std::size_t j = 0; j < Clients; ++j)
-            for (std::size_t c = 0; c < kChains; ++c) {
-                const __m256i word = _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float*>(own[j] + (g + c) * Bits)));
-                sums[c] = _mm256_add_ps(sums[c], table_values<Bits>(word, chain_rows[c] + 2 * kLevels * j));
-            }
-        for (std::size_t c = 0; c < kChains; ++c) add_group(acc + 8 * (g + c), sums[c]);
+        add_group(acc + 8 * g, sum);
+        add_group(acc + 8 * (g + 1), sum_next);
     }
     for (; g < groups; ++g, t = (t + 1) & (rows - 1)) {
         next.prefetch(g * Bits, Bits);
         const float* group_rows = scaled_group<kLevels>(scaled, Clients, t);
         __m256 sum = _mm256_setzero_ps();
-        for (std::size_t j = 0; j < Clients; ++j) {
-            const __m256i word = _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float*>(own[j] + g * Bits)));
-            sum = _mm256_add_ps(sum, table_values<Bits>(word, group_rows + 2 * kLevels * j));
-        }
+        for (std::size_t j = 0; j < Clients; ++j)
+            sum = _mm256_add_ps(sum, table_values<Bits>(level_word(own[j] + g * Bits), group_rows + 2 * kLevels * j));
         add_group(acc + 8 * g, sum);
     }
 }

@@ -2,7 +2,9 @@
 
 #include <array>
 #include <cstring>
+#include <iterator>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "cpu.hpp"
@@ -187,6 +189,10 @@ std::uint32_t shift_by_bytes(std::size_t n) {
     return result;
 }
 
+// How crc32_update folds, narrowest first, and the methods' names (crc32_methods).
+enum class crc32_method { tables, pclmul, vpclmul256, vpclmul512 };
+constexpr const char* kMethodNames[] = {"tables", "pclmul", "vpclmul256", "vpclmul512"};
+
 // The widest folding method the active instruction set allows on this CPU.
 crc32_method widest_method() {
     const isa level = active_isa();
@@ -213,22 +219,17 @@ std::uint32_t update(crc32_method method, std::uint32_t state, const std::uint8_
 
 }  // namespace
 
-std::vector<crc32_method> crc32_methods() {
-    std::vector<crc32_method> methods;
-    for (int method = 0; method <= static_cast<int>(widest_method()); ++method) methods.push_back(static_cast<crc32_method>(method));
-    return methods;
+std::vector<std::string> crc32_methods() {
+    return {std::begin(kMethodNames), std::begin(kMethodNames) + static_cast<int>(widest_method()) + 1};
 }
 
-std::string crc32_method_name(crc32_method method) {
-    static const char* const names[] = {"tables", "pclmul", "vpclmul256", "vpclmul512"};
-    return names[static_cast<int>(method)];
-}
-
-std::uint32_t crc32_update(std::uint32_t crc, const std::uint8_t* data, std::size_t n, crc32_method method) {
-    if (method > widest_method())
-        throw std::invalid_argument("crc32: this CPU, at instruction set '" + isa_name(active_isa()) + "', cannot fold with '" +
-                                    crc32_method_name(method) + "'");
-    return ~update(method, ~crc, data, n);
+std::uint32_t crc32_update(std::uint32_t crc, const std::uint8_t* data, std::size_t n, const std::string& method) {
+    const std::vector<std::string> methods = crc32_methods();
+    for (std::size_t index = 0; index < methods.size(); ++index)
+        if (methods[index] == method) return ~update(static_cast<crc32_method>(index), ~crc, data, n);
+    std::string names;
+    for (const std::string& name : methods) names += (names.empty() ? "'" : ", '") + name + "'";
+    throw std::invalid_argument("crc32: method '" + method + "' is not one this CPU runs (" + names + ")");
 }
 
 std::uint32_t crc32_update(std::uint32_t crc, const std::uint8_t* data, std::size_t n) { return ~update(widest_method(), ~crc, data, n); }

@@ -14,16 +14,12 @@ namespace fastfed {
 // Computation for Generic Polynomials Using PCLMULQDQ Instruction"), else slice-by-8 tables.
 std::uint32_t crc32_update(std::uint32_t crc, const std::uint8_t* data, std::size_t n);
 
-// How crc32_update folds, narrowest first: slice-by-8 tables; PCLMULQDQ on 128-bit registers;
-// VPCLMULQDQ on 256-bit registers (AVX2 CPUs that have it); on 512-bit registers (AVX-512).
-enum class crc32_method { tables = 0, pclmul = 1, vpclmul256 = 2, vpclmul512 = 3 };
-
-// The methods this CPU can run at the active instruction set, narrowest first; crc32_update
-// uses the last. The named overload runs one of them (std::invalid_argument for any other), so
-// that tests check each against zlib on any machine.
-std::vector<crc32_method> crc32_methods();
-std::string crc32_method_name(crc32_method method);
-std::uint32_t crc32_update(std::uint32_t crc, const std::uint8_t* data, std::size_t n, crc32_method method);
+// How crc32_update can fold on this CPU at the active instruction set, narrowest first, by name:
+// "tables" (slice-by-8), "pclmul" (128-bit registers), "vpclmul256" (AVX2 CPUs that have VPCLMULQDQ),
+// "vpclmul512" (AVX-512); crc32_update uses the last. The named overload folds with one of them
+// (std::invalid_argument for any other), so that tests check each against zlib on any machine.
+std::vector<std::string> crc32_methods();
+std::uint32_t crc32_update(std::uint32_t crc, const std::uint8_t* data, std::size_t n, const std::string& method);
 
 // crc32(a + b) from crc32(a), crc32(b) and len(b), as zlib's crc32_combine: crc(a) is moved
 // past len(b) bytes by multiplying with x^(8 len(b)) modulo the polynomial.
