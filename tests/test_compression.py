@@ -554,6 +554,24 @@ def test_rotated_round_trip_every_bit_width(shared: bool, backend: str) -> None:
         assert error < (1.6 if shared else 0.6) * 0.27 ** (bits - 1)
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_rotated_float16_means_saturate_as_decoding_does(shared: bool) -> None:
+    # Values at float16's edge: quantization error carries some past 65504, which decoding clips; the
+    # one-pass mean (and the mixed route, a raw client beside) must not round them to infinity.
+    rng = np.random.default_rng(3)
+    codec = RotatedQuantizer(1, shared_rotation=shared, min_size=0)
+    updates = [[(65504 - 10 * rng.random(5000)).astype(np.float16)] for _ in range(3)]
+    payloads = [encode(update, codec, seed=k, rotation_seed=5) for k, update in enumerate(updates)]
+    decoded = [decode(payload)[0] for payload in payloads]
+    assert all(np.isfinite(values).all() for values in decoded)
+    assert max(float(values.max()) for values in decoded) == 65504  # clipped there
+    (mean,) = fastfed.weighted_mean_encoded(payloads, [1, 2, 3])
+    (mixed,) = fastfed.weighted_mean_encoded([*payloads, encode(updates[0], None)], [1, 2, 3, 1])
+    for result in (mean, mixed):
+        assert result.dtype == np.float16 and np.isfinite(result).all()
+        assert float(result.max()) == 65504
+
+
 def test_payloads_of_version_one_still_decode(backend: str) -> None:
     # Written by fastfed before the rotated codecs: UniformQuantizer(bits=3, min_size=0, rotate=True,
     # rotation_chunk=32) on linspace(-1, 1, 64) as 8 x 8, and arange(3) as int16, seed 7.

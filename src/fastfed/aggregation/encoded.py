@@ -39,6 +39,7 @@ from ..compression.wire import (
     parse,
     parse_structure,
     raw_view,
+    saturate_float16,
     scales_valid,
     stored_checksum,
     table_layout,
@@ -155,6 +156,13 @@ def _in_one_pass(entry: Entry) -> bool:
     return entry.codec in (CODEC_RAW, *ROTATED_CODECS) or entry.block == 0
 
 
+def _cast_rotated(mean: np.ndarray, spec: LayerSpec) -> np.ndarray:
+    """:func:`cast_to_layer` for a mean that rotated tensors take part in: a float16 layer saturates at
+    float16's range, as decoding each tensor does (``Entry.decode``), where the cast would round a mean
+    near the range's edge to infinity."""
+    return cast_to_layer(saturate_float16(mean) if spec.dtype == np.float16 else mean, spec)
+
+
 def _mean_of_column(column: list[Entry], weights: np.ndarray, total: float, spec: LayerSpec) -> np.ndarray:
     """The weighted mean of one layer over clients' verified entries, by the fastest exact route."""
     first = column[0]
@@ -174,7 +182,7 @@ def _mean_of_column(column: list[Entry], weights: np.ndarray, total: float, spec
     acc = np.zeros(spec.size, dtype=np.float64)  # mixed codecs or rotated tensors: one client at a time
     for entry, weight in zip(column, weights):
         accumulate_entry(acc, entry, float(weight))
-    return cast_to_layer(acc / total, spec)
+    return _cast_rotated(acc / total, spec)
 
 
 def _continue_checksums(
@@ -232,7 +240,7 @@ def _mean_of_rotated(
     accumulate = kernels().quantize.accumulate_rotated
     for levels, scales, seed, weight in zip(column.levels, column.scales, seeds.tolist(), weights.tolist()):
         accumulate(levels, entry.bits, entry.block, eden_keys(seed), magnitudes, scales, weight, acc)
-    return cast_to_layer(acc / total, spec)
+    return _cast_rotated(acc / total, spec)
 
 
 def _mean_of_shared_rotation(
@@ -275,7 +283,7 @@ def _mean_of_shared_rotation(
         raise bad_corrections(bad)
     mean = np.empty(entry.count, dtype=np.float32)
     kernels().rotate.unrotate_blocks(rotated, entry.block, [stream_key(entry.rotation_seed, STREAM_SIGNS)], mean)
-    return cast_to_layer(mean, spec)
+    return _cast_rotated(mean, spec)
 
 
 def _dither_offsets(coefficients: np.ndarray, rows: np.ndarray, n_rows: int, low: float, step: float) -> np.ndarray:

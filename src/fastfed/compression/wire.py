@@ -147,9 +147,8 @@ class Entry:
             flat = decode_rotated(
                 self.bits, self.count, self.block, self.seed, shared, self.scales(), self.levels(), self.corrections()
             )
-            if self.dtype == np.float16:  # saturate: quantization error must not carry a value past float16's range
-                float16_max = float(np.finfo(np.float16).max)
-                np.clip(flat, -float16_max, float16_max, out=flat)
+            if self.dtype == np.float16:
+                saturate_float16(flat)
         else:
             flat = dequantize_tensor(
                 self.data, self.count, self.bits, self.minimum, self.maximum, self.block, self.padded, self.seed
@@ -158,6 +157,15 @@ class Entry:
 
 
 SCALES_PROBLEM = "block scales must be finite, non-negative and at most 2^100"
+
+
+def saturate_float16(values: np.ndarray) -> np.ndarray:
+    """Clips finite ``values`` to float16's range, in place: a rotated float16 tensor decodes with
+    quantization error that can carry a value near the range's edge past it, and neither the decoded
+    tensor nor a mean of such tensors may round that to infinity."""
+    largest = float(np.finfo(np.float16).max)
+    np.clip(values, -largest, largest, out=values, where=np.isfinite(values))
+    return values
 
 
 def scales_valid(scales: np.ndarray) -> np.ndarray:
