@@ -555,21 +555,27 @@ def test_rotated_round_trip_every_bit_width(shared: bool, backend: str) -> None:
 
 
 @pytest.mark.parametrize("shared", [False, True])
-def test_rotated_float16_means_saturate_as_decoding_does(shared: bool) -> None:
-    # Values at float16's edge: quantization error carries some past 65504, which decoding clips; the
-    # one-pass mean (and the mixed route, a raw client beside) must not round them to infinity.
+def test_rotated_float16_means_are_means_of_the_saturated_decodes(shared: bool) -> None:
+    # Values at float16's edge: quantization error carries some past 65504, where decoding a payload
+    # saturates. Every route to a mean averages those decoded values, so none rounds to infinity and
+    # none depends on which route it took (a zero-weight raw client changes the route, not the mean).
     rng = np.random.default_rng(3)
     codec = RotatedQuantizer(1, shared_rotation=shared, min_size=0)
     updates = [[(65504 - 10 * rng.random(5000)).astype(np.float16)] for _ in range(3)]
     payloads = [encode(update, codec, seed=k, rotation_seed=5) for k, update in enumerate(updates)]
-    decoded = [decode(payload)[0] for payload in payloads]
-    assert all(np.isfinite(values).all() for values in decoded)
-    assert max(float(values.max()) for values in decoded) == 65504  # clipped there
+    decoded = [decode(payload) for payload in payloads]
+    assert max(float(values.max()) for (values,) in decoded) == 65504  # saturated there
     (mean,) = fastfed.weighted_mean_encoded(payloads, [1, 2, 3])
-    (mixed,) = fastfed.weighted_mean_encoded([*payloads, encode(updates[0], None)], [1, 2, 3, 1])
-    for result in (mean, mixed):
-        assert result.dtype == np.float16 and np.isfinite(result).all()
-        assert float(result.max()) == 65504
+    (rerouted,) = fastfed.weighted_mean_encoded([*payloads, encode([np.zeros(5000, np.float16)], None)], [1, 2, 3, 0])
+    streamed, of_decoded = fastfed.Accumulator(), fastfed.Accumulator()
+    for payload, values, weight in zip(payloads, decoded, [1, 2, 3]):
+        streamed.add_encoded(payload, weight)
+        of_decoded.add(values, weight)
+    (expected,) = fastfed.weighted_mean(decoded, [1, 2, 3])
+    assert mean.dtype == np.float16 and np.isfinite(mean).all()
+    np.testing.assert_array_equal(rerouted, mean)
+    np.testing.assert_array_equal(streamed.result()[0], of_decoded.result()[0])
+    np.testing.assert_allclose(mean.astype(np.float64), expected.astype(np.float64), rtol=0, atol=32)  # a float16 step
 
 
 def test_payloads_of_version_one_still_decode(backend: str) -> None:

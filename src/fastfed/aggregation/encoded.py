@@ -39,13 +39,13 @@ from ..compression.wire import (
     parse,
     parse_structure,
     raw_view,
-    saturate_float16,
     scales_valid,
     stored_checksum,
     table_layout,
 )
 from ..errors import DecodeError
 from .layers import (
+    AllNonFinite,
     LayerSpec,
     NonFinite,
     Screened,
@@ -79,12 +79,12 @@ def accumulate_entry(acc: np.ndarray, entry: Entry, weight: float) -> None:
     elif entry.codec == CODEC_UNIFORM and entry.block == 0:
         step = dequantization_step(entry.bits, entry.minimum, entry.maximum)
         kernels().quantize.unpack_dequantize_accumulate(entry.data, entry.bits, entry.minimum, step, weight, acc)
-    elif entry.codec == CODEC_ROTATED:
+    elif entry.codec == CODEC_ROTATED and entry.dtype != np.float16:
         magnitudes = eden_codebook(entry.bits)[1]
         kernels().quantize.accumulate_rotated(
             entry.levels(), entry.bits, entry.block, eden_keys(entry.seed), magnitudes, entry.scales(), weight, acc
         )
-    else:  # a rotation mixes whole blocks, so rotated tensors are decoded first
+    else:  # a rotation mixes whole blocks, so rotated tensors are decoded first (float16 ones saturated)
         kernels().aggregate.accumulate(acc, entry.decode().astype(np.float32, copy=False).reshape(-1), weight)
 
 
@@ -152,15 +152,12 @@ def _mean_of_levels(
 
 
 def _in_one_pass(entry: Entry) -> bool:
-    """Whether the one-pass mean reads this kind of tensor (uniform rotation takes the verify-first path)."""
-    return entry.codec in (CODEC_RAW, *ROTATED_CODECS) or entry.block == 0
-
-
-def _cast_rotated(mean: np.ndarray, spec: LayerSpec) -> np.ndarray:
-    """:func:`cast_to_layer` for a mean that rotated tensors take part in: a float16 layer saturates at
-    float16's range, as decoding each tensor does (``Entry.decode``), where the cast would round a mean
-    near the range's edge to infinity."""
-    return cast_to_layer(saturate_float16(mean) if spec.dtype == np.float16 else mean, spec)
+    """Whether the one-pass mean reads this kind of tensor. Uniform rotated tensors take the verify-first
+    path, and so do rotated float16 tensors: each client's decoded values saturate at float16's range
+    (``Entry.decode``), which a sum in the rotated domain cannot do, and the mean must be theirs."""
+    if entry.codec in ROTATED_CODECS:
+        return entry.dtype != np.float16
+    return entry.codec == CODEC_RAW or entry.block == 0
 
 
 def _mean_of_column(column: list[Entry], weights: np.ndarray, total: float, spec: LayerSpec) -> np.ndarray:
@@ -182,7 +179,7 @@ def _mean_of_column(column: list[Entry], weights: np.ndarray, total: float, spec
     acc = np.zeros(spec.size, dtype=np.float64)  # mixed codecs or rotated tensors: one client at a time
     for entry, weight in zip(column, weights):
         accumulate_entry(acc, entry, float(weight))
-    return _cast_rotated(acc / total, spec)
+    return cast_to_layer(acc / total, spec)
 
 
 def _continue_checksums(
@@ -240,7 +237,7 @@ def _mean_of_rotated(
     accumulate = kernels().quantize.accumulate_rotated
     for levels, scales, seed, weight in zip(column.levels, column.scales, seeds.tolist(), weights.tolist()):
         accumulate(levels, entry.bits, entry.block, eden_keys(seed), magnitudes, scales, weight, acc)
-    return _cast_rotated(acc / total, spec)
+    return cast_to_layer(acc / total, spec)
 
 
 def _mean_of_shared_rotation(
@@ -283,7 +280,7 @@ def _mean_of_shared_rotation(
         raise bad_corrections(bad)
     mean = np.empty(entry.count, dtype=np.float32)
     kernels().rotate.unrotate_blocks(rotated, entry.block, [stream_key(entry.rotation_seed, STREAM_SIGNS)], mean)
-    return _cast_rotated(mean, spec)
+    return cast_to_layer(mean, spec)
 
 
 def _dither_offsets(coefficients: np.ndarray, rows: np.ndarray, n_rows: int, low: float, step: float) -> np.ndarray:
@@ -484,7 +481,9 @@ def screened_mean_encoded(
             weight_values[k] = 0.0
         skipped += sorted(culprits)
         if not any(weight_values):
-            raise ValueError(f"every client with a positive weight holds NaN or infinity (clients {sorted(skipped)})")
+            everyone = sorted(skipped)
+            message = f"every client with a positive weight holds NaN or infinity (clients {everyone})"
+            raise AllNonFinite(message, everyone)
 
 
 def _mean_of_encoded(buffers: list[memoryview], weight_values: list[float], template: list[Entry]) -> list[np.ndarray]:
