@@ -143,6 +143,11 @@ def test_zero_weight_clients_do_not_contribute_even_if_non_finite() -> None:
         ([[np.array(["a", "b"])]], [1], TypeError, "client 0, layer 0: dtype <U1 cannot be averaged"),
         ([[np.array([object(), 1])]], [1], TypeError, "client 0, layer 0: dtype object"),
         ([[np.ones(2)], [np.array([True, False])]], [1, 1], TypeError, "client 1, layer 0: dtype bool"),
+        *(  # long double, where it is wider than float64
+            [([[np.ones(2)], [np.ones(2, np.longdouble)]], [1, 1], TypeError, "client 1, layer 0: dtype float128")]
+            if np.dtype(np.longdouble).itemsize > 8
+            else []
+        ),
         ([[np.ones(2)], np.ones(2)], [1, 1], TypeError, "client 1: expected a list of arrays"),
         ([[np.ones(2)]], ["heavy"], TypeError, "weight of client 0 is 'heavy'"),
     ],

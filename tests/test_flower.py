@@ -289,6 +289,45 @@ def test_compressed_scalar_tensors_come_back_as_arrays() -> None:
     assert mean[1].shape == () and mean[1].dtype == np.int64 and mean[1] == 6
 
 
+@pytest.mark.parametrize("robust", [False, True])
+def test_compressed_deltas_come_back_exactly_at_the_dtypes_limits(robust: bool) -> None:
+    # Integer deltas in their own dtype wrapped around (0 - 5 as uint8 came back as 255), and float16
+    # ones overflowed (60000 - (-60000)); quantized float16 weights at 65504 could come back infinite.
+    from fastfed.aggregation.robust import screened_median
+    from fastfed.compression import UniformQuantizer
+    from fastfed.integrations.flower._averaging import ClientUpdate, aggregate_updates, encode_delta
+
+    received = [np.array([5, 200], np.uint8), np.array([100, -100], np.int8), np.array([3, 2**62], np.int64),
+                np.array([-6e4, 6e4], np.float16), np.full(4096, 65504, np.float16)]  # fmt: skip
+    rng = np.random.default_rng(0)
+    updated = [
+        [np.array([0, 250], np.uint8), np.array([-100, 100], np.int8), np.array([-(2**62), 7], np.int64),
+         np.array([6e4, -6e4], np.float16), (65504 - 100 * rng.random(4096)).astype(np.float16)]
+        for _ in range(3)
+    ]  # fmt: skip
+    codec = UniformQuantizer(bits=2, min_size=100)
+    updates = [ClientUpdate(None, encode_delta(u, received, codec, seed=k), 1.0) for k, u in enumerate(updated)]
+    aggregate = (lambda clients, weights, policy: screened_median(clients, policy)) if robust else None
+    result = aggregate_updates(updates, received, aggregate, "skip")
+    assert result.dropped == {} and result.layers is not None
+    for layer, expected in zip(result.layers[:4], updated[0][:4]):
+        assert layer.dtype == expected.dtype
+        np.testing.assert_array_equal(layer, expected)
+    assert np.isfinite(result.layers[4]).all() and float(result.layers[4].max()) <= 65504
+    with pytest.raises(ValueError, match="layer 0: the update differs from the received weights by more than int64"):
+        encode_delta([np.array([2**63 - 1])], [np.array([-(2**63)])], codec, seed=0)
+
+
+def test_a_round_whose_every_client_holds_nan_aggregates_to_nothing() -> None:
+    # Every client dropped under non_finite="skip": no aggregate, each counted, not an exception.
+    for strategy in (fast_legacy.FastFedAvg(), fast_legacy.FastFedMedian(), fast_legacy.FastFedTrimmedAvg()):
+        strategy.configure_fit(1, ndarrays_to_parameters([np.zeros(3, np.float32)]), _client_manager())
+        bad = ndarrays_to_parameters([np.array([np.nan, 1, 2], np.float32)])
+        results = [(None, _fit_res(bad, 1)), (None, _fit_res(bad, 2))]
+        aggregated, _ = strategy.aggregate_fit(1, results, [])
+        assert aggregated is None
+
+
 # Flower semantics kept, hostile results dropped ----------------------------------------------------
 
 GLOBAL = [np.zeros((2, 3), np.float32), np.zeros(3, np.float32), np.array(0, np.int64)]

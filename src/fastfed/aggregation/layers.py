@@ -14,6 +14,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 
 __all__ = [
+    "AllNonFinite",
     "LayerSpec",
     "NonFinite",
     "Screened",
@@ -77,6 +78,15 @@ def check_non_finite_policy(policy: object) -> NonFinite:
     if policy not in NON_FINITE_POLICIES:
         raise ValueError(f"non_finite must be one of {', '.join(map(repr, NON_FINITE_POLICIES))}, got {policy!r}")
     return policy  # type: ignore[return-value]
+
+
+class AllNonFinite(ValueError):
+    """Under ``non_finite="skip"``, every client that could contribute holds NaN or infinity;
+    ``clients`` are their positions."""
+
+    def __init__(self, message: str, clients: list[int]) -> None:
+        super().__init__(message)
+        self.clients = clients
 
 
 def non_finite_error(client: int, layer: int) -> ValueError:
@@ -197,14 +207,15 @@ def as_flat_layer(array: ArrayLike, client: int, layer: int) -> np.ndarray:
     """A 1-D, C-contiguous, aligned, native-byte-order view (or copy) of one layer of one client."""
     # The common case first: with a hundred clients of a few layers each, these checks run
     # thousands of times per aggregation, and np.require alone would cost a millisecond.
-    if type(array) is np.ndarray and array.dtype.kind in "fiu" and array.dtype.isnative:
+    if type(array) is np.ndarray and array.dtype.kind in "fiu" and array.dtype.isnative and array.dtype.itemsize <= 8:
         flags = array.flags
         if flags.c_contiguous and flags.aligned:
             return array.reshape(-1)
     array = _as_array(array, client, layer)
-    if array.dtype.kind not in "fiu":
+    if array.dtype.kind not in "fiu" or array.dtype.itemsize > 8:  # long double: no kernel reads it
         raise TypeError(
-            f"client {client}, layer {layer}: dtype {array.dtype} cannot be averaged; expected a float or integer array"
+            f"client {client}, layer {layer}: dtype {array.dtype} cannot be averaged; expected a float16, float32, "
+            "float64 or integer array"
         )
     if not array.dtype.isnative:
         array = array.astype(array.dtype.newbyteorder("="))

@@ -18,6 +18,7 @@ import numpy as np
 from .._backend import kernels
 from .encoded import accumulate_entry, parse_client, raw_or_nothing
 from .layers import (
+    AllNonFinite,
     ArrayLike,
     LayerSpec,
     NonFinite,
@@ -140,7 +141,9 @@ def _combine(
             weight_values[k] = 0.0
         skipped += culprits
         if not as_sum and not any(weight_values):
-            raise ValueError(f"every client with a positive weight holds NaN or infinity (clients {sorted(skipped)})")
+            everyone = sorted(skipped)
+            message = f"every client with a positive weight holds NaN or infinity (clients {everyone})"
+            raise AllNonFinite(message, everyone)
 
 
 def weighted_sum(

@@ -20,6 +20,7 @@ import numpy as np
 
 from .._backend import kernels
 from .layers import (
+    AllNonFinite,
     LayerSpec,
     NonFinite,
     Screened,
@@ -49,7 +50,8 @@ def _robust(updates: object, kernel: Callable[[int], _Kernel], non_finite: NonFi
             raise non_finite_error(client, first_bad_layer[client])
         active = [k for k in active if k not in first_bad_layer]
         if not active:
-            raise ValueError("every client holds NaN or infinity; nothing is left to aggregate")
+            everyone = list(range(len(clients)))
+            raise AllNonFinite("every client holds NaN or infinity; nothing is left to aggregate", everyone)
 
 
 def _run(

@@ -93,6 +93,9 @@ def compress_parameters(
     strategy decodes and averages it in one pass and adds the round's global weights back. For
     ``RotatedQuantizer(shared_rotation=True)``, pass ``rotation_seed=config[ROTATION_SEED_KEY]``
     from the fit config, which fastfed strategies fill in each round.
+
+    Integer layers' differences travel exactly (in a signed type twice as wide, up to int64),
+    float16 layers' in float32.
     """
     payload = encode_delta(updated, received, codec, seed, rotation_seed)
     return Parameters(tensors=[payload], tensor_type=TENSOR_TYPE)

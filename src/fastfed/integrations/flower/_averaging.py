@@ -16,11 +16,18 @@ import numpy as np
 
 from ...aggregation import LayerSpec, cast_to_layer
 from ...aggregation.encoded import screened_mean_encoded
-from ...aggregation.layers import NonFinite, Screened, check_non_finite_policy, check_update, refuse_masked
+from ...aggregation.layers import (
+    AllNonFinite,
+    NonFinite,
+    Screened,
+    check_non_finite_policy,
+    check_update,
+    refuse_masked,
+)
 from ...aggregation.mean import screened_mean
 from ...compression import Codec, encode
 from ...compression.quantizer import mix64
-from ...compression.wire import parse, parse_structure
+from ...compression.wire import parse, parse_structure, saturate_float16
 from ...errors import DecodeError
 
 TENSOR_TYPE = "fastfed.update.v1"  # Parameters.tensor_type of a compressed update (legacy API)
@@ -56,8 +63,29 @@ def encode_delta(
     for j, (new, old) in enumerate(zip(updated, received)):
         refuse_masked(new, f"updated, layer {j}")
         refuse_masked(old, f"received, layer {j}")
-    delta = [np.asarray(new) - np.asarray(old) for new, old in zip(updated, received)]
+    delta = [_exact_delta(np.asarray(new), np.asarray(old), j) for j, (new, old) in enumerate(zip(updated, received))]
     return encode(delta, codec, seed=seed, rotation_seed=rotation_seed)
+
+
+def _exact_delta(new: np.ndarray, old: np.ndarray, layer: int) -> np.ndarray:
+    """``new - old`` in a dtype that holds it: integers in a signed type twice as wide (in their own
+    dtype they would wrap around, and the server would add back a wrong delta), float16 in float32
+    (as FedAvg's clients do: float16 would round differences past 65504 to infinity)."""
+    dtype = np.result_type(new, old)
+    if dtype.kind in "iu":
+        wide = np.dtype(f"i{min(2 * dtype.itemsize, 8)}")
+        delta: np.ndarray = new.astype(wide) - old.astype(wide)
+        if dtype.itemsize == 8:  # no wider type: differences beyond int64 would wrap
+            exact = new.astype(object) - old.astype(object)
+            if not np.array_equal(delta.astype(object), exact):
+                raise ValueError(
+                    f"layer {layer}: the update differs from the received weights by more than int64 holds; "
+                    "send this model's updates uncompressed"
+                )
+        return delta
+    widened = np.float32 if dtype == np.float16 else dtype
+    difference: np.ndarray = new.astype(widened, copy=False) - old.astype(widened, copy=False)
+    return difference
 
 
 class ClientUpdate(NamedTuple):
@@ -113,14 +141,17 @@ def _layout_mismatches(updates: list[ClientUpdate], global_weights: Sequence[np.
 
 
 def _with_delta(global_layer: np.ndarray, delta: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
-    """``global + delta`` as ``dtype``: exactly for integers, through float64 for floats."""
+    """``global + delta`` as ``dtype``: exactly for integers, through float64 for floats, with float16
+    saturating at its range as decoding a float16 tensor does (quantization error can carry weights
+    near the edge past it)."""
     spec = LayerSpec(np.shape(global_layer), dtype)
     if dtype.kind in "iu":
         info = np.iinfo(dtype)
         exact = np.asarray(global_layer).astype(object).reshape(-1) + np.asarray(delta).astype(object).reshape(-1)
         clipped = [min(max(value, info.min), info.max) for value in exact.tolist()]
         return np.array(clipped, dtype=dtype).reshape(spec.shape)
-    return cast_to_layer(np.asarray(global_layer, np.float64) + delta, spec)
+    values = np.asarray(global_layer, np.float64) + delta
+    return cast_to_layer(saturate_float16(values) if dtype == np.float16 else values, spec)
 
 
 def _decoded(payload: bytes, global_weights: Sequence[np.ndarray], dtypes: list[np.dtype[Any]]) -> list[np.ndarray]:
@@ -187,6 +218,9 @@ def aggregate_updates(
                 clients = [_client_weights(updates[k], global_weights, dtypes) for k in kept]
                 screened = (aggregate or screened_mean)(clients, weights, non_finite)
                 layers = screened.layers
+        except AllNonFinite as error:
+            dropped.update({kept[position]: "holds NaN or infinity" for position in error.clients})
+            return RoundAggregate(None, dict(sorted(dropped.items())))
         except DecodeError:  # a payload's checksum: found and dropped, then the round is aggregated again
             failures = _checksum_failures(updates, compressed)
             if not failures:

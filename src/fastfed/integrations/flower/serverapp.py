@@ -91,6 +91,9 @@ def compress_arrays(
     "metrics": MetricRecord({"num-examples": n})})``). For ``RotatedQuantizer(shared_rotation=True)``,
     pass ``rotation_seed=config[ROTATION_SEED_KEY]`` from the train message's config record, which
     fastfed strategies fill in each round.
+
+    Integer layers' differences travel exactly (in a signed type twice as wide, up to int64),
+    float16 layers' in float32.
     """
     if list(updated.keys()) != list(received.keys()):
         raise ValueError("updated and received must hold the same arrays, in the same order")
