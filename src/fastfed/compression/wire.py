@@ -160,9 +160,9 @@ SCALES_PROBLEM = "block scales must be finite, non-negative and at most 2^100"
 
 
 def saturate_float16(values: np.ndarray) -> np.ndarray:
-    """Clips finite ``values`` to float16's range, in place: a rotated float16 tensor decodes with
-    quantization error that can carry a value near the range's edge past it, and neither the decoded
-    tensor nor a mean of such tensors may round that to infinity."""
+    """Clips finite ``values`` to float16's range, in place, before they become float16: quantization
+    error can carry values near the range's edge past it (a decoded rotated tensor, weights rebuilt
+    from a decoded delta), and the cast would round them to infinity."""
     largest = float(np.finfo(np.float16).max)
     np.clip(values, -largest, largest, out=values, where=np.isfinite(values))
     return values

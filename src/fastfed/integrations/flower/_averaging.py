@@ -75,9 +75,12 @@ def _exact_delta(new: np.ndarray, old: np.ndarray, layer: int) -> np.ndarray:
     if dtype.kind in "iu":
         wide = np.dtype(f"i{min(2 * dtype.itemsize, 8)}")
         delta: np.ndarray = new.astype(wide) - old.astype(wide)
-        if dtype.itemsize == 8:  # no wider type: differences beyond int64 would wrap
-            exact = new.astype(object) - old.astype(object)
-            if not np.array_equal(delta.astype(object), exact):
+        if dtype.itemsize == 8:
+            # No wider type: differences beyond int64 wrap. Only those whose float64 estimate reaches
+            # 2^62 (a true 2^63 or more always does) are checked exactly.
+            suspect = np.abs(new.astype(np.float64) - old.astype(np.float64)) >= 2.0**62
+            exact = new[suspect].astype(object) - old[suspect].astype(object)
+            if not np.array_equal(delta[suspect].astype(object), exact):
                 raise ValueError(
                     f"layer {layer}: the update differs from the received weights by more than int64 holds; "
                     "send this model's updates uncompressed"
