@@ -142,7 +142,9 @@ def normalized_weights(weights: Sequence[float]) -> tuple[np.ndarray, float, int
 
     Scaling by a power of two is exact, so a mean computed from the scaled weights has the same bits
     as one computed from the weights themselves, but no weight product or total can overflow
-    (weights of 1e308) or lose precision to subnormals (weights of 1e-300).
+    (weights of 1e308) or lose precision to subnormals (weights of 1e-300). The exception: values
+    that are themselves subnormal (below 2.2e-308 in float64), whose products with weights below 1
+    can lose their last bits.
     """
     largest = max(weights, default=0.0)
     if largest == 0.0:
