@@ -114,6 +114,49 @@ def test_evaluation_agrees_with_keras_for_logits_and_one_hot_labels() -> None:
     )
 
 
+def _keras_evaluation(model_fn: Any, weights: list[np.ndarray], loss: Any, x: np.ndarray, y: np.ndarray) -> dict:
+    model = model_fn()
+    model.compile(loss=loss, metrics=["accuracy"])
+    model.set_weights(weights)
+    return dict(model.evaluate(x, y, batch_size=64, verbose=0, return_dict=True))
+
+
+def test_accuracy_and_loss_functions_mean_what_they_mean_in_keras() -> None:
+    # "accuracy" of a one-unit sigmoid model is binary accuracy (it read the label-0 fraction), labels
+    # that are integer class vectors take categorical accuracy (every client failed), and a loss given
+    # as a function or a name sees labels and predictions lined up as Keras lines them up (a custom
+    # MSE on (n,) labels and (n, 1) outputs averaged a (batch, batch) broadcast).
+    (x, digit), _ = data.load_digits(seed=0)
+    x = x[:400]
+    binary = (digit[:400] > 4).astype(np.int64)
+
+    def sigmoid_model() -> Any:
+        return keras.Sequential([keras.Input((64,)), keras.layers.Dense(1, activation="sigmoid")])
+
+    def softmax_model() -> Any:
+        return keras.Sequential([keras.Input((64,)), keras.layers.Dense(10, activation="softmax")])
+
+    def mean_squared(labels: Any, outputs: Any) -> Any:
+        return tf.reduce_mean(tf.square(tf.cast(labels, tf.float32) - outputs), axis=-1)
+
+    cases = [
+        (sigmoid_model, "binary_crossentropy", binary),
+        (sigmoid_model, keras.losses.BinaryCrossentropy(), binary.reshape(-1, 1)),
+        (sigmoid_model, mean_squared, binary),
+        (softmax_model, "categorical_crossentropy", np.eye(10, dtype=np.int64)[digit[:400]]),
+    ]
+    for model_fn, loss, labels in cases:
+        process = _process(model_fn=model_fn, loss=loss, metrics=["accuracy"])
+        state, train = process.next(process.initialize(), [(x[:200], labels[:200]), (x[200:], labels[200:])])
+        assert train["clients_failed"] == 0
+        ours = process.evaluate(state, [(x, labels)])
+        theirs = _keras_evaluation(model_fn, state.weights, loss, x, labels)
+        assert ours["loss"] == pytest.approx(theirs["loss"], abs=1e-4)
+        assert ours["accuracy"] == pytest.approx(theirs["accuracy"], abs=1e-6)
+    with pytest.raises(TypeError, match=r"metrics: expected a list of metrics, got the string 'accuracy'"):
+        _process(metrics="accuracy")
+
+
 def _distance(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     return float(np.sqrt(sum(np.sum((x.astype(np.float64) - y) ** 2) for x, y in zip(a, b))))
 

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from .inputs import ClientDataError, DataSpec
-from .losses import per_example_loss, resolve_loss, resolve_metrics
+from .losses import output_width, per_example_loss, resolve_loss, resolve_metrics
 
 __all__ = ["ClientResult", "ClientStep", "ClientTrainer", "FedProx", "enable_determinism"]
 
@@ -313,7 +313,7 @@ class ClientTrainer:
         """The metrics, once the data spec is fixed by a first client: the meaning of "accuracy"
         follows its labels."""
         if not self.metrics:
-            self.metrics = resolve_metrics(self._metric_names, one_hot_labels=self.spec.one_hot)
+            self.metrics = resolve_metrics(self._metric_names, self.spec.y_shape or (), output_width(self.model))
 
     def _build_loop(self, xla: bool) -> Any:
         tf = self._tf

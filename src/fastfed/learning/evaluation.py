@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 
 from .._extras import require
-from .inputs import DataSpec, client_arrays, one_hot_labels
-from .losses import per_example_loss, resolve_loss, resolve_metrics
+from .inputs import DataSpec, client_arrays
+from .losses import output_width, per_example_loss, resolve_loss, resolve_metrics
 
 __all__ = ["Evaluation", "Evaluator", "evaluate"]
 
@@ -65,7 +65,7 @@ class Evaluator:
         arrays = client_arrays(clients)
         prepared = [self.spec.conform(index, x, y) for index, (x, y) in enumerate(arrays)]
         if not self.metrics:
-            self.metrics = resolve_metrics(self._metric_names, one_hot_labels=one_hot_labels(prepared[0][1]))
+            self.metrics = resolve_metrics(self._metric_names, prepared[0][1].shape[1:], output_width(self.model))
         if self._batch is None:
             self._batch = self._build()
         self.model.set_weights(list(weights))

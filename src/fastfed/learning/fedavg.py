@@ -24,7 +24,7 @@ from ..compression import Codec, encode, raw_size_bits, size_bits
 from .aggregators import MeanAggregator, RoundTally, mean_aggregator
 from .client import ClientStep, ClientTrainer, FedProx, enable_determinism
 from .evaluation import Evaluation, Evaluator
-from .inputs import client_arrays, one_hot_labels
+from .inputs import client_arrays
 from .losses import resolve_metrics
 from .optimizers import SGD, ServerOptimizer
 from .rounds import ClientReport, GroupResult, RoundSpec, WorkerConfig, derived_seed, split_groups
@@ -189,11 +189,13 @@ class FedAvg:
             raise AttributeError(f"{type(self.executor).__name__} trains in other processes; it has no local trainer")
         return trainer(self.worker_config)  # type: ignore[no-any-return]
 
-    def _metric_results(self, states: list[list[np.ndarray]] | None, one_hot: bool) -> dict[str, float]:
+    def _metric_results(self, states: list[list[np.ndarray]] | None, label_shape: tuple[int, ...]) -> dict[str, float]:
         import keras
 
         if self._metric_templates is None:
-            self._metric_templates = resolve_metrics(self.metrics, one_hot_labels=one_hot)
+            # The clients' metrics, to read their summed states back. Which accuracy "accuracy" is does
+            # not matter here (the three kinds keep the same running total and count).
+            self._metric_templates = resolve_metrics(self.metrics, label_shape)
         results = {}
         for metric, state in zip(self._metric_templates, states or []):
             for variable, value in zip(metric.variables, state):
@@ -248,7 +250,7 @@ class FedAvg:
         positions = split_groups(len(indexed), self.clients_per_partial_sum, self.executor.default_groups)
         groups = [[indexed[i] for i in group] for group in positions]
         results = self.executor.run(self.worker_config, spec, groups, progress)
-        return self._merge(state, started, len(arrays), results, broadcast_bits, one_hot_labels(arrays[0][1]))
+        return self._merge(state, started, len(arrays), results, broadcast_bits, np.shape(arrays[0][1])[1:])
 
     def evaluate(self, state: FedAvgState, clients: object, *, batch_size: int = 1000) -> Evaluation:
         """The loss, every metric and ``num_examples`` of ``state``'s weights over ``clients``,
@@ -264,7 +266,7 @@ class FedAvg:
         num_clients: int,
         results: list[GroupResult],
         broadcast_bits: int,
-        one_hot: bool,
+        label_shape: tuple[int, ...],
     ) -> tuple[FedAvgState, dict[str, float]]:
         """Merges the groups' partial sums in group order (the order fixes the arithmetic)."""
         accumulator = Accumulator.from_specs([LayerSpec(w.shape, np.dtype(np.float32)) for w in state.weights])
@@ -287,7 +289,7 @@ class FedAvg:
         for index, reason in self.last_failures:
             log.warning("round %d: client %d failed and is dropped: %s", state.round + 1, index, reason)
         return self._finish_round(state, started, num_clients, accumulator, tally, broadcast_bits,
-                                  (loss_sum, examples, batches), self._metric_results(states, one_hot))  # fmt: skip
+                                  (loss_sum, examples, batches), self._metric_results(states, label_shape))  # fmt: skip
 
     def _finish_round(
         self,

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ClientDataError", "DataSpec", "client_arrays", "one_hot_labels"]
+__all__ = ["ClientDataError", "DataSpec", "client_arrays"]
 
 ClientArrays = tuple[np.ndarray, np.ndarray]
 
@@ -96,11 +96,6 @@ def client_arrays(clients: object) -> list[ClientArrays]:
     return [_one_client(index, client) for index, client in enumerate(clients)]
 
 
-def one_hot_labels(y: np.ndarray) -> bool:
-    """Whether labels are one-hot (or soft) class vectors rather than class indices."""
-    return y.dtype.kind == "f" and y.ndim == 2 and y.shape[1] > 1
-
-
 def _describe(shape: tuple[int, ...], dtype: np.dtype[Any]) -> str:
     return f"shape {shape} {dtype}" if shape else f"scalar {dtype}"
 
@@ -131,10 +126,6 @@ class DataSpec:
             tf.TensorSpec((None, *self.x_shape), self.x_dtype),
             tf.TensorSpec((None, *self.y_shape), self.y_dtype),
         )
-
-    @property
-    def one_hot(self) -> bool:
-        return self.y_dtype is not None and one_hot_labels(np.empty((0, *(self.y_shape or ())), self.y_dtype))
 
     def conform(self, index: int, x: Any, y: Any) -> ClientArrays:
         x, y = np.asarray(x), np.asarray(y)
