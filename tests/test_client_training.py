@@ -3,6 +3,7 @@ with Keras, FedProx, a custom client step, weighting callables, and the XLA-comp
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -84,6 +85,36 @@ def test_a_client_that_cannot_be_used_fails_with_one_line(caplog: pytest.LogCapt
     assert all("\n" not in record.getMessage() and "[[" not in record.getMessage() for record in caplog.records)
     with pytest.raises(fastfed.learning.ClientDataError, match=r"client 1: 3 inputs but 2 labels"):
         process.next(process.initialize(), [clients[0], (np.ones((3, 64)), np.zeros(2))])
+    # A failure inside TensorFlow's graph is reported by its cause, not by "Graph execution error:".
+    _, metrics = process.next(process.initialize(), [clients[0], (clients[1][0], np.full(len(clients[1][0]), 12))])
+    assert metrics["clients_failed"] == 1
+    assert process.last_failures[0][1].startswith("InvalidArgumentError: Received a label value of 12 which is outside")
+
+
+def test_states_and_models_that_do_not_belong_to_the_process_are_refused() -> None:
+    process = _process()
+    state = process.initialize()
+    clients = _clients(2)
+    wrong = [
+        (dataclasses.replace(state, weights=[w.astype(np.float64) for w in state.weights]), r"weights 0 have shape"),
+        (dataclasses.replace(state, weights=state.weights[:-1]), r"3 weight arrays, but the model has 4"),
+        (dataclasses.replace(state, optimizer_state={"m": []}), r"server optimizer's state holds \['m'\]"),
+        (dataclasses.replace(state, aggregator_state={"clipping_estimate": 1.0}), r"aggregator's state holds"),
+    ]
+    for bad, message in wrong:
+        with pytest.raises(ValueError, match=message):
+            process.next(bad, clients)
+
+    class Unbuilt(keras.Model):
+        def __init__(self) -> None:
+            super().__init__()
+            self.dense = keras.layers.Dense(10)
+
+        def call(self, x: Any) -> Any:
+            return self.dense(x)
+
+    with pytest.raises(ValueError, match="model_fn returned a model without weights"):
+        _process(model_fn=Unbuilt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)).initialize()
 
 
 def _logits_model() -> Any:

@@ -91,6 +91,18 @@ def test_partitioners() -> None:
         iid.sample(8, np.random.default_rng(0))
     with pytest.raises(ValueError, match="alpha must be positive"):
         data.partition_dirichlet(x, y, 5, alpha=0.0)
+    # One-hot labels partition by their class; client counts that would leave clients empty are refused.
+    one_hot = np.eye(10, dtype=np.float32)[y]
+    assert [len(c[0]) for c in data.partition_by_label(x, one_hot, per_client=4).all()] == [4] * 10
+    assert sum(len(c[0]) for c in data.partition_dirichlet(x, one_hot, 5, alpha=0.1, seed=1).all()) == 100
+    with pytest.raises(ValueError, match=r"num_clients must be from 1 to the number of examples \(100\), got 101"):
+        data.partition_iid(x, y, 101)
+    with pytest.raises(ValueError, match="got 0"):
+        data.partition_dirichlet(x, y, 0, alpha=0.5)
+    with pytest.raises(TypeError, match="num_clients must be an integer, got 2.5"):
+        data.partition_iid(x, y, 2.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="client 'a' has no examples"):
+        data.ClientData({"a": (x[:0], y[:0])})
 
 
 @pytest.mark.skipif(not MNIST.exists(), reason="the real MNIST test set is not next to the repository")

@@ -22,12 +22,13 @@ def _data() -> tuple[data.ClientData, tuple[np.ndarray, np.ndarray]]:
     return data.partition_dirichlet(x, y, 12, alpha=0.5, seed=0), test
 
 
-def _process() -> fastfed.FedAvg:
+def _process(**options: Any) -> fastfed.FedAvg:
     return fastfed.FedAvg(
         lambda: models.mlp((64,), hidden=16),
         client_optimizer=lambda: keras.optimizers.SGD(learning_rate=0.1),
         batch_size=16,
         seed=4,
+        **options,
     )
 
 
@@ -79,3 +80,21 @@ def test_an_interrupted_run_resumes_to_the_same_bits(tmp_path: Path) -> None:
     assert [row["round"] for row in _rows(tmp_path)] == ["1", "2", "3", "4"]
     extended = run_training(_process(), clients, rounds=6, clients_per_round=5, run_dir=tmp_path, resume=True)
     assert extended.state.round == 6 and len(extended.history) == 6
+
+
+def test_a_resume_refuses_other_settings_and_unreadable_checkpoints(tmp_path: Path) -> None:
+    # It used to fail deep inside the first round with a KeyError, or start over silently and write
+    # over a run whose every checkpoint failed verification.
+    clients, _ = _data()
+    run_training(_process(), clients, rounds=2, clients_per_round=5, run_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"trained with other settings: .*Adam.* keeps \['m', 'v'\]"):
+        run_training(_process(server_optimizer=fastfed.optimizers.Adam()), clients, rounds=3, clients_per_round=5,
+                     run_dir=tmp_path, resume=True)  # fmt: skip
+    for saved in (tmp_path / "checkpoints").iterdir():
+        arrays = saved / "arrays.npz"
+        corrupted = bytearray(arrays.read_bytes())
+        corrupted[-10] ^= 1
+        arrays.write_bytes(bytes(corrupted))
+    with pytest.raises(fastfed.CheckpointError, match="no usable checkpoint"):
+        run_training(_process(), clients, rounds=3, clients_per_round=5, run_dir=tmp_path, resume=True)
+    assert len(_rows(tmp_path)) == 2  # the run's log is as it was

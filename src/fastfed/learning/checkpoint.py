@@ -39,7 +39,7 @@ import numpy as np
 from .._npy import npy_view
 from .fedavg import FedAvgState
 
-__all__ = ["Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint"]
+__all__ = ["Checkpoint", "CheckpointError", "load_checkpoint", "round_folders", "save_checkpoint"]
 
 FORMAT = "fastfed-checkpoint"
 VERSION = 1
@@ -142,13 +142,13 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    saved = [path for path, _ in _round_folders(root) if path.is_dir() and not path.is_symlink()]  # no links
+    saved = [path for path, _ in round_folders(root) if path.is_dir() and not path.is_symlink()]  # no links
     for old in saved[keep:]:
         shutil.rmtree(old)
     return final
 
 
-def _round_folders(root: Path) -> list[tuple[Path, int]]:
+def round_folders(root: Path) -> list[tuple[Path, int]]:
     """The ``round-N`` entries of ``root``, newest round first (by number: round 1,000,000 is newer
     than round 999,999, whatever their names sort as)."""
     if not root.is_dir():
@@ -257,7 +257,7 @@ def load_checkpoint(run_dir: str | Path) -> Checkpoint:
     """
     run = Path(run_dir).resolve()
     skipped: list[tuple[Path, str]] = []
-    for path, folder_round in _round_folders(Path(run_dir) / "checkpoints"):
+    for path, folder_round in round_folders(Path(run_dir) / "checkpoints"):
         try:
             checkpoint = _read(path, folder_round, run)
         except CheckpointError as error:

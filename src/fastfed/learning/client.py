@@ -475,7 +475,11 @@ class _LoopWithCaptures:
 
 
 def _first_line(error: BaseException, limit: int = 300) -> str:
-    text = str(error).strip().splitlines()
+    text = [line for line in str(error).strip().splitlines() if line.strip()]
+    if text and text[0].endswith("execution error:"):
+        # TensorFlow's runtime errors give their cause last, after where the failing op was defined.
+        causes = [line for line in text[1:] if not line[0].isspace() and not line.startswith("Detected at node")]
+        text = causes[-1:] or text
     return (text[0] if text else type(error).__name__)[:limit]
 
 

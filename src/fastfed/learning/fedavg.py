@@ -169,6 +169,8 @@ class FedAvg:
         self._worker_config: WorkerConfig | None = None
         self._metric_templates: list[Any] | None = None
         self._evaluator: Evaluator | None = None
+        self._weight_specs: list[tuple[tuple[int, ...], np.dtype[Any]]] | None = None
+        self._optimizer_keys: set[str] | None = None
 
     @property
     def worker_config(self) -> WorkerConfig:
@@ -212,6 +214,12 @@ class FedAvg:
         keras.utils.set_random_seed(self.seed)
         model = self.model_fn()
         weights = [np.array(w) for w in model.get_weights()]
+        if not weights:
+            raise ValueError(
+                "model_fn returned a model without weights (a subclassed model is built by its first call): "
+                "give it a keras.Input, or call it on a sample batch inside model_fn"
+            )
+        self._weight_specs = [(w.shape, w.dtype) for w in weights]
         # A local trainer can train on this model rather than build the same one again.
         adopt = getattr(self.executor, "trainer", None)
         if adopt is not None:
@@ -234,6 +242,7 @@ class FedAvg:
         log). Raises :class:`RoundFailedError` if fewer than ``min_clients`` updates were aggregated.
         ``progress(n)`` is called as clients finish, with how many just did (e.g. a progress bar's ``update``).
         """
+        self.check_state(state)
         arrays = client_arrays(clients)
         started = time.perf_counter()
         round_seed = derived_seed(self.seed, state.round)
@@ -251,6 +260,38 @@ class FedAvg:
         groups = [[indexed[i] for i in group] for group in positions]
         results = self.executor.run(self.worker_config, spec, groups, progress)
         return self._merge(state, started, len(arrays), results, broadcast_bits, np.shape(arrays[0][1])[1:])
+
+    def check_state(self, state: FedAvgState) -> None:
+        """Raises ``ValueError`` naming what in ``state`` does not belong to this process: weights of
+        another model (count, shapes, dtypes; checked where this process knows its model), or server
+        optimizer or aggregator state kept by other settings (e.g. a checkpoint of another run)."""
+        specs = self._weight_specs
+        trainer = getattr(self.executor, "trainer", None)
+        if specs is None and trainer is not None:  # the local trainer builds its model for the round anyway
+            variables = trainer(self.worker_config).model.weights
+            specs = self._weight_specs = [(tuple(v.shape), np.dtype(v.dtype)) for v in variables]
+        if specs is not None:
+            if len(state.weights) != len(specs):
+                raise ValueError(f"state: {len(state.weights)} weight arrays, but the model has {len(specs)}")
+            for j, (weights, (shape, dtype)) in enumerate(zip(state.weights, specs)):
+                if np.shape(weights) != shape or np.asarray(weights).dtype != dtype:
+                    raise ValueError(
+                        f"state: weights {j} have shape {np.shape(weights)} {np.asarray(weights).dtype}, "
+                        f"but the model's are {shape} {dtype}"
+                    )
+        if self._optimizer_keys is None:
+            self._optimizer_keys = set(self.server_optimizer.init([np.zeros(1)]))
+        if set(state.optimizer_state) != self._optimizer_keys:
+            raise ValueError(
+                f"state: the server optimizer's state holds {sorted(state.optimizer_state)}, but "
+                f"{self.server_optimizer} keeps {sorted(self._optimizer_keys)}"
+            )
+        expected = set(self.aggregator.initial_state())
+        if set(state.aggregator_state) != expected:
+            raise ValueError(
+                f"state: the aggregator's state holds {sorted(state.aggregator_state)}, but this aggregator "
+                f"keeps {sorted(expected)}"
+            )
 
     def evaluate(self, state: FedAvgState, clients: object, *, batch_size: int = 1000) -> Evaluation:
         """The loss, every metric and ``num_examples`` of ``state``'s weights over ``clients``,

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, round_folders, save_checkpoint
 from .fedavg import FedAvg, FedAvgState
 from .inputs import client_arrays
 
@@ -151,7 +151,9 @@ def run_training(
       run_dir: where ``metrics.csv``, ``tensorboard/`` and ``checkpoints/`` go; ``None`` writes nothing.
       checkpoint_every: checkpoint every this many rounds and after the last one (0: never).
       keep_checkpoints: the newest checkpoints kept.
-      resume: continue from the newest good checkpoint in ``run_dir`` (a fresh start if it has none).
+      resume: continue from the newest good checkpoint in ``run_dir`` (a fresh start if none was
+        written); raises :class:`fastfed.CheckpointError` if checkpoints exist and none verifies, and
+        ``ValueError`` if the run was trained with another seed, model, server optimizer or aggregator.
       overwrite: start afresh in a ``run_dir`` that holds a run, deleting it. Without ``resume`` or
         ``overwrite``, such a folder raises :class:`RunExistsError`: runs are never overwritten silently.
       config: saved in every checkpoint, e.g. the settings a command line used.
@@ -240,12 +242,18 @@ def _starting_point(
             try:
                 checkpoint = load_checkpoint(folder)
             except CheckpointError:
+                if round_folders(folder / "checkpoints"):  # written, and none verifies: not overwritten
+                    raise
                 checkpoint = None
         for warning in caught:
             log.warning("%s", warning.message)
         if checkpoint is not None:
             if checkpoint.seed != process.seed:
                 raise ValueError(f"{folder} was trained with seed {checkpoint.seed}, this process has {process.seed}")
+            try:
+                process.check_state(checkpoint.state)
+            except ValueError as error:
+                raise ValueError(f"{folder} was trained with other settings: {error}") from None
             return checkpoint.state, list(checkpoint.metrics_history)
     return process.initialize(), []
 
