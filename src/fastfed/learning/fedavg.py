@@ -27,7 +27,7 @@ from .evaluation import Evaluation, Evaluator
 from .inputs import client_arrays
 from .losses import resolve_metrics
 from .optimizers import SGD, ServerOptimizer
-from .rounds import ClientReport, GroupResult, RoundSpec, WorkerConfig, derived_seed, split_groups
+from .rounds import ClientReport, GroupResult, RoundSpec, WorkerConfig, delta_dtype, derived_seed, split_groups
 
 __all__ = ["FedAvg", "FedAvgState", "RoundFailedError"]
 
@@ -310,7 +310,7 @@ class FedAvg:
         label_shape: tuple[int, ...],
     ) -> tuple[FedAvgState, dict[str, float]]:
         """Merges the groups' partial sums in group order (the order fixes the arithmetic)."""
-        accumulator = Accumulator.from_specs([LayerSpec(w.shape, np.dtype(np.float32)) for w in state.weights])
+        accumulator = Accumulator.from_specs([LayerSpec(w.shape, delta_dtype(w)) for w in state.weights])
         tally = RoundTally()
         loss_sum, examples, batches = 0.0, 0, 0
         states: list[list[np.ndarray]] | None = None

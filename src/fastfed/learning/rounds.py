@@ -29,6 +29,12 @@ ClientArrays = tuple[np.ndarray, np.ndarray]
 IndexedClient = tuple[int, np.ndarray, np.ndarray]
 
 
+def delta_dtype(weights: np.ndarray) -> np.dtype[Any]:
+    """The dtype a client's delta of a layer is computed and averaged in: float64 for float64 layers,
+    float32 for the rest (float16 differences in float16 would round past its range, integers wrap)."""
+    return np.dtype(np.float64 if weights.dtype == np.float64 else np.float32)
+
+
 def derived_seed(*path: int) -> int:
     """A 64-bit seed from integers: every random choice of a run derives from (seed, round, ...)."""
     return int(np.random.SeedSequence(list(path)).generate_state(1, np.uint64)[0])
@@ -244,6 +250,7 @@ def train_group(
     metric_states: list[list[np.ndarray]] = []
     failures: list[tuple[int, str]] = []
     start = spec.start_weights()
+    dtypes = [delta_dtype(weights) for weights in start]
     # Clients train in chunks of the trainer's clients_per_call (1: one by one); every client's data
     # is conformed first, so that one client's bad data fails that client alone.
     prepared: Chunk = []
@@ -277,7 +284,7 @@ def train_group(
                 tally.failed += 1
                 failures.append((index, describe_failure(error)))
             else:
-                delta = [new.astype(np.float32) - old.astype(np.float32) for new, old in zip(outcome.weights, start)]
+                delta = [new.astype(t) - old.astype(t) for new, old, t in zip(outcome.weights, start, dtypes)]
                 loss_sum += outcome.loss_sum
                 examples += outcome.num_examples
                 batches += outcome.num_batches
