@@ -335,3 +335,35 @@ def test_a_float64_model_gets_a_float64_update() -> None:
     expected = start.weights[0] - 1e-4 * tape.gradient(loss, model.trainable_variables)[0].numpy()
     assert state.weights[0].dtype == np.float64
     np.testing.assert_allclose(state.weights[0], expected, rtol=0, atol=1e-11)
+
+
+def test_construction_refuses_what_would_fail_later_and_accepts_numpy_integers() -> None:
+    with pytest.raises(TypeError, match="server_optimizer: expected a fastfed.optimizers optimizer"):
+        _process(server_optimizer=keras.optimizers.SGD(learning_rate=1.0))
+    with pytest.raises(ValueError, match=r"seed must be an integer from 0 to 2\*\*32 - 1"):
+        _process(seed=2**40)
+    assert _process(batch_size=np.int64(8)).batch_size == 8
+    first, second = keras.Input((32,)), keras.Input((32,))
+    joined = keras.layers.Dense(10)(keras.layers.Concatenate()([first, second]))
+    with pytest.raises(ValueError, match=r"one input and one output; this model has 2 input\(s\) and 1 output"):
+        _process(model_fn=lambda: keras.Model([first, second], joined)).initialize()
+
+
+def test_labels_of_either_kind_after_integral_floats_and_activity_regularizers_weigh_by_batch() -> None:
+    clients = _clients(2)
+    process = _process()
+    _, metrics = process.next(process.initialize(), [(clients[0][0], clients[0][1].astype(np.float32)), clients[1]])
+    assert metrics["clients_failed"] == 0
+
+    def regularized() -> Any:
+        hidden = keras.layers.Dense(8, activity_regularizer=keras.regularizers.L2(0.1))
+        return keras.Sequential([keras.Input((64,)), hidden, keras.layers.Dense(10)])
+
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    weights = regularized().get_weights()
+    x, y = clients[0][0][:250], clients[0][1][:250]
+    ours = fastfed.evaluate(regularized, weights, [(x, y)], loss=loss, metrics=[], batch_size=100)["loss"]
+    model = regularized()
+    model.compile(loss=loss)
+    model.set_weights(weights)
+    assert ours == pytest.approx(model.evaluate(x, y, batch_size=100, verbose=0), abs=1e-4)

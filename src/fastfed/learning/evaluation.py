@@ -70,26 +70,28 @@ class Evaluator:
             self._batch = self._build()
         self.model.set_weights(list(weights))
         per_client, states = [], None
-        loss_total, regularization_total, examples_total, batches_total = 0.0, 0.0, 0, 0
+        loss_total, regularization_total, examples_total = 0.0, 0.0, 0
         for x, y in prepared:
             for metric in self.metrics:
                 metric.reset_state()
-            loss_sum, regularization_sum, batches = 0.0, 0.0, 0
+            loss_sum, regularization_sum = 0.0, 0.0
             for start in range(0, len(x), batch_size):
-                batch_loss, regularization = self._batch(x[start : start + batch_size], y[start : start + batch_size])
+                batch_x, batch_y = x[start : start + batch_size], y[start : start + batch_size]
+                batch_loss, regularization = self._batch(batch_x, batch_y)
                 loss_sum += float(batch_loss)
-                regularization_sum += float(regularization)
-                batches += 1
+                # Weighted by the batch's examples, as Keras's evaluate weighs each batch's loss (a
+                # regularizer of activations differs from batch to batch).
+                regularization_sum += float(regularization) * len(batch_x)
             own = [[keras.ops.convert_to_numpy(v) for v in metric.variables] for metric in self.metrics]
             states = own if states is None else [[a + b for a, b in zip(s, o)] for s, o in zip(states, own)]
-            per_client.append(self._results(loss_sum / len(x) + regularization_sum / batches, len(x)))
+            per_client.append(self._results((loss_sum + regularization_sum) / len(x), len(x)))
             loss_total, regularization_total = loss_total + loss_sum, regularization_total + regularization_sum
-            examples_total, batches_total = examples_total + len(x), batches_total + batches
+            examples_total += len(x)
         # The totals: every client's metric state summed, as if all examples were one dataset.
         for metric, state in zip(self.metrics, states or []):
             for variable, value in zip(metric.variables, state):
                 variable.assign(value)
-        overall = self._results(loss_total / examples_total + regularization_total / batches_total, examples_total)
+        overall = self._results((loss_total + regularization_total) / examples_total, examples_total)
         return Evaluation(overall, per_client)
 
     def _results(self, loss: float, examples: int) -> dict[str, float]:

@@ -131,8 +131,17 @@ class FedAvg:
         if clients_per_call is not None:
             positive.append(("clients_per_call", clients_per_call))
         for name, value in positive:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        batch_size, local_epochs, min_clients = int(batch_size), int(local_epochs), int(min_clients)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+            raise ValueError(f"seed must be an integer from 0 to 2**32 - 1 (as Keras's), got {seed!r}")
+        seed = int(seed)
+        if server_optimizer is not None and not isinstance(server_optimizer, ServerOptimizer):
+            raise TypeError(
+                f"server_optimizer: expected a fastfed.optimizers optimizer (e.g. fastfed.optimizers.SGD()), got "
+                f"{type(server_optimizer).__name__}; Keras optimizers train the clients (client_optimizer)"
+            )
         if executor is None:
             from .executors import LocalExecutor
 

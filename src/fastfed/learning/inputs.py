@@ -112,6 +112,15 @@ class DataSpec:
     @classmethod
     def of_model(cls, model: Any) -> DataSpec:
         inputs = getattr(model, "inputs", None)
+        try:
+            outputs = model.outputs
+        except (AttributeError, ValueError):  # a subclassed model declares none
+            outputs = None
+        if (inputs and len(inputs) > 1) or (outputs and len(outputs) > 1):
+            raise ValueError(
+                f"fastfed trains models of one input and one output; this model has {len(inputs or [None])} "
+                f"input(s) and {len(outputs or [None])} output(s)"
+            )
         if inputs and len(inputs) == 1:
             return cls(tuple(inputs[0].shape[1:]), np.dtype(inputs[0].dtype))
         return cls(None, None)  # a subclassed model: the first client decides
@@ -145,6 +154,9 @@ class DataSpec:
 
     def _labels(self, index: int, y: np.ndarray) -> np.ndarray:
         original = y
+        if y.dtype.kind in "iub" and self.y_dtype is not None and self.y_dtype.kind == "f":
+            # Integer labels beside a first client's float ones (integral floats, say): floats too.
+            y = original = y.astype(np.float32)
         if y.ndim == 2 and y.shape[1] == 1 and y.dtype.kind in "iubf":
             y = y.reshape(-1)  # (n, 1) labels, as Keras's losses accept them
         integer_spec = self.y_dtype is not None and self.y_dtype.kind == "i"
