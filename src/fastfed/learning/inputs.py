@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ClientDataError", "DataSpec", "client_arrays"]
+__all__ = ["ClientDataError", "DataSpec", "client_arrays", "declared_outputs"]
 
 ClientArrays = tuple[np.ndarray, np.ndarray]
 
@@ -100,6 +100,14 @@ def _describe(shape: tuple[int, ...], dtype: np.dtype[Any]) -> str:
     return f"shape {shape} {dtype}" if shape else f"scalar {dtype}"
 
 
+def declared_outputs(model: Any) -> list[Any] | None:
+    """A model's declared outputs (Keras tensors), or ``None`` where it declares none (subclassed)."""
+    try:
+        return list(model.outputs)
+    except (AttributeError, ValueError, TypeError):
+        return None
+
+
 class DataSpec:
     """The per-example shapes and dtypes the model is trained on: inputs from the model where it
     declares them, labels from the first client; later clients are converted to them."""
@@ -111,11 +119,7 @@ class DataSpec:
 
     @classmethod
     def of_model(cls, model: Any) -> DataSpec:
-        inputs = getattr(model, "inputs", None)
-        try:
-            outputs = model.outputs
-        except (AttributeError, ValueError):  # a subclassed model declares none
-            outputs = None
+        inputs, outputs = getattr(model, "inputs", None), declared_outputs(model)
         if (inputs and len(inputs) > 1) or (outputs and len(outputs) > 1):
             raise ValueError(
                 f"fastfed trains models of one input and one output; this model has {len(inputs or [None])} "

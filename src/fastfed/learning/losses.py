@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from .inputs import declared_outputs
+
 __all__ = ["output_width", "per_example_loss", "resolve_loss", "resolve_metrics"]
 
 
@@ -35,10 +37,7 @@ def resolve_loss(loss: Any, model: Any) -> Any:
 
 def output_width(model: Any) -> int | None:
     """The last axis of a single-output model's predictions, where the model declares it."""
-    try:
-        outputs = model.outputs
-    except (AttributeError, ValueError):  # a subclassed model declares none
-        return None
+    outputs = declared_outputs(model)
     if outputs and len(outputs) == 1 and len(outputs[0].shape) >= 2:
         width = outputs[0].shape[-1]
         return int(width) if width is not None else None
