@@ -325,35 +325,55 @@ def _corrections(positions: list[int], values: list[float]) -> np.ndarray:
     return np.concatenate([np.array(positions, "<u4").view(np.uint8), np.array(values, "<f4").view(np.uint8)])
 
 
-def test_add_corrections_matches_reference(backend: str) -> None:
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_weighted_sum_levels_adds_corrections_as_the_reference(backend: str, dtype: type) -> None:
+    # Eight tiles of the native kernel, each correction added in client order once its tile is summed:
+    # clients share positions (the order of their additions shows), some sit on tile edges.
     rng = np.random.default_rng(5)
-    n = 5000
+    clients, bits, block, n = 7, 4, 16384, 8 * 16384
+    packed = [rng.integers(0, 256, n * bits // 8, dtype=np.uint8) for _ in range(clients)]
+    scales = rng.random((clients, n // block)).astype(np.float32)
+    rows = np.stack([rng.integers(0, 2**32, clients), rng.integers(0, 128, clients) * 2 + 1], axis=1).astype(np.uint32)
+    edges = np.array([0, 16383, 16384, 3 * 16384 - 1, n - 1])
     sources = []
-    for k in range(7):  # clients share positions, so the order of their additions shows
-        count = int(rng.integers(0, 300)) if k != 3 else 0
-        positions = np.sort(rng.choice(n, count, replace=False))
-        sources.append(_corrections(positions.tolist(), (rng.standard_normal(count) * 10.0**k).tolist()))
-    shares = rng.random(7).astype(np.float32)
-    start = rng.standard_normal(n).astype(np.float32)
+    for k in range(clients):
+        count = int(rng.integers(0, 3000)) if k != 3 else 0
+        positions = np.union1d(rng.choice(n, count, replace=False), edges if k % 2 else [])
+        sources.append(_corrections(positions.tolist(), (rng.standard_normal(positions.size) * 10.0**k).tolist()))
+    shares = rng.random(clients).astype(np.float32)
     results = []
     for name in ("numpy", backend):
-        out = start.copy()
-        assert _require(name).aggregate.add_corrections(sources, shares, 2.0**100, out) == -1
-        results.append(out)
-    np.testing.assert_array_equal(results[1], results[0])
-    assert not np.array_equal(results[0], start)
+        for corrections in (None, sources):
+            out, checksums = np.empty(n, dtype), np.zeros(clients, np.uint32)
+            invalid = _require(name).aggregate.weighted_sum_levels(
+                packed, bits, scales, block, shared_codebook(bits).table, rows, None, 2.0, out, checksums,
+                corrections, None if corrections is None else shares, 2.0**100,
+            )  # fmt: skip
+            assert invalid == -1
+            results.append(out)
+    np.testing.assert_array_equal(results[2], results[0])
+    np.testing.assert_array_equal(results[3], results[1])
+    assert not np.array_equal(results[1], results[0])
 
 
 @pytest.mark.parametrize(
     ("positions", "values"),
-    [([3, 3], [1.0, 1.0]), ([4, 2], [1.0, 1.0]), ([1, 10], [1.0, 1.0]), ([1], [float("nan")]), ([1], [2.0**101])],
+    [([3, 3], [1.0, 1.0]), ([4, 2], [1.0, 1.0]), ([1, 64], [1.0, 1.0]), ([1], [float("nan")]), ([1], [2.0**101])],
 )
-def test_add_corrections_reports_the_first_bad_client(backend: str, positions: list[int], values: list[float]) -> None:
-    # Out of order, repeated, beyond the tensor (10 values), not finite or too large: client 1 is named.
-    sources = [_corrections([0, 9], [1.0, -1.0]), _corrections(positions, values), _corrections([], [])]
-    out = np.zeros(10, np.float32)
-    assert _require(backend).aggregate.add_corrections(sources, np.ones(3, np.float32), 2.0**100, out) == 1
+def test_weighted_sum_levels_reports_the_first_client_of_bad_corrections(
+    backend: str, positions: list[int], values: list[float]
+) -> None:
+    # Out of order, repeated, beyond the tensor (64 values), not finite or too large: client 1 is named.
+    sources = [_corrections([0, 63], [1.0, -1.0]), _corrections(positions, values), _corrections([], [])]
+    packed, scales, shares = [np.zeros(32, np.uint8)] * 3, np.ones((3, 1), np.float32), np.ones(3, np.float32)
+    rows, out, checksums = np.ones((3, 2), np.uint32), np.zeros(64, np.float32), np.zeros(3, np.uint32)
+    kernel = _require(backend).aggregate.weighted_sum_levels
+    table = shared_codebook(4).table
+    assert kernel(packed, 4, scales, 64, table, rows, None, 1.0, out, checksums, sources, shares, 2.0**100) == 1
+    one = ([np.zeros(32, np.uint8)], 4, scales[:1], 64, table, rows[:1], None, 1.0, out, checksums[:1])
     with pytest.raises(ValueError, match="8 bytes per correction"):
-        _require(backend).aggregate.add_corrections([np.zeros(5, np.uint8)], np.ones(1, np.float32), 1.0, out)
-    with pytest.raises(ValueError, match=r"sources\[0\]: expected a (contiguous|uint8) array"):
-        _require(backend).aggregate.add_corrections([np.zeros(32, np.uint8)[::2]], np.ones(1, np.float32), 1.0, out)
+        kernel(*one, [np.zeros(5, np.uint8)], np.ones(1, np.float32), 1.0)
+    with pytest.raises(ValueError, match=r"corrections\[0\]: expected a (contiguous|uint8) array"):
+        kernel(*one, [np.zeros(32, np.uint8)[::2]], np.ones(1, np.float32), 1.0)
+    with pytest.raises(ValueError, match="shares: expected a float32 array of shape"):
+        kernel(*one, [np.zeros(8, np.uint8)], None, 1.0)

@@ -556,9 +556,72 @@ inline void sum_level_segment_avx2(const std::vector<const std::uint8_t*>& packe
 }
 #endif
 
+// Each client's corrections to weighted_sum_levels' outputs (the shared-rotation mean's values beyond
+// the table's support), as a payload stores them: counts[k] positions (uint32), then as many
+// corrections (float32), both little-endian. Each tile adds those of its positions once its outputs
+// are final, while they are in cache: out[p] += shares[k] * c, a float32 product, in client order.
+struct level_corrections {
+    std::vector<const std::uint8_t*> sources;  // empty: none
+    std::vector<std::size_t> counts;
+    const float* shares = nullptr;
+
+    std::uint32_t position(std::size_t k, std::size_t i) const {
+        std::uint32_t position;
+        std::memcpy(&position, sources[k] + 4 * i, 4);
+        return position;
+    }
+    float correction(std::size_t k, std::size_t i) const {
+        float correction;
+        std::memcpy(&correction, sources[k] + 4 * (counts[k] + i), 4);
+        return correction;
+    }
+
+    // The first client whose positions do not increase or reach n, or whose corrections are not
+    // finite or exceed `limit` in magnitude, or -1. Checked before any is added, so that a tile can
+    // find its first correction by bisection.
+    std::ptrdiff_t first_invalid(double limit, std::size_t n) const {
+        for (std::size_t k = 0; k < sources.size(); ++k) {
+            std::uint64_t lowest = 0;
+            for (std::size_t i = 0; i < counts[k]; ++i) {
+                const std::uint32_t at = position(k, i);
+                if (at < lowest || at >= n || !(std::fabs(static_cast<double>(correction(k, i))) <= limit))
+                    return static_cast<std::ptrdiff_t>(k);
+                lowest = std::uint64_t{at} + 1;
+            }
+        }
+        return -1;
+    }
+
+    // cursors[k] = client k's first correction at or after position `begin`.
+    void seek(std::size_t begin, std::size_t* cursors) const {
+        for (std::size_t k = 0; k < sources.size(); ++k) {
+            std::size_t low = 0, high = counts[k];
+            while (low < high) {
+                const std::size_t middle = low + (high - low) / 2;
+                if (position(k, middle) < begin)
+                    low = middle + 1;
+                else
+                    high = middle;
+            }
+            cursors[k] = low;
+        }
+    }
+
+    // Adds each client's corrections from cursors[k] on that lie before `end`, advancing the cursors.
+    template <class Output>
+    void add(Output* out, std::size_t end, std::size_t* cursors) const {
+        for (std::size_t k = 0; k < sources.size(); ++k) {
+            std::size_t i = cursors[k];
+            for (; i < counts[k] && position(k, i) < end; ++i) out[position(k, i)] += shares[k] * correction(k, i);
+            cursors[k] = i;
+        }
+    }
+};
+
 template <class Output>
-void sum_level_tiles(const std::vector<const std::uint8_t*>& packed, unsigned bits, const level_values& values, double divisor, Output* out,
-                     std::size_t n, std::size_t first_tile, std::size_t end_tile, std::uint32_t* checksums) {
+void sum_level_tiles(const std::vector<const std::uint8_t*>& packed, unsigned bits, const level_values& values,
+                     const level_corrections& corrections, double divisor, Output* out, std::size_t n, std::size_t first_tile,
+                     std::size_t end_tile, std::uint32_t* checksums) {
     const std::size_t n_clients = packed.size(), blocks = n / values.block, levels = std::size_t{1} << bits;
     const std::size_t total_bytes = packed_bytes(n, bits);
     std::vector<double> acc_storage(kQuantizedTile);
@@ -567,6 +630,8 @@ void sum_level_tiles(const std::vector<const std::uint8_t*>& packed, unsigned bi
     float* FASTFED_RESTRICT block_sum = block_storage.data();
     [[maybe_unused]] bool fast = false;
     [[maybe_unused]] std::vector<float> scaled_tables;
+    std::vector<std::size_t> cursors(corrections.sources.size());
+    corrections.seek(first_tile * kQuantizedTile, cursors.data());
 #if defined(FASTFED_X86_DISPATCH)
     fast = active_isa() >= isa::avx2 && vector_levels(bits, values);
     if (fast && values.table != nullptr) scaled_tables.resize(kClientBlock * std::max<std::size_t>(values.rows, 2) * levels + kRowsSpare);
@@ -612,52 +677,23 @@ void sum_level_tiles(const std::vector<const std::uint8_t*>& packed, unsigned bi
             for (std::size_t i = start; i < stop; ++i) out[i] = static_cast<Output>((acc[i - begin] + offsets[(i >> 3) & mask]) / divisor);
             start = stop;
         }
+        corrections.add(out, begin + length, cursors.data());
     }
 }
 
 // out[i] = (sum_k scales[k, i / block] * value_k(i) + offsets[i / block, (i / 8) mod period]) / divisor
-// (see fastfed.kernels.aggregate_numpy.weighted_sum_levels), and checksums[k] continued over
-// packed[k], as weighted_sum_quantized.
+// plus the corrections (see fastfed.kernels.aggregate_numpy.weighted_sum_levels), and checksums[k]
+// continued over packed[k], as weighted_sum_quantized. Returns corrections.first_invalid(limit, n):
+// when it is not -1, nothing is summed.
 template <class Output>
-void weighted_sum_levels(const std::vector<const std::uint8_t*>& packed, unsigned bits, const level_values& values, double divisor,
-                         Output* out, std::size_t n, std::uint32_t* checksums) {
+std::ptrdiff_t weighted_sum_levels(const std::vector<const std::uint8_t*>& packed, unsigned bits, const level_values& values,
+                                   const level_corrections& corrections, double limit, double divisor, Output* out, std::size_t n,
+                                   std::uint32_t* checksums) {
+    const std::ptrdiff_t invalid = corrections.first_invalid(limit, n);
+    if (invalid >= 0) return invalid;
     for_tile_runs(packed.size(), bits, n, checksums, [&](std::size_t first_tile, std::size_t end_tile, std::uint32_t* run_checksums) {
-        sum_level_tiles(packed, bits, values, divisor, out, n, first_tile, end_tile, run_checksums);
+        sum_level_tiles(packed, bits, values, corrections, divisor, out, n, first_tile, end_tile, run_checksums);
     });
-}
-
-inline constexpr std::size_t kCorrectionsAhead = 16;  // how many corrections ahead add_corrections prefetches
-
-// out[p] += shares[k] * c for each correction (p, c) of each client k, in client order, a float32
-// product and sum each (the shared-rotation mean's values beyond the table's support). sources[k]
-// holds counts[k] positions (uint32) then as many corrections (float32), both little-endian, as a
-// payload stores them. Returns the first client whose positions do not increase or reach n, or
-// whose corrections are not finite or exceed `limit` in magnitude, or -1; out is then unspecified.
-inline std::ptrdiff_t add_corrections(const std::vector<const std::uint8_t*>& sources, const std::vector<std::size_t>& counts,
-                                      const float* shares, double limit, float* out, std::size_t n) {
-    for (std::size_t k = 0; k < sources.size(); ++k) {
-        const std::uint8_t* positions = sources[k];
-        const std::uint8_t* corrections = sources[k] + 4 * counts[k];
-        std::uint64_t lowest = 0;  // positions must increase
-        for (std::size_t i = 0; i < counts[k]; ++i) {
-            std::uint32_t position;
-            float correction;
-#if defined(__GNUC__) || defined(__clang__)
-            // The positions scatter over the whole tensor: ask for a later one's line meanwhile (a hint only).
-            if (i + kCorrectionsAhead < counts[k]) {
-                std::uint32_t ahead;
-                std::memcpy(&ahead, positions + 4 * (i + kCorrectionsAhead), 4);
-                if (ahead < n) __builtin_prefetch(out + ahead, 1);
-            }
-#endif
-            std::memcpy(&position, positions + 4 * i, 4);
-            std::memcpy(&correction, corrections + 4 * i, 4);
-            if (position < lowest || position >= n || !(std::fabs(static_cast<double>(correction)) <= limit))
-                return static_cast<std::ptrdiff_t>(k);
-            out[position] += shares[k] * correction;
-            lowest = std::uint64_t{position} + 1;
-        }
-    }
     return -1;
 }
 

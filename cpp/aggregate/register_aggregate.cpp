@@ -1,6 +1,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <limits>
 #include <optional>
 #include <string>
 #include <vector>
@@ -202,11 +203,40 @@ void trimmed_mean(const py::list& sources, std::size_t cut, py::array& out, py::
     });
 }
 
-void weighted_sum_levels(const py::list& packed, unsigned bits, const py::array_t<float, py::array::c_style>& scales, std::size_t block,
-                         const std::optional<py::array_t<float, py::array::c_style>>& table,
-                         const py::array_t<std::uint32_t, py::array::c_style>& rows,
-                         const std::optional<py::array_t<double, py::array::c_style>>& offsets, double divisor, py::array& out,
-                         py::array& checksums) {
+// The corrections of weighted_sum_levels: each source holds its positions (uint32), then as many
+// corrections (float32), 8 bytes per correction; `arrays` keeps the sources alive.
+aggregate::level_corrections level_corrections(const std::optional<py::list>& sources,
+                                               const std::optional<py::array_t<float, py::array::c_style>>& shares,
+                                               std::vector<packed_array>& arrays) {
+    aggregate::level_corrections corrections;
+    if (!sources) {
+        if (shares) throw std::invalid_argument("shares: expected None without corrections");
+        return corrections;
+    }
+    const std::size_t n_clients = py::len(*sources);
+    if (!shares || shares->ndim() != 1 || static_cast<std::size_t>(shares->shape(0)) != n_clients)
+        throw std::invalid_argument("shares: expected a float32 array of shape (" + std::to_string(n_clients) + ",)");
+    for (std::size_t k = 0; k < n_clients; ++k) {
+        const std::string name = "corrections[" + std::to_string(k) + "]";
+        const py::handle object = (*sources)[k];
+        if (!py::isinstance<packed_array>(object)) throw std::invalid_argument(name + ": expected a uint8 array");
+        arrays.push_back(py::reinterpret_borrow<packed_array>(object));
+        require_flat_contiguous(arrays.back(), name.c_str());
+        const auto size = static_cast<std::size_t>(arrays.back().shape(0));
+        if (size % 8 != 0) throw std::invalid_argument(name + ": expected 8 bytes per correction, got " + std::to_string(size) + " bytes");
+        corrections.sources.push_back(arrays.back().data());
+        corrections.counts.push_back(size / 8);
+    }
+    corrections.shares = shares->data();
+    return corrections;
+}
+
+std::ptrdiff_t weighted_sum_levels(const py::list& packed, unsigned bits, const py::array_t<float, py::array::c_style>& scales,
+                                   std::size_t block, const std::optional<py::array_t<float, py::array::c_style>>& table,
+                                   const py::array_t<std::uint32_t, py::array::c_style>& rows,
+                                   const std::optional<py::array_t<double, py::array::c_style>>& offsets, double divisor, py::array& out,
+                                   py::array& checksums, const std::optional<py::list>& corrections,
+                                   const std::optional<py::array_t<float, py::array::c_style>>& shares, double limit) {
     require_bits(bits);
     require_block(block);
     require_flat_contiguous(out, "out");
@@ -246,44 +276,19 @@ void weighted_sum_levels(const py::list& packed, unsigned bits, const py::array_
     }
     const aggregate::level_values level_values{
         scales.data(), block, table ? values.data() : nullptr, n_rows, rows.data(), offsets ? offsets->data() : nullptr, period};
+    std::vector<packed_array> correction_arrays;
+    const aggregate::level_corrections level_corrections = fastfed::level_corrections(corrections, shares, correction_arrays);
     auto* checksum_data = static_cast<std::uint32_t*>(checksums.mutable_data());
+    std::ptrdiff_t invalid = -1;
     dispatch_float(out, "out", [&](auto tag) {
         using Output = decltype(tag);
         auto* out_data = static_cast<Output*>(out.mutable_data());
-        // Safe: raw pointers only; `arrays`, `values` and the caller keep every buffer alive until return.
+        // Safe: raw pointers only; `arrays`, `correction_arrays`, `values` and the caller keep every buffer alive until return.
         const py::gil_scoped_release release;
-        aggregate::weighted_sum_levels(pointers, bits, level_values, divisor, out_data, n, checksum_data);
+        invalid =
+            aggregate::weighted_sum_levels(pointers, bits, level_values, level_corrections, limit, divisor, out_data, n, checksum_data);
     });
-}
-
-std::ptrdiff_t add_corrections(const py::list& sources, const py::array_t<float, py::array::c_style>& shares, double limit,
-                               py::array& out) {
-    const std::size_t n_clients = py::len(sources);
-    if (shares.ndim() != 1 || static_cast<std::size_t>(shares.shape(0)) != n_clients)
-        throw std::invalid_argument("shares: expected a float32 array of shape (" + std::to_string(n_clients) + ",)");
-    require_flat_contiguous(out, "out");
-    if (!out.dtype().is(py::dtype::of<float>())) throw std::invalid_argument("out: expected a float32 array");
-    if (!out.writeable()) throw std::invalid_argument("out: array is read-only");
-    std::vector<packed_array> arrays;
-    std::vector<const std::uint8_t*> pointers;
-    std::vector<std::size_t> counts;
-    for (std::size_t k = 0; k < n_clients; ++k) {
-        const std::string name = "sources[" + std::to_string(k) + "]";
-        const py::handle object = sources[k];
-        if (!py::isinstance<packed_array>(object)) throw std::invalid_argument(name + ": expected a uint8 array");
-        arrays.push_back(py::reinterpret_borrow<packed_array>(object));
-        require_flat_contiguous(arrays.back(), name.c_str());
-        const auto size = static_cast<std::size_t>(arrays.back().shape(0));
-        if (size % 8 != 0) throw std::invalid_argument(name + ": expected 8 bytes per correction, got " + std::to_string(size) + " bytes");
-        pointers.push_back(arrays.back().data());
-        counts.push_back(size / 8);
-    }
-    const float* share_data = shares.data();
-    auto* out_data = static_cast<float*>(out.mutable_data());
-    const auto n = static_cast<std::size_t>(out.shape(0));
-    // Safe: raw pointers only; `arrays` and the caller keep every buffer alive until return.
-    const py::gil_scoped_release release;
-    return aggregate::add_corrections(pointers, counts, share_data, limit, out_data, n);
+    return invalid;
 }
 
 }  // namespace
@@ -305,12 +310,12 @@ void register_aggregate(py::module_& m) {
           "one. non_finite[k] = 1 where sources[k] holds NaN or infinity.");
     m.def("weighted_sum_levels", &weighted_sum_levels, py::arg("packed"), py::arg("bits"), py::arg("scales"), py::arg("block"),
           py::arg("table"), py::arg("rows"), py::arg("offsets"), py::arg("divisor"), py::arg("out"), py::arg("checksums"),
+          py::arg("corrections") = py::none(), py::arg("shares") = py::none(), py::arg("limit") = std::numeric_limits<double>::infinity(),
           "out[i] = (sum_k scales[k, i / block] * value_k(i) + offsets[i / block, (i / 8) % period]) / divisor, value_k(i) = "
-          "table[row_k(i), level] or the level; checksums[k] = crc32(packed[k], checksums[k]).");
-    m.def("add_corrections", &add_corrections, py::arg("sources"), py::arg("shares"), py::arg("limit"), py::arg("out"),
-          "out[p] += shares[k] * c for each correction (p, c) of each client, read from sources[k] (its positions as uint32, then its "
-          "corrections as float32); returns the first client whose positions do not increase or stay below len(out), or whose "
-          "corrections are not finite or exceed limit in magnitude, else -1.");
+          "table[row_k(i), level] or the level; checksums[k] = crc32(packed[k], checksums[k]). Then out[p] += shares[k] * c for each "
+          "correction (p, c) of each client, read from corrections[k] (its positions as uint32, then its corrections as float32). "
+          "Returns the first client whose positions do not increase or stay below len(out), or whose corrections are not finite or "
+          "exceed limit in magnitude (nothing is summed then), else -1.");
 }
 
 }  // namespace fastfed

@@ -29,13 +29,6 @@ class _Aggregate(ModuleType):
         out: np.ndarray,
         checksums: npt.NDArray[np.uint32],
     ) -> None: ...
-    def add_corrections(
-        self,
-        sources: list[npt.NDArray[np.uint8]],
-        shares: npt.NDArray[np.float32],
-        limit: float,
-        out: npt.NDArray[np.float32],
-    ) -> int: ...
     def median(self, sources: list[np.ndarray], out: np.ndarray, non_finite: npt.NDArray[np.uint8]) -> None: ...
     def trimmed_mean(
         self, sources: list[np.ndarray], cut: int, out: np.ndarray, non_finite: npt.NDArray[np.uint8]
@@ -52,7 +45,10 @@ class _Aggregate(ModuleType):
         divisor: float,
         out: np.ndarray,
         checksums: npt.NDArray[np.uint32],
-    ) -> None: ...
+        corrections: list[npt.NDArray[np.uint8]] | None = None,
+        shares: npt.NDArray[np.float32] | None = None,
+        limit: float = ...,
+    ) -> int: ...
 
 class _Quantize(ModuleType):
     def min_max(self, x: np.ndarray) -> tuple[float, float]: ...

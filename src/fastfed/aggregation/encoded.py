@@ -260,22 +260,19 @@ def _mean_of_shared_rotation(
     book = shared_codebook(entry.bits)
     rows = np.array([shared_rows(seed, book.rows) for seed in seeds.tolist()], dtype=np.uint32).reshape(-1, 2)
     coefficients = (weights / total)[:, None] * column.scales.astype(np.float64)  # (clients, blocks)
-    rotated = np.empty(entry.padded, dtype=np.float32)
-    weighted_sum_levels = kernels().aggregate.weighted_sum_levels
+    table: np.ndarray | None
     if book.breakpoints is not None:
-        scales = coefficients.astype(np.float32)
-        weighted_sum_levels(
-            column.levels, entry.bits, scales, entry.block, book.table, rows, None, 1.0, rotated, checksums
-        )
+        table, offsets, scales = book.table, None, coefficients.astype(np.float32)
     else:
         step = (book.high - book.low) / (2**entry.bits - 1)
+        table, offsets = None, _dither_offsets(coefficients, rows, book.rows, book.low, step)
         scales = (coefficients * step).astype(np.float32)
-        offsets = _dither_offsets(coefficients, rows, book.rows, book.low, step)
-        weighted_sum_levels(
-            column.levels, entry.bits, scales, entry.block, None, rows, offsets, 1.0, rotated, checksums
-        )
+    rotated = np.empty(entry.padded, dtype=np.float32)
     shares = (weights / total).astype(np.float32)
-    bad = kernels().aggregate.add_corrections(column.corrections, shares, VALUE_LIMIT, rotated)
+    bad = kernels().aggregate.weighted_sum_levels(
+        column.levels, entry.bits, scales, entry.block, table, rows, offsets, 1.0, rotated, checksums,
+        column.corrections, shares, VALUE_LIMIT,
+    )  # fmt: skip
     if bad >= 0:
         raise bad_corrections(bad)
     mean = np.empty(entry.count, dtype=np.float32)

@@ -265,20 +265,20 @@ def require_table(table: np.ndarray, bits: int) -> None:
         raise ValueError(f"table: expected {2**bits} columns for {bits} bits")
 
 
-def check_add_corrections(sources: Sequence[np.ndarray], shares: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """Checks the arguments of ``add_corrections``; returns the shares as float32."""
-    shares = np.ascontiguousarray(shares, dtype=np.float32)
-    if shares.shape != (len(sources),):
-        raise ValueError(f"shares: expected a float32 array of shape ({len(sources)},)")
-    if not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.ndim != 1 or not out.flags.c_contiguous:
-        raise ValueError("out: expected a float32 array")
-    if not out.flags.writeable:
-        raise ValueError("out: array is read-only")
-    for k, source in enumerate(sources):
+def check_corrections(corrections: Sequence[np.ndarray] | None, shares: np.ndarray | None) -> np.ndarray:
+    """Checks the corrections of ``weighted_sum_levels``; returns the shares as float32 (none without
+    corrections)."""
+    if corrections is None:
+        if shares is not None:
+            raise ValueError("shares: expected None without corrections")
+        return np.zeros(0, np.float32)
+    if shares is None or np.shape(shares) != (len(corrections),):
+        raise ValueError(f"shares: expected a float32 array of shape ({len(corrections)},)")
+    for k, source in enumerate(corrections):
         if not isinstance(source, np.ndarray) or source.dtype != np.uint8 or source.ndim != 1:
-            raise ValueError(f"sources[{k}]: expected a uint8 array")
+            raise ValueError(f"corrections[{k}]: expected a uint8 array")
         if not source.flags.c_contiguous:
-            raise ValueError(f"sources[{k}]: expected a contiguous array")
+            raise ValueError(f"corrections[{k}]: expected a contiguous array")
         if source.shape[0] % 8:
-            raise ValueError(f"sources[{k}]: expected 8 bytes per correction, got {source.shape[0]} bytes")
-    return shares
+            raise ValueError(f"corrections[{k}]: expected 8 bytes per correction, got {source.shape[0]} bytes")
+    return np.ascontiguousarray(shares, dtype=np.float32)

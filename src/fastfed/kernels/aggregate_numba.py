@@ -3,6 +3,7 @@ compiled and parallel; see :mod:`fastfed.kernels.aggregate_numpy` for the defini
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numba
@@ -12,7 +13,7 @@ from numba import prange
 from . import aggregate_numpy as reference
 from ._checks import (
     check_accumulate,
-    check_add_corrections,
+    check_corrections,
     check_cut,
     check_robust,
     check_weighted_sum,
@@ -453,9 +454,19 @@ def weighted_sum_levels(
     divisor: float,
     out: np.ndarray,
     checksums: np.ndarray,
-) -> None:
-    """Weighted sums of table values (or levels) with per-block scales; see the NumPy reference."""
+    corrections: Sequence[np.ndarray] | None = None,
+    shares: np.ndarray | None = None,
+    limit: float = math.inf,
+) -> int:
+    """Weighted sums of table values (or levels) with per-block scales, then the corrections; see the
+    NumPy reference."""
     scales = check_weighted_sum_levels(packed, bits, scales, block, table, rows, offsets, out, checksums)
+    shares = check_corrections(corrections, shares)
+    invalid = reference.first_invalid_corrections(
+        [reference.split_corrections(source) for source in corrections or []], limit, out.shape[0]
+    )
+    if invalid >= 0:
+        return invalid
     reference.continue_checksums(packed, checksums)
     values = np.zeros((0, 2**bits), np.float32) if table is None else table
     added = np.zeros((out.shape[0] // block, 1)) if offsets is None else offsets
@@ -464,6 +475,10 @@ def weighted_sum_levels(
     _weighted_sum_levels(
         data_addresses(packed), example, bits, scales, block, values, rows, added, float(divisor), out, tasks
     )  # fmt: skip
+    if corrections:
+        sizes = np.array([source.shape[0] for source in corrections], dtype=np.int64)
+        _add_corrections(data_addresses(corrections), example, sizes, shares, out)
+    return -1
 
 
 @numba.njit(inline="always")
@@ -478,26 +493,13 @@ def _word(data, at):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(cache=True)
-def _add_corrections(sources, example, sizes, shares, limit, out):  # type: ignore[no-untyped-def]
+def _add_corrections(sources, example, sizes, shares, out):  # type: ignore[no-untyped-def]
+    """out[p] += shares[k] * c for each (validated) correction, in client order."""
     words = np.empty(1, np.uint32)
     as_float = words.view(np.float32)
     for k in range(sizes.shape[0]):
         count = sizes[k] // 8
         data = client_view(sources, k, example, 0, sizes[k])
-        lowest = np.int64(0)
         for i in range(count):
-            position = np.int64(_word(data, 4 * i))
             words[0] = _word(data, 4 * (count + i))
-            correction = as_float[0]
-            if position < lowest or position >= out.shape[0] or not abs(np.float64(correction)) <= limit:
-                return k
-            out[position] += shares[k] * correction
-            lowest = position + 1
-    return -1
-
-
-def add_corrections(sources: Sequence[np.ndarray], shares: np.ndarray, limit: float, out: np.ndarray) -> int:
-    """The shared-rotation corrections added in client order; see the NumPy reference."""
-    shares = check_add_corrections(sources, shares, out)
-    sizes = np.array([source.shape[0] for source in sources], dtype=np.int64)
-    return int(_add_corrections(data_addresses(sources), np.empty(0, np.uint8), sizes, shares, float(limit), out))
+            out[np.int64(_word(data, 4 * i))] += shares[k] * as_float[0]

@@ -9,6 +9,7 @@ spell that definition out.
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Sequence
 
@@ -16,7 +17,7 @@ import numpy as np
 
 from ._checks import (
     check_accumulate,
-    check_add_corrections,
+    check_corrections,
     check_cut,
     check_robust,
     check_weighted_sum,
@@ -193,7 +194,10 @@ def weighted_sum_levels(
     divisor: float,
     out: np.ndarray,
     checksums: np.ndarray,
-) -> None:
+    corrections: Sequence[np.ndarray] | None = None,
+    shares: np.ndarray | None = None,
+    limit: float = math.inf,
+) -> int:
     """``out[i] = (sum_k scales[k, i // block] * value_k(i) + offsets[i // block, (i // 8) % P]) / divisor``
     over K packed level streams of one bit width (``offsets`` has P columns, or is ``None`` for zero),
     and the continued CRC-32s as in :func:`weighted_sum_quantized`.
@@ -201,8 +205,19 @@ def weighted_sum_levels(
     ``value_k(i)`` is ``table[(rows[k, 1] * (i // 8) + rows[k, 0]) mod H, level_k(i)]`` for an H-row table, or the
     level itself when ``table`` is ``None``. The products and their sums run in float32 over blocks
     of eight clients, in client order, each block sum added to a float64 accumulator.
+
+    Then ``out[p] += shares[k] * c`` (a float32 product) for each correction ``(p, c)`` of each client
+    ``k``, in client order: ``corrections[k]`` holds its positions (little-endian uint32), then as many
+    corrections (little-endian float32). Returns the first client whose positions do not increase or
+    stay below ``len(out)``, or whose corrections are not finite or exceed ``limit`` in magnitude
+    (``out`` and ``checksums`` are then unspecified), else -1.
     """
     scales = check_weighted_sum_levels(packed, bits, scales, block, table, rows, offsets, out, checksums)
+    shares = check_corrections(corrections, shares)
+    sources = [split_corrections(source) for source in corrections or []]
+    invalid = first_invalid_corrections(sources, limit, out.shape[0])
+    if invalid >= 0:
+        return invalid
     continue_checksums(packed, checksums)
     n = out.shape[0]
     group = np.arange(n, dtype=np.int64) >> 3
@@ -219,23 +234,23 @@ def weighted_sum_levels(
         acc += block_sum.astype(np.float64)
     added = np.zeros((n // block, 1)) if offsets is None else offsets
     out[:] = (acc + added[np.arange(n) // block, group & (added.shape[1] - 1)]) / divisor
+    for (positions, values), share in zip(sources, shares):
+        np.add.at(out, positions, share * values)
+    return -1
 
 
-def add_corrections(sources: Sequence[np.ndarray], shares: np.ndarray, limit: float, out: np.ndarray) -> int:
-    """``out[p] += shares[k] * c`` (float32) for each correction ``(p, c)`` of each client ``k``, in
-    client order: ``sources[k]`` holds its positions (little-endian uint32), then as many corrections
-    (little-endian float32). Returns the first client whose positions do not increase or stay below
-    ``len(out)``, or whose corrections are not finite or exceed ``limit`` in magnitude (``out`` is then
-    unspecified), else -1."""
-    shares = check_add_corrections(sources, shares, out)
-    for k, source in enumerate(sources):
-        count = source.shape[0] // 8
-        positions = source[: 4 * count].view("<u4").astype(np.int64)
-        corrections = source[4 * count :].view("<f4").astype(np.float32)
-        rising = positions[1:] > positions[:-1]
+def split_corrections(source: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A client's correction bytes as its positions (int64) and corrections (float32)."""
+    count = source.shape[0] // 8
+    return source[: 4 * count].view("<u4").astype(np.int64), source[4 * count :].view("<f4").astype(np.float32)
+
+
+def first_invalid_corrections(sources: list[tuple[np.ndarray, np.ndarray]], limit: float, n: int) -> int:
+    """The first client whose positions do not increase or stay below ``n``, or whose corrections are
+    not finite or exceed ``limit`` in magnitude, else -1."""
+    for k, (positions, values) in enumerate(sources):
         with np.errstate(invalid="ignore"):
-            finite = np.abs(corrections.astype(np.float64)) <= limit
-        if not (rising.all() and finite.all() and (positions < out.shape[0]).all()):
+            finite = np.abs(values.astype(np.float64)) <= limit
+        if not ((positions[1:] > positions[:-1]).all() and finite.all() and (positions < n).all()):
             return k
-        np.add.at(out, positions, shares[k] * corrections)
     return -1

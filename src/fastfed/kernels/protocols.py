@@ -34,13 +34,6 @@ class AggregateKernels(Protocol):
         out: np.ndarray,
         checksums: npt.NDArray[np.uint32],
     ) -> None: ...
-    def add_corrections(
-        self,
-        sources: list[npt.NDArray[np.uint8]],
-        shares: npt.NDArray[np.float32],
-        limit: float,
-        out: npt.NDArray[np.float32],
-    ) -> int: ...
 
     def median(self, sources: list[np.ndarray], out: np.ndarray, non_finite: npt.NDArray[np.uint8]) -> None: ...
 
@@ -60,7 +53,10 @@ class AggregateKernels(Protocol):
         divisor: float,
         out: np.ndarray,
         checksums: npt.NDArray[np.uint32],
-    ) -> None: ...
+        corrections: list[npt.NDArray[np.uint8]] | None = None,
+        shares: npt.NDArray[np.float32] | None = None,
+        limit: float = ...,
+    ) -> int: ...
 
 
 class QuantizeKernels(Protocol):
