@@ -50,6 +50,14 @@ def test_datasets_dicts_and_client_data_train_like_arrays() -> None:
     forms = [
         [tf.data.Dataset.from_tensor_slices((x, y)) for x, y in clients],  # unbatched tuples
         [tf.data.Dataset.from_tensor_slices({"x": x, "y": y}).batch(7) for x, y in clients],  # batched dicts
+        # a batch of static size, then mapped and prefetched (one batch per client: no example dropped)
+        [
+            tf.data.Dataset.from_tensor_slices((x, y))
+            .batch(len(x), drop_remainder=True)
+            .map(lambda a, b: (a, b))
+            .prefetch(1)
+            for x, y in clients
+        ],
         [{"x": x, "y": y} for x, y in clients],
         data.ClientData({str(k): client for k, client in enumerate(clients)}),
     ]

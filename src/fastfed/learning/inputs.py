@@ -3,10 +3,10 @@
 Accepted for each client: an ``(x, y)`` pair of arrays; a ``{"x": ..., "y": ...}`` dict; or a
 ``tf.data.Dataset`` whose elements are ``(x, y)`` tuples or ``{"x", "y"}`` dicts, as TFF's
 ``ClientData.create_tf_dataset_for_client`` gives after a ``map``. A dataset is read into memory
-once; if it is already batched (``.batch(...)``), its batches are joined back into examples, and
-fastfed batches them with its own ``batch_size`` and reshuffles them every round, as TFF's
-tutorials do with ``.shuffle().batch()``. A :class:`fastfed.data.ClientData` stands for all of its
-clients, in the order of its ids.
+once; if it is already batched (``.batch(...)``, also when mapped or prefetched afterwards), its
+batches are joined back into examples, and fastfed batches them with its own ``batch_size`` and
+reshuffles them every round, as TFF's tutorials do with ``.shuffle().batch()``. A
+:class:`fastfed.data.ClientData` stands for all of its clients, in the order of its ids.
 
 Each client is then conformed to the model: inputs to the model's input dtype, integer labels of
 any width (or of shape ``(n, 1)``) to flat int64 labels, float labels to float32. A client that
@@ -37,8 +37,29 @@ def _is_dataset(value: object) -> bool:
     return type(value).__module__.startswith("tensorflow") and hasattr(value, "element_spec")
 
 
-def _from_dataset(index: int, dataset: Any) -> ClientArrays:
+# tf.data's batching transformations (batch with or without num_parallel_calls, padded_batch,
+# rebatch), and the one that undoes them.
+_BATCHING = {"_BatchDataset", "_ParallelBatchDataset", "_PaddedBatchDataset", "_RebatchDataset"}
 
+
+def _batched(dataset: Any) -> bool:
+    """Whether a dataset's elements are batches: their leading dimension is unknown (batch() keeping a
+    partial last batch), or a batching step lies upstream with no unbatch() after it (batch(...,
+    drop_remainder=True), then perhaps map() or prefetch(), gives a static leading dimension)."""
+    x_shape = dataset.element_spec[0].shape
+    if x_shape.rank is not None and x_shape.rank > 0 and x_shape[0] is None:
+        return True
+    while True:
+        kind = type(dataset).__name__
+        if kind in _BATCHING:
+            return True
+        inputs = dataset._inputs() if kind != "_UnbatchDataset" else []
+        if len(inputs) != 1:  # a source, an unbatch, or a zip/concatenation of several
+            return False
+        dataset = inputs[0]
+
+
+def _from_dataset(index: int, dataset: Any) -> ClientArrays:
     spec = dataset.element_spec
     if isinstance(spec, Mapping):
         if not {"x", "y"} <= set(spec):
@@ -50,8 +71,7 @@ def _from_dataset(index: int, dataset: Any) -> ClientArrays:
         dataset, spec = dataset.map(lambda element: (element["x"], element["y"])), (spec["x"], spec["y"])
     if not (isinstance(spec, tuple) and len(spec) == 2):
         raise ClientDataError(index, "dataset elements must be (x, y) pairs or dicts with 'x' and 'y'")
-    batched = spec[0].shape.rank is not None and spec[0].shape.rank > 0 and spec[0].shape[0] is None
-    if batched or type(dataset).__name__ == "_BatchDataset":
+    if _batched(dataset):
         dataset = dataset.unbatch()
     chunks = list(dataset.batch(4096).as_numpy_iterator())  # read in large batches: per element is slow
     if not chunks:
