@@ -67,6 +67,21 @@ def test_datasets_dicts_and_client_data_train_like_arrays() -> None:
         assert metrics["clients_failed"] == 0
 
 
+def test_clients_of_a_client_data_fail_by_their_ids(caplog: pytest.LogCaptureFixture) -> None:
+    (x0, y0), (x1, _), (x2, y2) = _clients(3)
+    narrow = (x1[:, :32], y0[: len(x1)])  # 32 features for a model of 64
+    pool = data.ClientData({"f0001": (x0, y0), "f0002": narrow, "f0003": (x2, y2)})
+    process = _process()
+    with caplog.at_level(logging.WARNING, logger="fastfed"):
+        process.next(process.initialize(), pool)
+    expected = [("f0002", "inputs have shape (32,) float32 per example; the model takes (64,)")]
+    assert process.last_failures == expected
+    assert "client 'f0002' failed and is dropped" in caplog.text
+    # Sampled rounds too: every round of three samples all three.
+    fastfed.run_training(process, pool, rounds=1, clients_per_round=3, progress=False)
+    assert process.last_failures == expected
+
+
 def test_clients_in_other_dtypes_and_label_shapes_are_converted() -> None:
     clients = _clients()
     expected, _ = _round(_process(), clients)
@@ -239,7 +254,7 @@ def test_weighting_by_a_callable() -> None:
     broken = _process(weighting=lambda report: "heavy")
     with pytest.raises(fastfed.RoundFailedError, match="0 of 4 client updates aggregated"):
         _round(broken, clients)
-    assert broken.last_failures[0][1] == "TypeError: weighting returned 'heavy' for client 0; expected a number"
+    assert broken.last_failures[0][1] == "TypeError: weighting returned 'heavy'; expected a number"
 
 
 def test_xla_compiled_loop_matches_the_graph_loop() -> None:

@@ -41,10 +41,18 @@ class ClientData:
 
     def sample(self, count: int, rng: np.random.Generator) -> list[Arrays]:
         """``count`` distinct clients chosen uniformly with ``rng``."""
+        return [self._clients[client_id] for client_id in self.sample_ids(count, rng)]
+
+    def sample_ids(self, count: int, rng: np.random.Generator) -> list[str]:
+        """The ids of ``count`` distinct clients chosen uniformly with ``rng`` (those :meth:`sample` gives)."""
         if not 1 <= count <= len(self._clients):
             raise ValueError(f"cannot sample {count} of {len(self._clients)} clients")
         ids = self.client_ids
-        return [self._clients[ids[i]] for i in sorted(rng.choice(len(ids), size=count, replace=False))]
+        return [ids[i] for i in sorted(rng.choice(len(ids), size=count, replace=False))]
+
+    def subset(self, client_ids: Sequence[str]) -> ClientData:
+        """The clients of these ids, in this order."""
+        return ClientData({client_id: self._clients[client_id] for client_id in client_ids})
 
     def all(self) -> list[Arrays]:
         return list(self._clients.values())

@@ -174,7 +174,7 @@ class FedAvg:
         self.clients_per_partial_sum = clients_per_partial_sum
         self.deterministic = deterministic
         self.executor = executor
-        self.last_failures: list[tuple[int, str]] = []
+        self.last_failures: list[tuple[int | str, str]] = []
         self._worker_config: WorkerConfig | None = None
         self._metric_templates: list[Any] | None = None
         self._evaluator: Evaluator | None = None
@@ -247,11 +247,16 @@ class FedAvg:
         ``clients``: a list of clients, each ``(x, y)`` arrays, a ``{"x", "y"}`` dict or a
         ``tf.data.Dataset`` (see :mod:`fastfed.learning.inputs`), or a :class:`fastfed.data.ClientData`
         (all of its clients). A client whose training raises, or whose data does not fit the model,
-        is dropped and counted (``clients_failed``; one line per client in ``last_failures`` and the
-        log). Raises :class:`RoundFailedError` if fewer than ``min_clients`` updates were aggregated.
-        ``progress(n)`` is called as clients finish, with how many just did (e.g. a progress bar's ``update``).
+        is dropped and counted (``clients_failed``; one ``(client, reason)`` per client in
+        ``last_failures`` and a line in the log, the client named by its id in a ``ClientData``, else
+        by its position in ``clients``). Raises :class:`RoundFailedError` if fewer than ``min_clients``
+        updates were aggregated. ``progress(n)`` is called as clients finish, with how many just did
+        (e.g. a progress bar's ``update``).
         """
+        from ..data import ClientData
+
         self.check_state(state)
+        names = clients.client_ids if isinstance(clients, ClientData) else None
         arrays = client_arrays(clients)
         started = time.perf_counter()
         round_seed = derived_seed(self.seed, state.round)
@@ -268,7 +273,8 @@ class FedAvg:
         positions = split_groups(len(indexed), self.clients_per_partial_sum, self.executor.default_groups)
         groups = [[indexed[i] for i in group] for group in positions]
         results = self.executor.run(self.worker_config, spec, groups, progress)
-        return self._merge(state, started, len(arrays), results, broadcast_bits, np.shape(arrays[0][1])[1:])
+        label_shape = np.shape(arrays[0][1])[1:]
+        return self._merge(state, started, len(arrays), results, broadcast_bits, label_shape, names)
 
     def check_state(self, state: FedAvgState) -> None:
         """Raises ``ValueError`` naming what in ``state`` does not belong to this process: weights of
@@ -317,8 +323,10 @@ class FedAvg:
         results: list[GroupResult],
         broadcast_bits: int,
         label_shape: tuple[int, ...],
+        names: list[str] | None,
     ) -> tuple[FedAvgState, dict[str, float]]:
-        """Merges the groups' partial sums in group order (the order fixes the arithmetic)."""
+        """Merges the groups' partial sums in group order (the order fixes the arithmetic); failed
+        clients are named by ``names`` (a ClientData's ids), else by position."""
         accumulator = Accumulator.from_specs([LayerSpec(w.shape, delta_dtype(w)) for w in state.weights])
         tally = RoundTally()
         loss_sum, examples, batches = 0.0, 0, 0
@@ -331,13 +339,15 @@ class FedAvg:
             loss_sum += result.loss_sum
             examples += result.examples
             batches += result.batches
-            self.last_failures.extend(result.failures)
+            self.last_failures += [
+                (index if names is None else names[index], reason) for index, reason in result.failures
+            ]
             if result.metric_states:
                 states = result.metric_states if states is None else [
                     [a + b for a, b in zip(mine, theirs)] for mine, theirs in zip(states, result.metric_states)
                 ]  # fmt: skip
-        for index, reason in self.last_failures:
-            log.warning("round %d: client %d failed and is dropped: %s", state.round + 1, index, reason)
+        for client, reason in self.last_failures:
+            log.warning("round %d: client %r failed and is dropped: %s", state.round + 1, client, reason)
         return self._finish_round(state, started, num_clients, accumulator, tally, broadcast_bits,
                                   (loss_sum, examples, batches), self._metric_results(states, label_shape))  # fmt: skip
 

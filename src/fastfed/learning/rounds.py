@@ -75,9 +75,9 @@ class WorkerConfig:
         try:
             value = float(weight)
         except (TypeError, ValueError):
-            raise TypeError(f"weighting returned {weight!r} for client {report.index}; expected a number") from None
+            raise TypeError(f"weighting returned {weight!r}; expected a number") from None
         if not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"weighting returned {value} for client {report.index}; expected a finite number >= 0")
+            raise ValueError(f"weighting returned {value}; expected a finite number >= 0")
         return value
 
 

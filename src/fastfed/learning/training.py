@@ -112,11 +112,12 @@ class _RunLog:
             self._writer.close()
 
 
-def _sample(clients: Any, count: int, rng: np.random.Generator) -> list[Any]:
+def _sample(clients: Any, count: int, rng: np.random.Generator) -> Any:
+    """``count`` of the clients, chosen with ``rng``; of a ClientData, a ClientData (its ids name failures)."""
     from ..data import ClientData
 
     if isinstance(clients, ClientData):
-        return clients.sample(count, rng)
+        return clients.subset(clients.sample_ids(count, rng))
     return [clients[i] for i in sorted(rng.choice(len(clients), size=count, replace=False))]
 
 
