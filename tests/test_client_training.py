@@ -67,6 +67,29 @@ def test_datasets_dicts_and_client_data_train_like_arrays() -> None:
         assert metrics["clients_failed"] == 0
 
 
+def test_a_dataset_mapped_from_batches_to_examples_is_not_unbatched() -> None:
+    from fastfed.learning.inputs import ClientDataError, client_arrays
+
+    stream = tf.data.Dataset.from_tensor_slices(np.arange(200, dtype=np.float32))
+    # The windowing recipe: each batch of five becomes one example of four inputs and four targets.
+    windows = stream.batch(5, drop_remainder=True).map(lambda chunk: (chunk[:-1], chunk[1:]))
+    ((x, y),) = client_arrays([windows])
+    assert x.shape == y.shape == (40, 4) and x[1, 0] == 5.0
+    summaries = stream.batch(4, drop_remainder=True).map(lambda chunk: (chunk, tf.reduce_sum(chunk)))
+    ((x, y),) = client_arrays([summaries])
+    assert x.shape == (50, 4) and y.shape == (50,)
+    # Batches kept as batches through a map are joined back into examples.
+    pairs = tf.data.Dataset.from_tensor_slices((np.ones((12, 3), np.float32), np.arange(12)))
+    ((x, y),) = client_arrays([pairs.batch(4, drop_remainder=True).map(lambda a, b: (2 * a, b)).prefetch(1)])
+    assert x.shape == (12, 3) and y.tolist() == list(range(12))
+    # A pipeline that fails names the client.
+    failing = pairs.map(lambda a, b: (tf.gather(a, b), b))  # fails once b reaches 3
+    with pytest.raises(
+        ClientDataError, match=r"client 1: the dataset could not be read: indices = 3 is not in \[0, 3\)$"
+    ):
+        client_arrays([pairs, failing])
+
+
 def test_clients_of_a_client_data_fail_by_their_ids(caplog: pytest.LogCaptureFixture) -> None:
     (x0, y0), (x1, _), (x2, y2) = _clients(3)
     narrow = (x1[:, :32], y0[: len(x1)])  # 32 features for a model of 64

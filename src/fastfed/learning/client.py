@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .inputs import ClientDataError, DataSpec
+from .inputs import ClientDataError, DataSpec, first_line
 from .losses import output_width, per_example_loss, resolve_loss, resolve_metrics
 
 __all__ = ["ClientResult", "ClientStep", "ClientTrainer", "FedProx", "enable_determinism"]
@@ -385,7 +385,7 @@ class ClientTrainer:
         except (self._tf.errors.InvalidArgumentError, self._tf.errors.UnimplementedError) as error:
             if not self.jit_compile or "XLA" not in str(error):
                 raise
-            log.warning("XLA cannot compile this model's training loop; training without XLA (%s)", _first_line(error))
+            log.warning("XLA cannot compile this model's training loop; training without XLA (%s)", first_line(error))
             self.jit_compile, self._loop = False, None
             loss_sum, trained = self._run(weights, x, y, orders, seeds)
         batches = self.local_epochs * -(-len(x) // self.batch_size)
@@ -474,17 +474,8 @@ class _LoopWithCaptures:
         return self._loop._call_flat(flat, self._captures)
 
 
-def _first_line(error: BaseException, limit: int = 300) -> str:
-    text = [line for line in str(error).strip().splitlines() if line.strip()]
-    if text and text[0].endswith("execution error:"):
-        # TensorFlow's runtime errors give their cause last, after where the failing op was defined.
-        causes = [line for line in text[1:] if not line[0].isspace() and not line.startswith("Detected at node")]
-        text = causes[-1:] or text
-    return (text[0] if text else type(error).__name__)[:limit]
-
-
 def describe_failure(error: BaseException) -> str:
     """One line for a client's failure: the error's kind and the first line of its message."""
     if isinstance(error, ClientDataError):
         return error.reason
-    return f"{type(error).__name__}: {_first_line(error)}"
+    return f"{type(error).__name__}: {first_line(error)}"

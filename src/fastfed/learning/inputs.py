@@ -15,6 +15,7 @@ cannot be conformed raises :class:`ClientDataError` with one line naming the cli
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -38,25 +39,41 @@ def _is_dataset(value: object) -> bool:
 
 
 # tf.data's batching transformations (batch with or without num_parallel_calls, padded_batch,
-# rebatch), and the one that undoes them.
+# rebatch).
 _BATCHING = {"_BatchDataset", "_ParallelBatchDataset", "_PaddedBatchDataset", "_RebatchDataset"}
 
 
+def _pair(spec: Any) -> tuple[Any, Any] | None:
+    """The x and y components of an element spec: a pair, or a dict with 'x' and 'y'."""
+    if isinstance(spec, Mapping) and {"x", "y"} <= set(spec):
+        return spec["x"], spec["y"]
+    return (spec[0], spec[1]) if isinstance(spec, tuple) and len(spec) == 2 else None
+
+
 def _batched(dataset: Any) -> bool:
-    """Whether a dataset's elements are batches: their leading dimension is unknown (batch() keeping a
-    partial last batch), or a batching step lies upstream with no unbatch() after it (batch(...,
-    drop_remainder=True), then perhaps map() or prefetch(), gives a static leading dimension)."""
-    x_shape = dataset.element_spec[0].shape
-    if x_shape.rank is not None and x_shape.rank > 0 and x_shape[0] is None:
-        return True
+    """Whether a dataset's elements are batches. Where a batching step lies upstream (no unbatch()
+    after it), they are if x and y still have the batch's rank and leading dimension: batch(...,
+    drop_remainder=True) then map() or prefetch() keeps them, a map that turns each batch into one
+    example (the windowing recipe, ``batch(n + 1).map(lambda c: (c[:-1], c[1:]))``) does not.
+    Otherwise, if x's leading dimension is unknown."""
+    element = _pair(dataset.element_spec)
+    if element is None:
+        return False
+    node = dataset
     while True:
-        kind = type(dataset).__name__
+        kind = type(node).__name__
         if kind in _BATCHING:
-            return True
-        inputs = dataset._inputs() if kind != "_UnbatchDataset" else []
+            batch = _pair(node.element_spec)
+            return batch is not None and all(
+                now.shape.rank is not None and now.shape.rank == then.shape.rank > 0 and now.shape[0] == then.shape[0]
+                for now, then in zip(element, batch)
+            )
+        inputs = node._inputs() if kind != "_UnbatchDataset" and hasattr(node, "_inputs") else []
         if len(inputs) != 1:  # a source, an unbatch, or a zip/concatenation of several
-            return False
-        dataset = inputs[0]
+            break
+        node = inputs[0]
+    x_shape = element[0].shape
+    return x_shape.rank is not None and x_shape.rank > 0 and x_shape[0] is None
 
 
 def _from_dataset(index: int, dataset: Any) -> ClientArrays:
@@ -71,12 +88,27 @@ def _from_dataset(index: int, dataset: Any) -> ClientArrays:
         dataset, spec = dataset.map(lambda element: (element["x"], element["y"])), (spec["x"], spec["y"])
     if not (isinstance(spec, tuple) and len(spec) == 2):
         raise ClientDataError(index, "dataset elements must be (x, y) pairs or dicts with 'x' and 'y'")
-    if _batched(dataset):
-        dataset = dataset.unbatch()
-    chunks = list(dataset.batch(4096).as_numpy_iterator())  # read in large batches: per element is slow
+    try:
+        if _batched(dataset):
+            dataset = dataset.unbatch()
+        chunks = list(dataset.batch(4096).as_numpy_iterator())  # read in large batches: per element is slow
+    except Exception as error:  # the client's own pipeline failed (a missing file, a bad map): name the client
+        raise ClientDataError(index, f"the dataset could not be read: {first_line(error)}") from error
     if not chunks:
         raise ClientDataError(index, "the dataset is empty")
     return np.concatenate([x for x, _ in chunks]), np.concatenate([y for _, y in chunks])
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """The first line of an error's message; of a TensorFlow runtime error, the line of its cause,
+    without the name of the function it ran in."""
+    text = [line for line in str(error).strip().splitlines() if line.strip()]
+    if text and text[0].endswith("execution error:"):
+        # TensorFlow's runtime errors give their cause last, after where the failing op was defined.
+        causes = [line for line in text[1:] if not line[0].isspace() and not line.startswith("Detected at node")]
+        text = causes[-1:] or text
+    line = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", text[0]) if text else type(error).__name__
+    return line[:limit]
 
 
 def _one_client(index: int, client: object) -> ClientArrays:
