@@ -377,3 +377,5 @@ def test_weighted_sum_levels_reports_the_first_client_of_bad_corrections(
         kernel(*one, [np.zeros(32, np.uint8)[::2]], np.ones(1, np.float32), 1.0)
     with pytest.raises(ValueError, match="shares: expected a float32 array of shape"):
         kernel(*one, [np.zeros(8, np.uint8)], None, 1.0)
+    with pytest.raises(ValueError, match=r"corrections: expected one array per packed array \(1\), got 2"):
+        kernel(*one, [np.zeros(8, np.uint8)] * 2, np.ones(2, np.float32), 1.0)

@@ -203,9 +203,9 @@ void trimmed_mean(const py::list& sources, std::size_t cut, py::array& out, py::
     });
 }
 
-// The corrections of weighted_sum_levels: each source holds its positions (uint32), then as many
-// corrections (float32), 8 bytes per correction; `arrays` keeps the sources alive.
-aggregate::level_corrections level_corrections(const std::optional<py::list>& sources,
+// The corrections of weighted_sum_levels, one source per packed array: each holds its positions
+// (uint32), then as many corrections (float32), 8 bytes per correction; `arrays` keeps them alive.
+aggregate::level_corrections level_corrections(const std::optional<py::list>& sources, std::size_t n_packed,
                                                const std::optional<py::array_t<float, py::array::c_style>>& shares,
                                                std::vector<packed_array>& arrays) {
     aggregate::level_corrections corrections;
@@ -214,6 +214,9 @@ aggregate::level_corrections level_corrections(const std::optional<py::list>& so
         return corrections;
     }
     const std::size_t n_clients = py::len(*sources);
+    if (n_clients != n_packed)
+        throw std::invalid_argument("corrections: expected one array per packed array (" + std::to_string(n_packed) + "), got " +
+                                    std::to_string(n_clients));
     if (!shares || shares->ndim() != 1 || static_cast<std::size_t>(shares->shape(0)) != n_clients)
         throw std::invalid_argument("shares: expected a float32 array of shape (" + std::to_string(n_clients) + ",)");
     for (std::size_t k = 0; k < n_clients; ++k) {
@@ -277,7 +280,7 @@ std::ptrdiff_t weighted_sum_levels(const py::list& packed, unsigned bits, const 
     const aggregate::level_values level_values{
         scales.data(), block, table ? values.data() : nullptr, n_rows, rows.data(), offsets ? offsets->data() : nullptr, period};
     std::vector<packed_array> correction_arrays;
-    const aggregate::level_corrections level_corrections = fastfed::level_corrections(corrections, shares, correction_arrays);
+    const aggregate::level_corrections level_corrections = fastfed::level_corrections(corrections, n_clients, shares, correction_arrays);
     auto* checksum_data = static_cast<std::uint32_t*>(checksums.mutable_data());
     std::ptrdiff_t invalid = -1;
     dispatch_float(out, "out", [&](auto tag) {

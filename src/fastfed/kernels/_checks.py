@@ -265,13 +265,15 @@ def require_table(table: np.ndarray, bits: int) -> None:
         raise ValueError(f"table: expected {2**bits} columns for {bits} bits")
 
 
-def check_corrections(corrections: Sequence[np.ndarray] | None, shares: np.ndarray | None) -> np.ndarray:
-    """Checks the corrections of ``weighted_sum_levels``; returns the shares as float32 (none without
-    corrections)."""
+def check_corrections(corrections: Sequence[np.ndarray] | None, shares: np.ndarray | None, clients: int) -> np.ndarray:
+    """Checks the corrections of ``weighted_sum_levels`` (one array per packed array of ``clients``);
+    returns the shares as float32 (none without corrections)."""
     if corrections is None:
         if shares is not None:
             raise ValueError("shares: expected None without corrections")
         return np.zeros(0, np.float32)
+    if len(corrections) != clients:
+        raise ValueError(f"corrections: expected one array per packed array ({clients}), got {len(corrections)}")
     if shares is None or np.shape(shares) != (len(corrections),):
         raise ValueError(f"shares: expected a float32 array of shape ({len(corrections)},)")
     for k, source in enumerate(corrections):

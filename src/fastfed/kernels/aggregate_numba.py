@@ -461,7 +461,7 @@ def weighted_sum_levels(
     """Weighted sums of table values (or levels) with per-block scales, then the corrections; see the
     NumPy reference."""
     scales = check_weighted_sum_levels(packed, bits, scales, block, table, rows, offsets, out, checksums)
-    shares = check_corrections(corrections, shares)
+    shares = check_corrections(corrections, shares, len(packed))
     invalid = reference.first_invalid_corrections(
         [reference.split_corrections(source) for source in corrections or []], limit, out.shape[0]
     )

@@ -213,7 +213,7 @@ def weighted_sum_levels(
     (``out`` and ``checksums`` are then unspecified), else -1.
     """
     scales = check_weighted_sum_levels(packed, bits, scales, block, table, rows, offsets, out, checksums)
-    shares = check_corrections(corrections, shares)
+    shares = check_corrections(corrections, shares, len(packed))
     sources = [split_corrections(source) for source in corrections or []]
     invalid = first_invalid_corrections(sources, limit, out.shape[0])
     if invalid >= 0:
