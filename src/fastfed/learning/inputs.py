@@ -78,16 +78,16 @@ def _batched(dataset: Any) -> bool:
 
 def _from_dataset(index: int, dataset: Any) -> ClientArrays:
     spec = dataset.element_spec
-    if isinstance(spec, Mapping):
-        if not {"x", "y"} <= set(spec):
+    if _pair(spec) is None:
+        if isinstance(spec, Mapping):
             raise ClientDataError(
                 index,
                 f"dataset elements are dicts with keys {sorted(spec)}; expected 'x' and 'y' "
                 "(map them, e.g. dataset.map(lambda e: (e['pixels'], e['label'])))",
             )
-        dataset, spec = dataset.map(lambda element: (element["x"], element["y"])), (spec["x"], spec["y"])
-    if not (isinstance(spec, tuple) and len(spec) == 2):
         raise ClientDataError(index, "dataset elements must be (x, y) pairs or dicts with 'x' and 'y'")
+    if isinstance(spec, Mapping):
+        dataset = dataset.map(lambda element: (element["x"], element["y"]))
     try:
         if _batched(dataset):
             dataset = dataset.unbatch()
