@@ -82,6 +82,17 @@ def test_a_dataset_mapped_from_batches_to_examples_is_not_unbatched() -> None:
     pairs = tf.data.Dataset.from_tensor_slices((np.ones((12, 3), np.float32), np.arange(12)))
     ((x, y),) = client_arrays([pairs.batch(4, drop_remainder=True).map(lambda a, b: (2 * a, b)).prefetch(1)])
     assert x.shape == (12, 3) and y.tolist() == list(range(12))
+    # So are those of a zip or concatenation of datasets that each keep their batches.
+    inputs = tf.data.Dataset.from_tensor_slices(np.arange(24, dtype=np.float32).reshape(12, 2))
+    labels = tf.data.Dataset.from_tensor_slices(np.arange(12))
+    zipped = tf.data.Dataset.zip((inputs.batch(4, drop_remainder=True), labels.batch(4, drop_remainder=True)))
+    joined = zipped.concatenate(zipped.map(lambda a, b: (-a, b))).prefetch(1)
+    ((x, y),) = client_arrays([joined])
+    assert x.shape == (24, 2) and x[13].tolist() == [-2.0, -3.0] and y.tolist() == list(range(12)) * 2
+    # A zip of batches with one side mapped to one value per batch is read as it is: an error.
+    one_label = tf.data.Dataset.zip((inputs.batch(4, drop_remainder=True), labels.batch(4).map(lambda b: b[0])))
+    ((x, y),) = client_arrays([one_label])
+    assert x.shape == (3, 4, 2) and y.tolist() == [0, 4, 8]
     # A pipeline that fails names the client.
     failing = pairs.map(lambda a, b: (tf.gather(a, b), b))  # fails once b reaches 3
     with pytest.raises(

@@ -3,9 +3,10 @@
 Accepted for each client: an ``(x, y)`` pair of arrays; a ``{"x": ..., "y": ...}`` dict; or a
 ``tf.data.Dataset`` whose elements are ``(x, y)`` tuples or ``{"x", "y"}`` dicts, as TFF's
 ``ClientData.create_tf_dataset_for_client`` gives after a ``map``. A dataset is read into memory
-once; if it is already batched (``.batch(...)``, also when mapped or prefetched afterwards), its
-batches are joined back into examples, and fastfed batches them with its own ``batch_size`` and
-reshuffles them every round, as TFF's tutorials do with ``.shuffle().batch()``. A
+once; if it is already batched (``.batch(...)``, also when mapped, prefetched, zipped or
+concatenated afterwards), its batches are joined back into examples, and fastfed batches them with
+its own ``batch_size`` and reshuffles them every round, as TFF's tutorials do with
+``.shuffle().batch()``. A
 :class:`fastfed.data.ClientData` stands for all of its clients, in the order of its ids.
 
 Each client is then conformed to the model: inputs to the model's input dtype, integer labels of
@@ -41,6 +42,8 @@ def _is_dataset(value: object) -> bool:
 # tf.data's batching transformations (batch with or without num_parallel_calls, padded_batch,
 # rebatch).
 _BATCHING = {"_BatchDataset", "_ParallelBatchDataset", "_PaddedBatchDataset", "_RebatchDataset"}
+# tf.data's transformations whose elements join those of several datasets.
+_JOINING = {"_ZipDataset", "_ConcatenateDataset"}
 
 
 def _pair(spec: Any) -> tuple[Any, Any] | None:
@@ -51,29 +54,56 @@ def _pair(spec: Any) -> tuple[Any, Any] | None:
 
 
 def _batched(dataset: Any) -> bool:
-    """Whether a dataset's elements are batches. Where a batching step lies upstream (no unbatch()
-    after it), they are if x and y still have the batch's rank and leading dimension: batch(...,
+    """Whether a dataset's elements are batches. Where batches lie upstream (no unbatch() after
+    them), they are if x and y still have the batch's rank and leading dimension: batch(...,
     drop_remainder=True) then map() or prefetch() keeps them, a map that turns each batch into one
     example (the windowing recipe, ``batch(n + 1).map(lambda c: (c[:-1], c[1:]))``) does not.
     Otherwise, if x's leading dimension is unknown."""
     element = _pair(dataset.element_spec)
     if element is None:
         return False
+    source = _batch_source(dataset)
+    if source is not None:
+        batch = _pair(source.element_spec)
+        return batch is not None and all(
+            now.shape.rank is not None and now.shape.rank == then.shape.rank > 0 and now.shape[0] == then.shape[0]
+            for now, then in zip(element, batch)
+        )
+    x_shape = element[0].shape
+    return x_shape.rank is not None and x_shape.rank > 0 and x_shape[0] is None
+
+
+def _batch_source(dataset: Any) -> Any | None:
+    """The nearest dataset at or upstream of this one, with no unbatch() between, whose elements
+    are batches: a batching step, or a zip or concatenation of datasets that each keep their own
+    batches (``Dataset.zip((xs.batch(n), ys.batch(n)))``)."""
     node = dataset
     while True:
         kind = type(node).__name__
         if kind in _BATCHING:
-            batch = _pair(node.element_spec)
-            return batch is not None and all(
-                now.shape.rank is not None and now.shape.rank == then.shape.rank > 0 and now.shape[0] == then.shape[0]
-                for now, then in zip(element, batch)
-            )
+            return node
         inputs = node._inputs() if kind != "_UnbatchDataset" and hasattr(node, "_inputs") else []
-        if len(inputs) != 1:  # a source, an unbatch, or a zip/concatenation of several
-            break
+        if kind in _JOINING:
+            return node if inputs and all(_keeps_batches(joined) for joined in inputs) else None
+        if len(inputs) != 1:  # a source, an unbatch, or another transformation of several datasets
+            return None
         node = inputs[0]
-    x_shape = element[0].shape
-    return x_shape.rank is not None and x_shape.rank > 0 and x_shape[0] is None
+
+
+def _keeps_batches(dataset: Any) -> bool:
+    """Whether every component of a dataset's elements has the leading dimension of its batches."""
+    import tensorflow as tf
+
+    source = _batch_source(dataset)
+    if source is None:
+        return False
+    size = tf.nest.flatten(source.element_spec)[0].shape
+    components = tf.nest.flatten(dataset.element_spec)
+    return (
+        size.rank is not None
+        and size.rank > 0
+        and all(spec.shape.rank is not None and spec.shape.rank > 0 and spec.shape[0] == size[0] for spec in components)
+    )
 
 
 def _from_dataset(index: int, dataset: Any) -> ClientArrays:
