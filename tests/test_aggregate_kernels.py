@@ -50,6 +50,22 @@ def test_weighted_sum_layer_matches_reference(backend: str, dtype: str, n: int) 
     np.testing.assert_allclose(expected, exact.astype(out_dtype), rtol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", ["int8", "float16", "float32", "float64"])
+def test_weighted_sum_layer_for_every_count_of_clients(backend: str, dtype: str) -> None:
+    # The native kernel sums clients in blocks of up to eight over tiles of 2048 elements, prefetching
+    # the next block's lines (the rest of the tile's clients, then the next tile's first ones).
+    rng = np.random.default_rng(7)
+    n = 3 * 2048 + 100
+    pool = [_random(rng, n, dtype) for _ in range(17)]
+    for clients in range(1, 18):
+        sources, weights = pool[:clients], rng.uniform(0.0, 5.0, clients)
+        out_dtype = np.float32 if dtype == "float32" else np.float64
+        expected, actual = np.empty(n, out_dtype), np.empty(n, out_dtype)
+        _require("numpy").aggregate.weighted_sum_layer(sources, weights, 2.0, expected)
+        _require(backend).aggregate.weighted_sum_layer(sources, weights, 2.0, actual)
+        np.testing.assert_array_equal(actual, expected, err_msg=f"{clients} clients")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_accumulate_matches_reference(backend: str, dtype: str) -> None:
     rng = np.random.default_rng(1)

@@ -13,6 +13,7 @@
 #include "../common/crc32.hpp"
 #include "../common/pack.hpp"
 #include "../common/parallel.hpp"
+#include "aggregate.hpp"
 
 #if defined(FASTFED_X86_DISPATCH)
 #include <immintrin.h>
@@ -36,32 +37,11 @@ using pack::unpack_range;
 // values relative to each tensor's range, so its rounding stays orders of magnitude below the
 // quantization step.
 inline constexpr std::size_t kQuantizedTile = 16384;  // a multiple of 8, so every tile starts on a byte
-inline constexpr std::size_t kClientBlock = 8;
 // Floats after the clients' scaled rows in weighted_sum_levels' vector paths: room for the widest
 // load that starts inside the rows.
 inline constexpr std::size_t kRowsSpare = 16;
 
-// run(std::integral_constant<std::size_t, clients>{}) for a block's 1..kClientBlock clients: kernels
-// with the client count fixed at compile time, so that their loops over clients unroll.
-template <class Run>
-inline decltype(auto) with_client_count(std::size_t clients, Run&& run) {
-    switch (clients) {
-        case 1: return run(std::integral_constant<std::size_t, 1>{});
-        case 2: return run(std::integral_constant<std::size_t, 2>{});
-        case 3: return run(std::integral_constant<std::size_t, 3>{});
-        case 4: return run(std::integral_constant<std::size_t, 4>{});
-        case 5: return run(std::integral_constant<std::size_t, 5>{});
-        case 6: return run(std::integral_constant<std::size_t, 6>{});
-        case 7: return run(std::integral_constant<std::size_t, 7>{});
-        default: return run(std::integral_constant<std::size_t, kClientBlock>{});
-    }
-}
-
 #if defined(FASTFED_X86_DISPATCH)
-// Fetches the cache line holding p ahead of its use. Inline assembly, because GCC 12 deleted
-// _mm_prefetch calls whose address it loads from an array of pointers, as the next clients' are.
-inline void prefetch_line(const std::uint8_t* p) { __asm__ volatile("prefetcht0 %0" : : "m"(*p)); }
-
 // The clients whose bytes are checksummed next, prefetched while a block of clients is summed: the
 // rest of the tile's clients, then the next tile's, from `at` on. `bytes`: how far past `at` each
 // may be read (the shorter of the two tiles' lengths, so that no address passes a stream's end).
