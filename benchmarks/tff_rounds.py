@@ -67,14 +67,19 @@ def main() -> None:
     with np.load(args.clients) as saved:
         arrays = [(saved[f"x{k}"], saved[f"y{k}"]) for k in range(len(saved.files) // 2)]
 
-    def dataset(x: np.ndarray, y: np.ndarray) -> tf.data.Dataset:
-        data = tf.data.Dataset.from_tensor_slices((x, y.astype(np.int32)))
-        if args.shuffle:
-            data = data.shuffle(len(x), seed=0, reshuffle_each_iteration=True)
-        return data.batch(args.batch)
+    def datasets(round_number: int) -> list[tf.data.Dataset]:
+        """The clients' datasets for a round. TFF serializes a dataset into each round's computation
+        and iterates it afresh there, so a shuffle seeded once gives every round the same order:
+        each round gets its own seed instead."""
+        rounds_data = []
+        for x, y in arrays:
+            data = tf.data.Dataset.from_tensor_slices((x, y.astype(np.int32)))
+            if args.shuffle:
+                data = data.shuffle(len(x), seed=round_number)
+            rounds_data.append(data.batch(args.batch))
+        return rounds_data
 
-    clients = [dataset(x, y) for x, y in arrays]
-    spec = clients[0].element_spec
+    spec = datasets(0)[0].element_spec
 
     def model_fn() -> tff.learning.models.VariableModel:
         return tff.learning.models.from_keras_model(
@@ -90,6 +95,7 @@ def main() -> None:
     state = process.initialize()
     seconds = []
     for round_number in range(1, args.rounds + 1):
+        clients = datasets(round_number)
         started = time.perf_counter()
         output = process.next(state, clients)
         seconds.append(time.perf_counter() - started)
